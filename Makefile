@@ -1,0 +1,64 @@
+# Frakti: `make demo` boots a pod VM's guest; `make test` runs every check.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := build
+
+CARGO ?= cargo
+TARGET := x86_64-unknown-linux-gnu
+AGENT := target/$(TARGET)/release/frakti-agent
+GUEST_DIR := target/frakti/guest
+TEST_LOG := target/test.log
+LAB := $(CARGO) run -q -p frakti-tests --bin frakti-lab --
+
+export FRAKTI_GUEST_KERNEL := $(abspath $(GUEST_DIR)/vmlinux)
+export FRAKTI_GUEST_INITRD := $(abspath $(GUEST_DIR)/initrd.gz)
+
+.PHONY: build deps kernel agent assets demo lint unit e2e test clean help
+
+help:
+	@echo "make demo   boot the guest (directly or in the lab) and print its ready line and boot time"
+	@echo "make test   fmt check, clippy, unit tests, end-to-end tests (in the lab where needed)"
+	@echo "make assets build the guest kernel (cached) and the initrd with the static agent"
+	@echo "make deps   check/install the Debian packages the build and tests need"
+
+build:
+	$(CARGO) build --workspace
+
+deps:
+	@scripts/deps.sh
+
+# The kernel build is cached by fragment/source/script hash; copying is cheap.
+kernel: deps
+	@vmlinux=$$(guest-kernel/build.sh) && mkdir -p $(GUEST_DIR) && cp -u "$$vmlinux" $(GUEST_DIR)/vmlinux
+
+# Static agent: only the target gets +crt-static (build scripts stay dynamic).
+agent:
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+		$(CARGO) build --release -p frakti-agent --target $(TARGET)
+
+assets: kernel agent
+	$(LAB) initrd --agent $(AGENT) --out $(GUEST_DIR)/initrd.gz
+
+demo: assets
+	$(LAB) demo
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --lib --bins 2>&1 | tee -a $(TEST_LOG)
+
+e2e: assets
+	$(CARGO) test -p frakti-tests --test lab --test e2e 2>&1 | tee -a $(TEST_LOG)
+
+test: deps
+	@mkdir -p target && rm -f $(TEST_LOG)
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory unit
+	$(MAKE) --no-print-directory e2e
+	@awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($$(i+1) ~ /^passed/) p += $$i; if ($$(i+1) ~ /^failed/) f += $$i } } \
+		END { printf "total: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' $(TEST_LOG)
+
+clean:
+	$(CARGO) clean

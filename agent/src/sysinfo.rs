@@ -1,0 +1,114 @@
+//! Facts about the guest read from procfs and sysfs.
+
+use std::fs;
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}")]
+    Read {
+        path: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot parse {path}: {reason}")]
+    Parse {
+        path: &'static str,
+        reason: &'static str,
+    },
+}
+
+const UPTIME: &str = "/proc/uptime";
+const MEMINFO: &str = "/proc/meminfo";
+const CPUS_ONLINE: &str = "/sys/devices/system/cpu/online";
+
+fn read(path: &'static str) -> Result<String, Error> {
+    fs::read_to_string(path).map_err(|source| Error::Read { path, source })
+}
+
+/// Seconds since the guest kernel started.
+pub fn uptime_secs() -> Result<f64, Error> {
+    parse_uptime(&read(UPTIME)?).ok_or(Error::Parse {
+        path: UPTIME,
+        reason: "expected '<seconds> <idle seconds>'",
+    })
+}
+
+/// `MemTotal` in KiB.
+pub fn mem_total_kib() -> Result<u64, Error> {
+    parse_mem_total_kib(&read(MEMINFO)?).ok_or(Error::Parse {
+        path: MEMINFO,
+        reason: "no 'MemTotal: <n> kB' line",
+    })
+}
+
+/// Number of online CPUs.
+pub fn online_cpus() -> Result<u32, Error> {
+    count_cpu_list(&read(CPUS_ONLINE)?).ok_or(Error::Parse {
+        path: CPUS_ONLINE,
+        reason: "expected a CPU list such as '0-3,5'",
+    })
+}
+
+fn parse_uptime(text: &str) -> Option<f64> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
+fn parse_mem_total_kib(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut words = line["MemTotal:".len()..].split_whitespace();
+    let kib = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then_some(kib)
+}
+
+/// Counts the CPUs in a kernel CPU list ("0-3,5,7-8").
+fn count_cpu_list(text: &str) -> Option<u32> {
+    let mut count = 0u32;
+    for range in text.trim().split(',') {
+        let (first, last) = match range.split_once('-') {
+            Some((a, b)) => (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?),
+            None => {
+                let cpu = range.parse::<u32>().ok()?;
+                (cpu, cpu)
+            }
+        };
+        count = count.checked_add(last.checked_sub(first)? + 1)?;
+    }
+    Some(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(count_cpu_list("0\n"), Some(1));
+        assert_eq!(count_cpu_list("0-1"), Some(2));
+        assert_eq!(count_cpu_list("0-3,5,7-8\n"), Some(7));
+        assert_eq!(count_cpu_list(""), None);
+        assert_eq!(count_cpu_list("3-1"), None);
+        assert_eq!(count_cpu_list("a"), None);
+    }
+
+    #[test]
+    fn meminfo() {
+        let text = "MemTotal:         496012 kB\nMemFree:          480000 kB\n";
+        assert_eq!(parse_mem_total_kib(text), Some(496_012));
+        assert_eq!(parse_mem_total_kib("MemFree: 1 kB\n"), None);
+        assert_eq!(parse_mem_total_kib("MemTotal: 12 MB\n"), None);
+    }
+
+    #[test]
+    fn uptime() {
+        assert_eq!(parse_uptime("0.81 0.50\n"), Some(0.81));
+        assert_eq!(parse_uptime(""), None);
+    }
+
+    #[test]
+    fn reads_this_machine() {
+        assert!(uptime_secs().unwrap() > 0.0);
+        assert!(online_cpus().unwrap() >= 1);
+        assert!(mem_total_kib().unwrap() > 0);
+    }
+}

@@ -1,0 +1,189 @@
+//! Our guest (kernel + initrd with the agent as /init): where its files are,
+//! how the initrd is built, and booting it under QEMU `-M microvm`, the
+//! baseline every Frakti VMM figure is compared with.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use frakti_agent::ready::{self, READY_MARKER, ReadyLine};
+
+use crate::initramfs::{self, Initramfs};
+use crate::process::{ChildGuard, FileTail, read_log};
+use crate::tail_lines;
+
+pub const KERNEL_ENV: &str = "FRAKTI_GUEST_KERNEL";
+pub const INITRD_ENV: &str = "FRAKTI_GUEST_INITRD";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("guest {what} not found at {} (build it with `make assets`, or set {env})", path.display())]
+    Missing {
+        what: &'static str,
+        path: PathBuf,
+        env: &'static str,
+    },
+    #[error("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot read the guest console log")]
+    Console(#[source] std::io::Error),
+    #[error(
+        "no ready line from the guest within {secs} s (QEMU killed); console tail:\n{console_tail}"
+    )]
+    Timeout { secs: u64, console_tail: String },
+    #[error(
+        "QEMU exited ({status}) before the guest was ready: {qemu_log}\nconsole tail:\n{console_tail}"
+    )]
+    Exited {
+        status: String,
+        qemu_log: String,
+        console_tail: String,
+    },
+    #[error("bad ready line '{line}'")]
+    BadReadyLine {
+        line: String,
+        #[source]
+        source: ready::ParseError,
+    },
+}
+
+/// The guest kernel and initrd to boot.
+#[derive(Debug, Clone)]
+pub struct GuestAssets {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// Where `make assets` puts the guest: `target/frakti/guest/`.
+pub fn default_assets_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/frakti/guest")
+}
+
+impl GuestAssets {
+    /// From `FRAKTI_GUEST_KERNEL`/`FRAKTI_GUEST_INITRD`, else the defaults.
+    pub fn locate() -> Result<GuestAssets, Error> {
+        let pick = |env: &'static str, file: &str, what: &'static str| {
+            let path = std::env::var_os(env)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| default_assets_dir().join(file));
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(Error::Missing { what, path, env })
+            }
+        };
+        Ok(GuestAssets {
+            kernel: pick(KERNEL_ENV, "vmlinux", "kernel")?,
+            initrd: pick(INITRD_ENV, "initrd.gz", "initrd")?,
+        })
+    }
+}
+
+/// Builds the guest initrd: the static agent as `/init`, and the
+/// directories it mounts on.
+pub fn build_initrd(agent: &Path, out: &Path) -> Result<(), initramfs::Error> {
+    let mut image = Initramfs::new();
+    image.host_file("/init", agent, 0o755);
+    for dir in ["/proc", "/sys", "/dev", "/run", "/tmp", "/etc", "/root"] {
+        image.dir(dir);
+    }
+    initramfs::create_parent(out)?;
+    image.write(out, true)
+}
+
+/// Size of a QEMU microvm guest.
+#[derive(Debug, Clone)]
+pub struct MicrovmConfig {
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub timeout: Duration,
+}
+
+/// How a boot went.
+#[derive(Debug, Clone)]
+pub struct BootReport {
+    pub ready: ReadyLine,
+    /// From spawning QEMU to seeing the ready line on the console.
+    pub time_to_ready: Duration,
+    /// Whether QEMU exited by itself (guest reset) soon after the ready line.
+    pub exited_after_ready: bool,
+    pub console: String,
+}
+
+/// Time the guest gets to reset itself after its ready line.
+const RESET_GRACE: Duration = Duration::from_secs(10);
+
+/// Boots the guest under `qemu-system-x86_64 -M microvm -enable-kvm` and
+/// waits for the agent's ready line. The kernel resets by triple fault
+/// (`reboot=t`), since microvm has no i8042; with `-no-reboot` QEMU exits.
+pub fn boot_qemu_microvm(guest: &GuestAssets, config: &MicrovmConfig) -> Result<BootReport, Error> {
+    let dir = tempfile::tempdir().map_err(Error::Console)?;
+    let console = dir.path().join("console.log");
+    let qemu_log = dir.path().join("qemu.log");
+    let log_file = std::fs::File::create(&qemu_log).map_err(Error::Console)?;
+    let mut command = Command::new("qemu-system-x86_64");
+    command
+        .args(["-M", "microvm", "-enable-kvm", "-cpu", "host"])
+        .args(["-m", &config.memory_mib.to_string()])
+        .args(["-smp", &config.cpus.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-no-reboot", "-monitor", "none"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(&guest.kernel)
+        .arg("-initrd")
+        .arg(&guest.initrd)
+        .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(Error::Console)?)
+        .stderr(log_file);
+    let start = Instant::now();
+    let mut qemu = ChildGuard::spawn(&mut command).map_err(Error::Spawn)?;
+    let mut tail = FileTail::new(&console);
+    let console_tail = || tail_lines(&read_log(&console), 30);
+    loop {
+        let exited = qemu.try_wait().map_err(Error::Console)?;
+        let lines = tail.new_lines().map_err(Error::Console)?;
+        if let Some(line) = lines.iter().find(|l| l.contains(READY_MARKER)) {
+            let time_to_ready = start.elapsed();
+            let ready = line.parse().map_err(|source| Error::BadReadyLine {
+                line: line.clone(),
+                source,
+            })?;
+            let exited_after_ready = wait_for_exit(&mut qemu, RESET_GRACE);
+            return Ok(BootReport {
+                ready,
+                time_to_ready,
+                exited_after_ready,
+                console: read_log(&console),
+            });
+        }
+        if let Some(status) = exited {
+            return Err(Error::Exited {
+                status: status.to_string(),
+                qemu_log: read_log(&qemu_log).trim().to_string(),
+                console_tail: console_tail(),
+            });
+        }
+        if start.elapsed() > config.timeout {
+            let _ = qemu.kill();
+            return Err(Error::Timeout {
+                secs: config.timeout.as_secs(),
+                console_tail: console_tail(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn wait_for_exit(child: &mut ChildGuard, grace: Duration) -> bool {
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}

@@ -1,0 +1,281 @@
+//! The lab's L1: Debian's cloud kernel with kvm-amd, and an initramfs holding
+//! busybox, QEMU (for baselines) and whatever a batch needs.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::initramfs::{self, Initramfs};
+
+/// Debian's meta package whose dependency is the L1 kernel.
+const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
+
+/// Modules loaded in L1, in order, relative to `lib/modules/<version>/kernel`.
+const KVM_MODULES: &[&str] = &[
+    "virt/lib/irqbypass.ko",
+    "arch/x86/kvm/kvm.ko",
+    "arch/x86/kvm/kvm-amd.ko",
+];
+
+/// Firmware QEMU `-M microvm` loads in L1.
+const QEMU_FIRMWARE: &[&str] = &[
+    "bios-microvm.bin",
+    "pvh.bin",
+    "linuxboot_dma.bin",
+    "kvmvapic.bin",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "missing Debian packages for the lab: {0}\n  install them with: apt-get install \
+         --no-install-recommends {0}"
+    )]
+    MissingPackages(String),
+    #[error("cannot run {command}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    CommandFailed { command: String, stderr: String },
+    #[error("cannot find the package {KERNEL_META_PACKAGE} depends on (run apt-get update?)")]
+    NoKernelPackage,
+    #[error("the L1 kernel package lacks {0}")]
+    MissingInPackage(String),
+    #[error("cannot prepare {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Initramfs(#[from] initramfs::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn run(command: &mut Command) -> Result<String, Error> {
+    let name = format!("{command:?}").replace('"', "");
+    let output = command.output().map_err(|source| Error::Spawn {
+        command: name.clone(),
+        source,
+    })?;
+    if !output.status.success() {
+        return Err(Error::CommandFailed {
+            command: name,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Fails with the list of missing Debian packages if the host lacks what
+/// the lab needs.
+pub fn check_host_tools() -> Result<(), Error> {
+    let needs = [
+        ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+        ("/bin/busybox", "busybox-static"),
+        ("/usr/bin/dpkg-deb", "dpkg"),
+        ("/usr/bin/apt-get", "apt"),
+        ("/usr/bin/ldd", "libc-bin"),
+    ];
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|(path, _)| !Path::new(path).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MissingPackages(missing.join(" ")))
+    }
+}
+
+/// The L1 kernel and the KVM modules, unpacked once into the cache.
+#[derive(Debug, Clone)]
+pub struct L1Kernel {
+    pub package: String,
+    pub vmlinuz: PathBuf,
+    pub modules: Vec<PathBuf>,
+}
+
+impl L1Kernel {
+    /// Returns the cached L1 kernel, downloading and unpacking Debian's cloud
+    /// kernel package on first use.
+    pub fn ensure(cache: &Path) -> Result<L1Kernel, Error> {
+        let package = kernel_package()?;
+        let dir = cache.join("lab").join(&package);
+        if let Some(kernel) = Self::load(&package, &dir) {
+            return Ok(kernel);
+        }
+        eprintln!(
+            "lab: fetching the L1 kernel ({package}) into {}",
+            dir.display()
+        );
+        let staging = cache.join("lab").join(format!("{package}.partial"));
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir_all(&staging).map_err(io_err(&staging))?;
+        run(Command::new("apt-get")
+            .args(["download", "-q", &package])
+            .current_dir(&staging))?;
+        let deb = fs::read_dir(&staging)
+            .map_err(io_err(&staging))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .ok_or_else(|| Error::MissingInPackage(format!("a .deb for {package}")))?;
+        let root = staging.join("root");
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        Self::keep_what_the_lab_needs(&root, &staging)?;
+        fs::remove_dir_all(&root).map_err(io_err(&root))?;
+        fs::remove_file(&deb).map_err(io_err(&deb))?;
+        let _ = fs::remove_dir_all(&dir);
+        fs::rename(&staging, &dir).map_err(io_err(&dir))?;
+        Self::load(&package, &dir).ok_or_else(|| Error::MissingInPackage("vmlinuz".into()))
+    }
+
+    fn keep_what_the_lab_needs(root: &Path, out: &Path) -> Result<(), Error> {
+        let boot = root.join("boot");
+        let vmlinuz = fs::read_dir(&boot)
+            .map_err(io_err(&boot))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+            .ok_or_else(|| Error::MissingInPackage("boot/vmlinuz-*".into()))?;
+        fs::copy(&vmlinuz, out.join("vmlinuz")).map_err(io_err(&vmlinuz))?;
+        let modules_root = root.join("lib/modules");
+        let version_dir = fs::read_dir(&modules_root)
+            .map_err(io_err(&modules_root))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .next()
+            .ok_or_else(|| Error::MissingInPackage("lib/modules/<version>".into()))?;
+        for (i, module) in KVM_MODULES.iter().enumerate() {
+            let source = version_dir.join("kernel").join(module);
+            if !source.exists() {
+                return Err(Error::MissingInPackage(module.to_string()));
+            }
+            let name = Path::new(module).file_name().unwrap_or_default();
+            let dest = out.join(format!("{i}-{}", name.to_string_lossy()));
+            fs::copy(&source, &dest).map_err(io_err(&source))?;
+        }
+        Ok(())
+    }
+
+    fn load(package: &str, dir: &Path) -> Option<L1Kernel> {
+        let vmlinuz = dir.join("vmlinuz");
+        let mut modules: Vec<PathBuf> = fs::read_dir(dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "ko"))
+            .collect();
+        modules.sort();
+        (vmlinuz.exists() && modules.len() == KVM_MODULES.len()).then(|| L1Kernel {
+            package: package.to_string(),
+            vmlinuz,
+            modules,
+        })
+    }
+}
+
+/// The concrete kernel package (`linux-image-6.1.0-NN-cloud-amd64`).
+fn kernel_package() -> Result<String, Error> {
+    let text = run(Command::new("apt-cache").args(["depends", KERNEL_META_PACKAGE]))?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends:"))
+        .map(str::trim)
+        .find(|p| p.starts_with("linux-image-"))
+        .map(str::to_string)
+        .ok_or(Error::NoKernelPackage)
+}
+
+/// Adds what every L1 boot needs: busybox, the KVM modules, QEMU with its
+/// libraries and microvm firmware, and `/init` running `commands` in order.
+pub fn add_base(
+    image: &mut Initramfs,
+    kernel: &L1Kernel,
+    commands: &[String],
+) -> Result<(), Error> {
+    image.host_file("/bin/busybox", Path::new("/bin/busybox"), 0o755);
+    for dir in ["/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/etc"] {
+        image.dir(dir);
+    }
+    for (i, module) in kernel.modules.iter().enumerate() {
+        image.host_file(&format!("/lab/modules/{i}.ko"), module, 0o644);
+    }
+    image.program(
+        "/usr/bin/qemu-system-x86_64",
+        Path::new("/usr/bin/qemu-system-x86_64"),
+    )?;
+    for firmware in QEMU_FIRMWARE {
+        let source = Path::new("/usr/share/qemu").join(firmware);
+        image.host_file(&format!("/usr/share/qemu/{firmware}"), &source, 0o644);
+    }
+    for (i, command) in commands.iter().enumerate() {
+        let script = format!("#!/bin/sh\n{command}\n");
+        image.bytes(&format!("/lab/cmd/{i}.sh"), script, 0o755);
+    }
+    image.bytes(
+        "/init",
+        init_script(kernel.modules.len(), commands.len()),
+        0o755,
+    );
+    Ok(())
+}
+
+/// Markers the L1 init writes on the results port (ttyS1).
+pub mod marker {
+    pub const READY: &str = "@@frakti-lab ready";
+    pub const BEGIN: &str = "@@frakti-lab begin";
+    pub const END: &str = "@@frakti-lab end";
+    pub const DONE: &str = "@@frakti-lab done";
+    pub const FATAL: &str = "@@frakti-lab fatal";
+}
+
+fn init_script(modules: usize, commands: usize) -> String {
+    use marker::*;
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/bin:/bin HOME=/root TMPDIR=/tmp FRAKTI_IN_LAB=1 RUST_BACKTRACE=1
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs -o size=75% tmp /tmp
+exec 3>/dev/ttyS1
+fatal() {{ echo "{FATAL} $*" >&3; poweroff -f; }}
+i=0
+while [ $i -lt {modules} ]; do
+    err=$(insmod /lab/modules/$i.ko $([ $i -eq $(({modules} - 1)) ] && echo nested=1) 2>&1) || fatal "insmod module $i: $err"
+    i=$((i + 1))
+done
+[ -c /dev/kvm ] || fatal "no /dev/kvm after loading kvm-amd"
+echo "{READY} uptime=$(cut -d' ' -f1 /proc/uptime) cpus=$(nproc)" >&3
+i=0
+while [ $i -lt {commands} ]; do
+    echo "{BEGIN} $i" >&3
+    # Through a pipe, so programs do not see a terminal (no colours, no
+    # line editing); the status comes back through a file.
+    {{ (cd /tmp && /lab/cmd/$i.sh) </dev/null 2>&1; echo $? >/run/lab-status; }} | cat >&3
+    rc=$(cat /run/lab-status)
+    # The newline keeps the marker at a line start; the host drops it.
+    printf '\n%s %s %s\n' "{END}" $i $rc >&3
+    i=$((i + 1))
+done
+echo "{DONE}" >&3
+poweroff -f
+"#
+    )
+}

@@ -1,0 +1,163 @@
+//! `frakti-lab`: runs work where a Linux guest can boot (see `--help`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use frakti_lab::guest::{self, GuestAssets, MicrovmConfig};
+use frakti_lab::initramfs::Initramfs;
+use frakti_lab::mode::Mode;
+use frakti_lab::rerun::run_self_in_lab;
+use frakti_lab::runner::{self, LabConfig};
+
+/// The Frakti lab: boots real VMs on any development host.
+///
+/// On hosts with hardware KVM (kvm_intel/kvm_amd) VMs run directly. On hosts
+/// whose /dev/kvm is PVM, or that have no KVM, they run inside the lab: an L1
+/// Linux VM under QEMU TCG with an emulated AMD CPU (SVM+NPT), whose
+/// /dev/kvm is real. Set FRAKTI_LAB=direct|nested to override the choice.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Print which mode this host uses and why.
+    Mode,
+    /// Build the guest initrd: the static agent as /init.
+    Initrd {
+        /// The statically linked frakti-agent.
+        #[arg(long)]
+        agent: PathBuf,
+        /// Where to write the gzip cpio archive.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run shell commands in one L1 boot of the lab; print each one's output
+    /// and exit with the first non-zero status.
+    Run {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Shell commands, run in order inside L1.
+        #[arg(required = true, last = true)]
+        commands: Vec<String>,
+    },
+    /// Boot the guest to the agent's ready line and print the boot time.
+    Demo {
+        /// Guest vCPUs.
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+        #[command(flatten)]
+        lab: LabArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct LabArgs {
+    /// Overall timeout of the lab run, in seconds.
+    #[arg(long, env = runner::TIMEOUT_ENV, default_value_t = 1200)]
+    timeout: u64,
+    /// L1 vCPUs.
+    #[arg(long, default_value_t = 2)]
+    l1_cpus: u32,
+    /// L1 memory in MiB.
+    #[arg(long, default_value_t = 4096)]
+    l1_memory: u32,
+    /// Keep the L1 initrd and serial logs in this directory.
+    #[arg(long)]
+    keep: Option<PathBuf>,
+}
+
+impl LabArgs {
+    fn config(&self, echo: bool) -> LabConfig {
+        LabConfig {
+            cpus: self.l1_cpus,
+            memory_mib: self.l1_memory,
+            timeout: Duration::from_secs(self.timeout),
+            echo,
+            work_dir: self.keep.clone(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("frakti-lab: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::Mode => {
+            println!("{}", Mode::detect()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Initrd { agent, out } => {
+            guest::build_initrd(&agent, &out)
+                .with_context(|| format!("building the guest initrd {}", out.display()))?;
+            eprintln!("initrd: {} (/init = {})", out.display(), agent.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run { lab, commands } => {
+            let results = runner::run(&lab.config(false), Initramfs::new(), &commands)?;
+            let mut first_failure = 0;
+            for (command, result) in commands.iter().zip(&results) {
+                println!("$ {command}\n{}[exit {}]", result.output, result.status);
+                if first_failure == 0 {
+                    first_failure = result.status;
+                }
+            }
+            Ok(exit_code(first_failure))
+        }
+        Cmd::Demo { cpus, memory, lab } => demo(cpus, memory, &lab),
+    }
+}
+
+fn demo(cpus: u32, memory: u32, lab: &LabArgs) -> anyhow::Result<ExitCode> {
+    let guest = GuestAssets::locate()?;
+    let mode = Mode::detect()?;
+    eprintln!("frakti-lab: mode {mode}");
+    if mode.is_nested() {
+        let args = [
+            "demo".to_string(),
+            format!("--cpus={cpus}"),
+            format!("--memory={memory}"),
+        ];
+        let status = run_self_in_lab(&args, &guest, &lab.config(true))?;
+        return Ok(exit_code(status));
+    }
+    let config = MicrovmConfig {
+        cpus,
+        memory_mib: memory,
+        timeout: Duration::from_secs(120),
+    };
+    let report = guest::boot_qemu_microvm(&guest, &config)?;
+    println!("guest: {}", report.ready);
+    println!(
+        "boot time: {:.3} s from starting QEMU microvm ({cpus} vCPU, {memory} MiB) to the \
+         agent's ready line; guest kernel uptime {:.3} s",
+        report.time_to_ready.as_secs_f64(),
+        report.ready.uptime_secs
+    );
+    if !report.exited_after_ready {
+        bail!("the guest did not reset itself after its ready line");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exit_code(status: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(status).unwrap_or(1))
+}

@@ -1,0 +1,50 @@
+//! Re-runs the current program inside the lab: how the e2e suite and the
+//! demo run on hosts whose /dev/kvm cannot boot a Linux guest.
+
+use crate::guest::{self, GuestAssets};
+use crate::initramfs::Initramfs;
+use crate::runner::{self, LabConfig};
+use crate::shell_quote;
+
+/// Environment passed through to the program in L1.
+const PASSED_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE"];
+
+/// Runs this executable with `args` in one L1 boot, with the guest's kernel
+/// and initrd beside it, relaying its output as it comes. Returns its exit
+/// status.
+pub fn run_self_in_lab(
+    args: &[String],
+    guest: &GuestAssets,
+    config: &LabConfig,
+) -> Result<i32, runner::Error> {
+    let exe = std::env::current_exe().map_err(|source| runner::Error::WorkDir {
+        path: "/proc/self/exe".into(),
+        source,
+    })?;
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "program".into());
+    let mut payload = Initramfs::new();
+    payload.program(&format!("/lab/bin/{name}"), &exe)?;
+    payload.host_file("/lab/guest/vmlinux", &guest.kernel, 0o644);
+    payload.host_file("/lab/guest/initrd.gz", &guest.initrd, 0o644);
+
+    let mut script = format!(
+        "export {}=/lab/guest/vmlinux {}=/lab/guest/initrd.gz\n",
+        guest::KERNEL_ENV,
+        guest::INITRD_ENV
+    );
+    for var in PASSED_ENV {
+        if let Ok(value) = std::env::var(var) {
+            script.push_str(&format!("export {var}={}\n", shell_quote(&value)));
+        }
+    }
+    script.push_str(&format!("exec /lab/bin/{}", shell_quote(&name)));
+    for arg in args {
+        script.push(' ');
+        script.push_str(&shell_quote(arg));
+    }
+    let results = runner::run(config, payload, &[script])?;
+    Ok(results.first().map_or(-1, |r| r.status))
+}

@@ -61,12 +61,14 @@ check_fragment_kept() {
     fi
 }
 
+# The work tree is removed on exit, so the log is kept beside the cache.
 fail_with_log() {
-    local what=$1 log=$2
-    echo "---- last 40 lines of $log ----" >&2
-    tail -n 40 "$log" >&2
+    local what=$1 log=$2 kept="$cache/last-failed-build.log"
+    cp "$log" "$kept"
+    echo "---- last 40 lines of $kept ----" >&2
+    tail -n 40 "$kept" >&2
     echo "----" >&2
-    die "$what failed; full log: $log"
+    die "$what failed; full log: $kept"
 }
 
 check_prerequisites
@@ -101,7 +103,7 @@ check_fragment_kept "$work/.config"
 say "compiling vmlinux with $jobs jobs (log: $log)"
 make -C "$work" -j"$jobs" vmlinux >>"$log" 2>&1 &
 make_pid=$!
-trap 'kill $make_pid 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $make_pid 2>/dev/null || true; rm -rf "$work"' EXIT
 while kill -0 $make_pid 2>/dev/null; do
     sleep 15
     kill -0 $make_pid 2>/dev/null && say "compiling… $(grep -c '^  CC' "$log" || true) files compiled"

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use frakti_agent::ready::ReadyLine;
 use frakti_agent::{pid1, sysinfo};
+use frakti_proto::ready::ReadyLine;
 
 const HELP: &str = "\
 frakti-agent: PID 1 of a Frakti pod VM.

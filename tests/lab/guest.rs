@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use frakti_agent::ready::{self, READY_MARKER, ReadyLine};
+use frakti_proto::ready::{self, READY_MARKER, ReadyLine};
 
 use crate::initramfs::{self, Initramfs};
 use crate::process::{ChildGuard, FileTail, read_log};
@@ -76,6 +76,18 @@ impl GuestAssets {
             kernel: pick(KERNEL_ENV, "vmlinux", "kernel")?,
             initrd: pick(INITRD_ENV, "initrd.gz", "initrd")?,
         })
+    }
+}
+
+impl GuestAssets {
+    /// Where [`GuestAssets::add_to`] puts the kernel and initrd in L1.
+    pub const LAB_KERNEL: &str = "/lab/guest/vmlinux";
+    pub const LAB_INITRD: &str = "/lab/guest/initrd.gz";
+
+    /// Adds the kernel and initrd to a lab payload.
+    pub fn add_to(&self, payload: &mut Initramfs) {
+        payload.host_file(Self::LAB_KERNEL, &self.kernel, 0o644);
+        payload.host_file(Self::LAB_INITRD, &self.initrd, 0o644);
     }
 }
 

@@ -43,6 +43,12 @@ enum Cmd {
     Run {
         #[command(flatten)]
         lab: LabArgs,
+        /// Programs to put in L1 at /lab/bin/NAME (with their libraries).
+        #[arg(long = "program")]
+        programs: Vec<PathBuf>,
+        /// Also put the guest kernel and initrd at /lab/guest/.
+        #[arg(long)]
+        with_guest: bool,
         /// Shell commands, run in order inside L1.
         #[arg(required = true, last = true)]
         commands: Vec<String>,
@@ -111,8 +117,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("initrd: {} (/init = {})", out.display(), agent.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { lab, commands } => {
-            let results = runner::run(&lab.config(false), Initramfs::new(), &commands)?;
+        Cmd::Run {
+            lab,
+            programs,
+            with_guest,
+            commands,
+        } => {
+            let mut payload = Initramfs::new();
+            for program in &programs {
+                let name = program
+                    .file_name()
+                    .with_context(|| format!("{} has no file name", program.display()))?;
+                payload.program(&format!("/lab/bin/{}", name.to_string_lossy()), program)?;
+            }
+            if with_guest {
+                GuestAssets::locate()?.add_to(&mut payload);
+            }
+            let results = runner::run(&lab.config(false), payload, &commands)?;
             let mut first_failure = 0;
             for (command, result) in commands.iter().zip(&results) {
                 println!("$ {command}\n{}[exit {}]", result.output, result.status);

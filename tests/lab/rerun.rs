@@ -27,13 +27,14 @@ pub fn run_self_in_lab(
         .unwrap_or_else(|| "program".into());
     let mut payload = Initramfs::new();
     payload.program(&format!("/lab/bin/{name}"), &exe)?;
-    payload.host_file("/lab/guest/vmlinux", &guest.kernel, 0o644);
-    payload.host_file("/lab/guest/initrd.gz", &guest.initrd, 0o644);
+    guest.add_to(&mut payload);
 
     let mut script = format!(
-        "export {}=/lab/guest/vmlinux {}=/lab/guest/initrd.gz\n",
+        "export {}={} {}={}\n",
         guest::KERNEL_ENV,
-        guest::INITRD_ENV
+        GuestAssets::LAB_KERNEL,
+        guest::INITRD_ENV,
+        GuestAssets::LAB_INITRD,
     );
     for var in PASSED_ENV {
         if let Ok(value) = std::env::var(var) {

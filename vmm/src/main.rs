@@ -1,0 +1,171 @@
+//! `frakti-vmm`: runs one VM (see `--help`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use frakti_vmm::config::{SerialOutput, VmConfig};
+use frakti_vmm::{api, memory, vm};
+
+/// Frakti's micro-VMM: boots one KVM virtual machine (a pod sandbox).
+///
+/// The guest gets COM1 as its console, an i8042 whose reset ends the VM (the
+/// VMM then exits 0), and the agent's boot-done port. A guest kernel panic or
+/// triple fault makes the VMM exit 1. SIGTERM or SIGINT stop the VM; the
+/// optional control API (HTTP/1.1 + JSON on a unix socket) offers VM info,
+/// pause/resume, shutdown and metrics.
+///
+/// Values come from flags, or from a TOML/JSON file (`--config`) whose values
+/// the flags override.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// TOML (or .json) file with the VM configuration.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Number of vCPUs (1-32). Default 1.
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Guest memory in MiB. Default 128.
+    #[arg(long)]
+    memory: Option<u32>,
+    /// Guest kernel: ELF vmlinux (PVH) or bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initrd (for Frakti: the agent's cpio archive).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command line, after "console=ttyS0 reboot=k panic=-1 pci=off nomodule".
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest console: "stdout", "none", or a file path.
+    #[arg(long)]
+    serial: Option<String>,
+    /// Feed this process's stdin to the guest console.
+    #[arg(long)]
+    console_input: bool,
+    /// Serve the control API on this unix socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Disable seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Log filter, e.g. "info" or "frakti_vmm=debug" (also RUST_LOG).
+    #[arg(long, env = "RUST_LOG", default_value = "warn")]
+    log: String,
+}
+
+impl Cli {
+    fn into_config(self) -> anyhow::Result<VmConfig> {
+        let mut config = match &self.config {
+            Some(path) => VmConfig::from_file(path)?,
+            None => VmConfig {
+                vcpus: 1,
+                memory_mib: 128,
+                kernel: self
+                    .kernel
+                    .clone()
+                    .context("--kernel is required (or a --config file)")?,
+                initrd: None,
+                cmdline: String::new(),
+                serial: SerialOutput::Stdout,
+                console_input: false,
+                api_socket: None,
+                seccomp: true,
+            },
+        };
+        if let Some(v) = self.vcpus {
+            config.vcpus = v;
+        }
+        if let Some(m) = self.memory {
+            config.memory_mib = m;
+        }
+        if let Some(k) = self.kernel {
+            config.kernel = k;
+        }
+        if self.initrd.is_some() {
+            config.initrd = self.initrd;
+        }
+        if let Some(c) = self.cmdline {
+            config.cmdline = c;
+        }
+        if let Some(s) = self.serial {
+            config.serial = match s.as_str() {
+                "stdout" => SerialOutput::Stdout,
+                "none" => SerialOutput::None,
+                path => SerialOutput::File(path.into()),
+            };
+        }
+        config.console_input |= self.console_input;
+        if self.api_socket.is_some() {
+            config.api_socket = self.api_socket;
+        }
+        if self.no_seccomp {
+            config.seccomp = false;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli, start) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("frakti-vmm: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli, start: Instant) -> anyhow::Result<ExitCode> {
+    let config = cli.into_config()?;
+    let socket = config.api_socket.clone();
+    let listener = socket.as_ref().map(api::bind).transpose()?;
+    let result = boot_and_run(config, listener, start);
+    if let Some(path) = &socket {
+        let _ = std::fs::remove_file(path);
+    }
+    let outcome = result?;
+    match &outcome {
+        vm::Outcome::GuestDone => tracing::info!("guest finished"),
+        vm::Outcome::Stopped(why) => tracing::info!("stopped: {why}"),
+        vm::Outcome::GuestPanic(msg) => eprintln!("frakti-vmm: guest kernel panic: {msg}"),
+        vm::Outcome::Failed(reason) => eprintln!("frakti-vmm: guest failed: {reason:?}"),
+    }
+    Ok(ExitCode::from(outcome.exit_code() as u8))
+}
+
+fn boot_and_run(
+    config: VmConfig,
+    listener: Option<std::os::unix::net::UnixListener>,
+    start: Instant,
+) -> anyhow::Result<vm::Outcome> {
+    let seccomp = config.seccomp;
+    let vm = vm::build(config, start, usize::from(listener.is_some()))?;
+    if let Some(listener) = listener {
+        let ctx = api::ApiContext {
+            vcpus: vm.vcpus.remote(),
+            vcpu_count: vm.config.vcpus,
+            memory_mib: vm.config.memory_mib,
+            start,
+            boot_done: vm.boot_done.clone(),
+            counters: vm.counters.clone(),
+            guest_ranges: memory::host_ranges(&vm.memory),
+            stop: vm.stop_request.clone(),
+        };
+        api::spawn(listener, ctx, seccomp, vm.start_barrier())?;
+    }
+    Ok(vm.run()?)
+}

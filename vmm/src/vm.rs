@@ -1,0 +1,497 @@
+//! Building a VM from its config in one readable sequence, and running it
+//! until the guest resets, fails, or the VMM is asked to stop.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use linux_loader::loader::Cmdline;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot::{self, BootProtocol};
+use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
+use crate::arch::x86_64::{cpuid, mptable, msr, regs};
+use crate::config::{SerialOutput, VmConfig};
+use crate::devices::EventFdTrigger;
+use crate::devices::bus::{self, Bus, lock};
+use crate::devices::legacy::{BootDone, ConsoleOutput, I8042, SerialDevice, i8042, serial};
+use crate::metrics::ExitCounters;
+use crate::vcpu::{self, ExitReason, ExitSink, VcpuContext, VcpuControl, Vcpus};
+use crate::{memory, seccomp};
+
+/// KVM's TSS needs three pages just below the BIOS area.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot open /dev/kvm ({0}): is KVM available, and may this user use it \
+         (root or the kvm group)?"
+    )]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM lacks a capability Frakti needs: {0:?}")]
+    MissingCap(Cap),
+    #[error("KVM refused {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error(transparent)]
+    Regs(#[from] regs::Error),
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::Error),
+    #[error(transparent)]
+    Msr(#[from] msr::Error),
+    #[error(transparent)]
+    Mptable(#[from] mptable::Error),
+    #[error(transparent)]
+    Bus(#[from] bus::Error),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    #[error("cannot open serial output {path}")]
+    SerialFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create an event fd")]
+    EventFd(#[source] std::io::Error),
+    #[error("event loop failed: {0:?}")]
+    EventLoop(event_manager::Error),
+}
+
+/// Why the VMM stopped, and the exit code it maps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest reset itself: its normal way to finish (`reboot=k`).
+    GuestDone,
+    /// The VMM was asked to stop (SIGTERM/SIGINT or the API).
+    Stopped(String),
+    /// The guest kernel panicked (seen on its console).
+    GuestPanic(String),
+    /// A triple fault, a failed vCPU, or a halted vCPU.
+    Failed(ExitReason),
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::GuestDone | Outcome::Stopped(_) => 0,
+            Outcome::GuestPanic(_) | Outcome::Failed(_) => 1,
+        }
+    }
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    pub config: VmConfig,
+    pub start: Instant,
+    _kvm: Kvm,
+    _vm_fd: VmFd,
+    pub memory: GuestMemoryMmap,
+    pub vcpus: Vcpus,
+    pub exits: Arc<ExitSink>,
+    pub counters: Arc<ExitCounters>,
+    pub boot_done: Arc<OnceLock<Duration>>,
+    panic_watch: Arc<Mutex<Option<String>>>,
+    reset: EventFdTrigger,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_drained: EventFd,
+    /// Written by the API (or anyone) to stop the VM.
+    pub stop_request: Arc<StopRequest>,
+    start_barrier: Arc<Barrier>,
+}
+
+/// A request to stop the VMM, with the reason, waking the event loop.
+#[derive(Debug)]
+pub struct StopRequest {
+    pub event: EventFd,
+    reason: Mutex<Option<String>>,
+}
+
+impl StopRequest {
+    fn new() -> std::io::Result<Self> {
+        Ok(StopRequest {
+            event: EventFd::new(libc::EFD_NONBLOCK)?,
+            reason: Mutex::new(None),
+        })
+    }
+
+    pub fn request(&self, reason: &str) {
+        lock(&self.reason).get_or_insert_with(|| reason.to_string());
+        let _ = self.event.write(1);
+    }
+
+    fn reason(&self) -> Option<String> {
+        lock(&self.reason).clone()
+    }
+}
+
+/// Builds the VM: KVM, memory, kernel, boot info, devices, vCPUs. The vCPU
+/// threads are started but wait until [`Vm::run`] releases them.
+pub fn build(config: VmConfig, start: Instant, extra_threads: usize) -> Result<Vm, Error> {
+    let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+    for cap in [Cap::Irqchip, Cap::Irqfd, Cap::Ioeventfd, Cap::ImmediateExit] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::MissingCap(cap));
+        }
+    }
+    let vm_fd = kvm
+        .create_vm()
+        .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+    vm_fd
+        .set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd
+        .create_pit2(pit)
+        .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+
+    let memory = memory::create(config.memory_bytes())?;
+    memory::register(&vm_fd, &memory)?;
+
+    let protocol = load_guest(&config, &memory)?;
+    mptable::setup(&memory, config.vcpus)?;
+
+    let devices = attach_legacy_devices(&vm_fd, &config, start)?;
+    let counters = Arc::new(ExitCounters::default());
+    let exits = Arc::new(ExitSink::new().map_err(Error::EventFd)?);
+    let control = Arc::new(VcpuControl::default());
+    // vCPUs + the VMM thread + helper threads (API) meet here once their
+    // seccomp filters are in place.
+    let start_barrier = Arc::new(Barrier::new(usize::from(config.vcpus) + 1 + extra_threads));
+    vcpu::register_kick_handler()?;
+    let ctx = VcpuContext {
+        pio: Arc::new(devices.pio),
+        mmio: Arc::new(Bus::default()),
+        control: control.clone(),
+        exits: exits.clone(),
+        counters: counters.clone(),
+        seccomp: config.seccomp,
+        start: start_barrier.clone(),
+    };
+    let vcpus = create_vcpus(&kvm, &vm_fd, &memory, &config, protocol, ctx)?;
+
+    Ok(Vm {
+        config,
+        start,
+        _kvm: kvm,
+        _vm_fd: vm_fd,
+        memory,
+        vcpus: Vcpus::new(vcpus, control),
+        exits,
+        counters,
+        boot_done: devices.boot_done,
+        panic_watch: devices.panic_watch,
+        reset: devices.reset,
+        serial: devices.serial,
+        serial_drained: devices.serial_drained,
+        stop_request: Arc::new(StopRequest::new().map_err(Error::EventFd)?),
+        start_barrier,
+    })
+}
+
+/// Kernel, initrd, command line and boot information.
+fn load_guest(config: &VmConfig, memory: &GuestMemoryMmap) -> Result<BootProtocol, Error> {
+    let kernel = boot::load_kernel(memory, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(memory, path, kernel.end)?),
+        None => None,
+    };
+    let text = config.full_cmdline();
+    let cmdline =
+        Cmdline::try_from(&text, CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
+    boot::write_cmdline(memory, &cmdline)?;
+    match kernel.protocol {
+        BootProtocol::Pvh { .. } => boot::configure_pvh(memory, initrd)?,
+        BootProtocol::Linux64 { .. } => {
+            boot::configure_linux64(memory, text.len() + 1, initrd, kernel.setup_header)?
+        }
+    }
+    tracing::debug!(protocol = ?kernel.protocol, cmdline = text, "guest loaded");
+    Ok(kernel.protocol)
+}
+
+struct LegacyDevices {
+    pio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_drained: EventFd,
+    reset: EventFdTrigger,
+    boot_done: Arc<OnceLock<Duration>>,
+    panic_watch: Arc<Mutex<Option<String>>>,
+}
+
+/// COM1, the i8042 reset line and the boot-done port on the I/O bus.
+fn attach_legacy_devices(
+    vm_fd: &VmFd,
+    config: &VmConfig,
+    start: Instant,
+) -> Result<LegacyDevices, Error> {
+    let out: Box<dyn Write + Send> = match &config.serial {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| Error::SerialFile {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+        ),
+    };
+    let console = ConsoleOutput::new(out);
+    let panic_watch = console.panic_watch();
+    let irq = EventFdTrigger::new().map_err(Error::EventFd)?;
+    vm_fd
+        .register_irqfd(&irq.0, serial::COM1_IRQ)
+        .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+    let serial_drained = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    let drained_clone = serial_drained.try_clone().map_err(Error::EventFd)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, drained_clone, console)));
+
+    let reset = EventFdTrigger::new().map_err(Error::EventFd)?;
+    let i8042 = I8042::new(reset.try_clone().map_err(Error::EventFd)?);
+    let boot_done = BootDone::new(start);
+    let boot_done_watch = boot_done.watch();
+
+    let mut pio = Bus::default();
+    pio.insert(serial::COM1_PORT, serial::COM1_LEN, serial.clone())?;
+    pio.insert(
+        i8042::I8042_PORT,
+        i8042::I8042_LEN,
+        Arc::new(Mutex::new(i8042)),
+    )?;
+    pio.insert(
+        u64::from(frakti_proto::BOOT_DONE_PORT),
+        1,
+        Arc::new(Mutex::new(boot_done)),
+    )?;
+    Ok(LegacyDevices {
+        pio,
+        serial,
+        serial_drained,
+        reset,
+        boot_done: boot_done_watch,
+        panic_watch,
+    })
+}
+
+/// Creates and configures every vCPU (CPUID, MSRs, LAPIC; registers for the
+/// boot vCPU) and starts its thread.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    memory: &GuestMemoryMmap,
+    config: &VmConfig,
+    protocol: BootProtocol,
+    ctx: VcpuContext,
+) -> Result<Vec<vcpu::VcpuHandle>, Error> {
+    let supported = cpuid::supported(kvm)?;
+    let mut handles = Vec::new();
+    for id in 0..config.vcpus {
+        let fd = vm_fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+        let mut cpuid = supported.clone();
+        cpuid::configure(&mut cpuid, id, config.vcpus)?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+        msr::setup(&fd)?;
+        regs::setup_lapic(&fd)?;
+        if id == 0 {
+            regs::setup_boot_vcpu(&fd, memory, protocol)?;
+        } else {
+            regs::setup_fpu(&fd)?;
+        }
+        handles.push(vcpu::spawn(id, fd, ctx.clone())?);
+    }
+    Ok(handles)
+}
+
+impl Vm {
+    /// Barrier that helper threads (the API) wait at once their seccomp
+    /// filter is installed.
+    pub fn start_barrier(&self) -> Arc<Barrier> {
+        self.start_barrier.clone()
+    }
+
+    /// Lets the guest run, serves events until it stops, then tears the
+    /// vCPUs down. The calling thread becomes the VMM event loop.
+    pub fn run(self) -> Result<Outcome, Error> {
+        let signals = signal_fd()?;
+        if self.config.seccomp {
+            seccomp::apply(seccomp::ThreadKind::Vmm)?;
+        }
+        let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+            .map_err(Error::EventLoop)?;
+        let watcher = Arc::new(Mutex::new(VmmEvents {
+            exits: self.exits.clone(),
+            reset: self.reset.0.try_clone().map_err(Error::EventFd)?,
+            stop_request: self.stop_request.clone(),
+            signals,
+            serial: self.serial.clone(),
+            serial_drained: self.serial_drained.try_clone().map_err(Error::EventFd)?,
+            console_input: self.config.console_input,
+            stop: None,
+        }));
+        manager.add_subscriber(watcher.clone());
+        self.start_barrier.wait();
+        tracing::info!(
+            vcpus = self.config.vcpus,
+            memory_mib = self.config.memory_mib,
+            setup_ms = self.start.elapsed().as_millis() as u64,
+            "guest started"
+        );
+        let stop = loop {
+            manager.run().map_err(Error::EventLoop)?;
+            if let Some(stop) = lock(&watcher).stop.take() {
+                break stop;
+            }
+        };
+        self.vcpus.join();
+        let panic = lock(&self.panic_watch).clone();
+        Ok(outcome(stop, panic))
+    }
+}
+
+/// Maps why the loop stopped (and a panic seen on the console) to an outcome.
+fn outcome(stop: Stop, panic: Option<String>) -> Outcome {
+    {
+        match stop {
+            Stop::Signal(reason) | Stop::Requested(reason) => Outcome::Stopped(reason),
+            Stop::Reset | Stop::Vcpu(ExitReason::GuestReset) => match panic {
+                Some(message) => Outcome::GuestPanic(message),
+                None => Outcome::GuestDone,
+            },
+            Stop::Vcpu(reason) => match panic {
+                Some(message) => Outcome::GuestPanic(message),
+                None => Outcome::Failed(reason),
+            },
+        }
+    }
+}
+
+/// SIGTERM/SIGINT arrive through a signalfd (blocked on this thread, which
+/// is the last to run: vCPU and API threads were spawned before).
+fn signal_fd() -> Result<SignalFd, Error> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGINT);
+    mask.thread_block()
+        .map_err(|e| Error::EventFd(std::io::Error::from(e)))?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| Error::EventFd(std::io::Error::from(e)))
+}
+
+enum Stop {
+    Reset,
+    Vcpu(ExitReason),
+    Signal(String),
+    Requested(String),
+}
+
+/// The VMM thread's events: guest reset, vCPU exits, signals, stop
+/// requests, and console input.
+struct VmmEvents {
+    exits: Arc<ExitSink>,
+    reset: EventFd,
+    stop_request: Arc<StopRequest>,
+    signals: SignalFd,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_drained: EventFd,
+    console_input: bool,
+    stop: Option<Stop>,
+}
+
+const STDIN: i32 = libc::STDIN_FILENO;
+
+impl MutEventSubscriber for VmmEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        let fds = [
+            self.exits.event.as_raw_fd(),
+            self.reset.as_raw_fd(),
+            self.stop_request.event.as_raw_fd(),
+            self.signals.as_raw_fd(),
+            self.serial_drained.as_raw_fd(),
+        ];
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("cannot watch fd {fd}: {e:?}");
+            }
+        }
+        if self.console_input {
+            if let Err(e) = ops.add(Events::new_raw(STDIN, EventSet::IN)) {
+                tracing::warn!("console input disabled: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.reset.as_raw_fd() {
+            let _ = self.reset.read();
+            tracing::info!("guest reset the machine");
+            self.stop = Some(Stop::Reset);
+        } else if fd == self.exits.event.as_raw_fd() {
+            let _ = self.exits.event.read();
+            if let Some(reason) = self.exits.reason() {
+                self.stop = Some(Stop::Vcpu(reason));
+            }
+        } else if fd == self.stop_request.event.as_raw_fd() {
+            let _ = self.stop_request.event.read();
+            let reason = self.stop_request.reason().unwrap_or_default();
+            self.stop = Some(Stop::Requested(reason));
+        } else if fd == self.signals.as_raw_fd() {
+            if let Ok(Some(info)) = self.signals.read_signal() {
+                let name = if info.ssi_signo == libc::SIGINT as u32 {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                tracing::info!("{name}: stopping the VM");
+                self.stop = Some(Stop::Signal(name.to_string()));
+            }
+        } else if fd == self.serial_drained.as_raw_fd() {
+            let _ = self.serial_drained.read();
+            lock(&self.serial).flush_input();
+        } else if fd == STDIN {
+            self.read_console_input(events, ops);
+        }
+    }
+}
+
+impl VmmEvents {
+    fn read_console_input(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 256];
+        // SAFETY: reading into a stack buffer of the given length.
+        let n = unsafe { libc::read(STDIN, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            // EOF or error: stop watching stdin so the loop does not spin.
+            let _ = ops.remove(events);
+            return;
+        }
+        lock(&self.serial).queue_input(&buf[..n as usize]);
+    }
+}

@@ -6,19 +6,22 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TARGET := x86_64-unknown-linux-gnu
 AGENT := target/$(TARGET)/release/frakti-agent
+VMM := target/release/frakti-vmm
 GUEST_DIR := target/frakti/guest
 TEST_LOG := target/test.log
 LAB := $(CARGO) run -q -p frakti-tests --bin frakti-lab --
 
 export FRAKTI_GUEST_KERNEL := $(abspath $(GUEST_DIR)/vmlinux)
 export FRAKTI_GUEST_INITRD := $(abspath $(GUEST_DIR)/initrd.gz)
+export FRAKTI_VMM := $(abspath $(VMM))
 
-.PHONY: build deps kernel agent assets demo lint unit e2e test clean help
+.PHONY: build deps kernel agent vmm assets demo bench lint unit e2e test clean help
 
 help:
 	@echo "make demo   boot the guest (directly or in the lab) and print its ready line and boot time"
 	@echo "make test   fmt check, clippy, unit tests, end-to-end tests (in the lab where needed)"
-	@echo "make assets build the guest kernel (cached) and the initrd with the static agent"
+	@echo "make assets build the guest kernel (cached), the initrd with the static agent, frakti-vmm"
+	@echo "make bench  boot benchmark: frakti-vmm vs qemu -M microvm, printed as ratios"
 	@echo "make deps   check/install the Debian packages the build and tests need"
 
 build:
@@ -36,18 +39,28 @@ agent:
 	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
 		$(CARGO) build --release -p frakti-agent --target $(TARGET)
 
-assets: kernel agent
+vmm:
+	$(CARGO) build --release -p frakti-vmm
+
+assets: kernel agent vmm
 	$(LAB) initrd --agent $(AGENT) --out $(GUEST_DIR)/initrd.gz
 
 demo: assets
 	$(LAB) demo
 
+# Boot time and memory of frakti-vmm vs QEMU microvm, as ratios (not a test).
+bench: assets
+	$(CARGO) run -q --release -p frakti-bench --bin boot
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Everything but the lab suites; includes frakti-vmm's tiny-guest tests on
+# the host's /dev/kvm.
 unit:
-	$(CARGO) test --workspace --lib --bins 2>&1 | tee -a $(TEST_LOG)
+	$(CARGO) test --workspace --exclude frakti-tests 2>&1 | tee -a $(TEST_LOG)
+	$(CARGO) test -p frakti-tests --lib --bins 2>&1 | tee -a $(TEST_LOG)
 
 e2e: assets
 	$(CARGO) test -p frakti-tests --test lab --test e2e 2>&1 | tee -a $(TEST_LOG)

@@ -3,10 +3,11 @@
 //! whole selection), so `cargo test --test e2e [FILTER]` works everywhere.
 
 mod qemu_baseline;
+mod vmm;
 
 use std::process::ExitCode;
 
-use frakti_lab::guest::GuestAssets;
+use frakti_lab::guest::{self, GuestAssets};
 use frakti_lab::mode::Mode;
 use frakti_lab::rerun::run_self_in_lab;
 use frakti_lab::runner::LabConfig;
@@ -30,12 +31,14 @@ fn main() -> ExitCode {
 }
 
 fn tests() -> Vec<Trial> {
-    qemu_baseline::tests()
+    let mut tests = qemu_baseline::tests();
+    tests.extend(vmm::tests());
+    tests
 }
 
 fn rerun_in_lab() -> ExitCode {
-    let guest = match GuestAssets::locate() {
-        Ok(guest) => guest,
+    let (guest, vmm) = match GuestAssets::locate().and_then(|g| Ok((g, guest::vmm_binary()?))) {
+        Ok(found) => found,
         Err(e) => {
             eprintln!("e2e: {e}");
             return ExitCode::FAILURE;
@@ -46,7 +49,7 @@ fn rerun_in_lab() -> ExitCode {
         echo: true,
         ..LabConfig::default()
     };
-    match run_self_in_lab(&args, &guest, &config) {
+    match run_self_in_lab(&args, &guest, &[(guest::VMM_ENV, vmm)], &config) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(status) => {
             eprintln!("e2e: the suite failed inside the lab (exit {status})");

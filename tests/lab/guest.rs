@@ -13,6 +13,8 @@ use crate::process::{ChildGuard, FileTail, read_log};
 use crate::tail_lines;
 
 pub const KERNEL_ENV: &str = "FRAKTI_GUEST_KERNEL";
+/// The frakti-vmm binary the tests and benchmarks run.
+pub const VMM_ENV: &str = "FRAKTI_VMM";
 pub const INITRD_ENV: &str = "FRAKTI_GUEST_INITRD";
 
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +25,7 @@ pub enum Error {
         path: PathBuf,
         env: &'static str,
     },
-    #[error("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")]
+    #[error("cannot start the VMM (for QEMU: apt-get install qemu-system-x86)")]
     Spawn(#[source] std::io::Error),
     #[error("cannot read the guest console log")]
     Console(#[source] std::io::Error),
@@ -91,6 +93,24 @@ impl GuestAssets {
     }
 }
 
+/// The frakti-vmm binary: `$FRAKTI_VMM`, else `target/release/frakti-vmm`.
+pub fn vmm_binary() -> Result<PathBuf, Error> {
+    let path = std::env::var_os(VMM_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/frakti-vmm")
+        });
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::Missing {
+            what: "VMM binary",
+            path,
+            env: VMM_ENV,
+        })
+    }
+}
+
 /// Builds the guest initrd: the static agent as `/init`, and the
 /// directories it mounts on.
 pub fn build_initrd(agent: &Path, out: &Path) -> Result<(), initramfs::Error> {
@@ -125,19 +145,25 @@ pub struct BootReport {
 /// Time the guest gets to reset itself after its ready line.
 const RESET_GRACE: Duration = Duration::from_secs(10);
 
-/// Boots the guest under `qemu-system-x86_64 -M microvm -enable-kvm` and
-/// waits for the agent's ready line. The kernel resets by triple fault
-/// (`reboot=t`), since microvm has no i8042; with `-no-reboot` QEMU exits.
-pub fn boot_qemu_microvm(guest: &GuestAssets, config: &MicrovmConfig) -> Result<BootReport, Error> {
-    let dir = tempfile::tempdir().map_err(Error::Console)?;
-    let console = dir.path().join("console.log");
-    let qemu_log = dir.path().join("qemu.log");
-    let log_file = std::fs::File::create(&qemu_log).map_err(Error::Console)?;
+/// The kernel command line for QEMU: what frakti-vmm gives its guests,
+/// plus `extra`, so both boot the same way.
+pub fn qemu_cmdline(extra: &str) -> String {
+    format!("console=ttyS0 reboot=t panic=-1 pci=off nomodule {extra}")
+}
+
+/// A QEMU `-M microvm -enable-kvm` command for the guest, console to `console`.
+pub fn qemu_microvm_command(
+    guest: &GuestAssets,
+    cpus: u32,
+    memory_mib: u32,
+    cmdline: &str,
+    console: &Path,
+) -> Command {
     let mut command = Command::new("qemu-system-x86_64");
     command
         .args(["-M", "microvm", "-enable-kvm", "-cpu", "host"])
-        .args(["-m", &config.memory_mib.to_string()])
-        .args(["-smp", &config.cpus.to_string()])
+        .args(["-m", &memory_mib.to_string()])
+        .args(["-smp", &cpus.to_string()])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-no-reboot", "-monitor", "none"])
         .arg("-serial")
@@ -146,16 +172,38 @@ pub fn boot_qemu_microvm(guest: &GuestAssets, config: &MicrovmConfig) -> Result<
         .arg(&guest.kernel)
         .arg("-initrd")
         .arg(&guest.initrd)
-        .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
-        .stdin(Stdio::null())
+        .args(["-append", cmdline])
+        .stdin(Stdio::null());
+    command
+}
+
+/// A guest that printed its ready line, still running.
+#[derive(Debug)]
+pub struct ReadyGuest {
+    pub process: ChildGuard,
+    pub ready: ReadyLine,
+    /// From spawning the VMM to seeing the ready line on the console.
+    pub time_to_ready: Duration,
+}
+
+/// Spawns `command` (a VMM writing the guest console to `console`) and
+/// waits for the agent's ready line. stdout/stderr go to `log`.
+pub fn boot_until_ready(
+    command: &mut Command,
+    console: &Path,
+    log: &Path,
+    timeout: Duration,
+) -> Result<ReadyGuest, Error> {
+    let log_file = std::fs::File::create(log).map_err(Error::Console)?;
+    command
         .stdout(log_file.try_clone().map_err(Error::Console)?)
         .stderr(log_file);
     let start = Instant::now();
-    let mut qemu = ChildGuard::spawn(&mut command).map_err(Error::Spawn)?;
-    let mut tail = FileTail::new(&console);
-    let console_tail = || tail_lines(&read_log(&console), 30);
+    let mut process = ChildGuard::spawn(command).map_err(Error::Spawn)?;
+    let mut tail = FileTail::new(console);
+    let console_tail = || tail_lines(&read_log(console), 30);
     loop {
-        let exited = qemu.try_wait().map_err(Error::Console)?;
+        let exited = process.try_wait().map_err(Error::Console)?;
         let lines = tail.new_lines().map_err(Error::Console)?;
         if let Some(line) = lines.iter().find(|l| l.contains(READY_MARKER)) {
             let time_to_ready = start.elapsed();
@@ -163,30 +211,52 @@ pub fn boot_qemu_microvm(guest: &GuestAssets, config: &MicrovmConfig) -> Result<
                 line: line.clone(),
                 source,
             })?;
-            let exited_after_ready = wait_for_exit(&mut qemu, RESET_GRACE);
-            return Ok(BootReport {
+            return Ok(ReadyGuest {
+                process,
                 ready,
                 time_to_ready,
-                exited_after_ready,
-                console: read_log(&console),
             });
         }
         if let Some(status) = exited {
             return Err(Error::Exited {
                 status: status.to_string(),
-                qemu_log: read_log(&qemu_log).trim().to_string(),
+                qemu_log: read_log(log).trim().to_string(),
                 console_tail: console_tail(),
             });
         }
-        if start.elapsed() > config.timeout {
-            let _ = qemu.kill();
+        if start.elapsed() > timeout {
+            let _ = process.kill();
             return Err(Error::Timeout {
-                secs: config.timeout.as_secs(),
+                secs: timeout.as_secs(),
                 console_tail: console_tail(),
             });
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// Boots the guest under `qemu-system-x86_64 -M microvm -enable-kvm` and
+/// waits for the agent's ready line. The kernel resets by triple fault
+/// (`reboot=t`), since microvm has no i8042; with `-no-reboot` QEMU exits.
+pub fn boot_qemu_microvm(guest: &GuestAssets, config: &MicrovmConfig) -> Result<BootReport, Error> {
+    let dir = tempfile::tempdir().map_err(Error::Console)?;
+    let console = dir.path().join("console.log");
+    let cmdline = qemu_cmdline(&format!("quiet {}=reset", frakti_proto::AFTER_READY_PARAM));
+    let mut command =
+        qemu_microvm_command(guest, config.cpus, config.memory_mib, &cmdline, &console);
+    let mut booted = boot_until_ready(
+        &mut command,
+        &console,
+        &dir.path().join("qemu.log"),
+        config.timeout,
+    )?;
+    let exited_after_ready = wait_for_exit(&mut booted.process, RESET_GRACE);
+    Ok(BootReport {
+        ready: booted.ready,
+        time_to_ready: booted.time_to_ready,
+        exited_after_ready,
+        console: read_log(&console),
+    })
 }
 
 fn wait_for_exit(child: &mut ChildGuard, grace: Duration) -> bool {

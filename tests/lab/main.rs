@@ -157,7 +157,7 @@ fn demo(cpus: u32, memory: u32, lab: &LabArgs) -> anyhow::Result<ExitCode> {
             format!("--cpus={cpus}"),
             format!("--memory={memory}"),
         ];
-        let status = run_self_in_lab(&args, &guest, &lab.config(true))?;
+        let status = run_self_in_lab(&args, &guest, &[], &lab.config(true))?;
         return Ok(exit_code(status));
     }
     let config = MicrovmConfig {

@@ -1,6 +1,8 @@
 //! Re-runs the current program inside the lab: how the e2e suite and the
 //! demo run on hosts whose /dev/kvm cannot boot a Linux guest.
 
+use std::path::PathBuf;
+
 use crate::guest::{self, GuestAssets};
 use crate::initramfs::Initramfs;
 use crate::runner::{self, LabConfig};
@@ -10,11 +12,13 @@ use crate::shell_quote;
 const PASSED_ENV: &[&str] = &["RUST_LOG", "RUST_BACKTRACE"];
 
 /// Runs this executable with `args` in one L1 boot, with the guest's kernel
-/// and initrd beside it, relaying its output as it comes. Returns its exit
-/// status.
+/// and initrd and `programs` (each `(env var, host path)`: the program goes
+/// to `/lab/bin/` and the variable points at it there) beside it, relaying
+/// its output as it comes. Returns its exit status.
 pub fn run_self_in_lab(
     args: &[String],
     guest: &GuestAssets,
+    programs: &[(&str, PathBuf)],
     config: &LabConfig,
 ) -> Result<i32, runner::Error> {
     let exe = std::env::current_exe().map_err(|source| runner::Error::WorkDir {
@@ -28,6 +32,13 @@ pub fn run_self_in_lab(
     let mut payload = Initramfs::new();
     payload.program(&format!("/lab/bin/{name}"), &exe)?;
     guest.add_to(&mut payload);
+    let mut exports = Vec::new();
+    for (env, path) in programs {
+        let file = path.file_name().unwrap_or_default().to_string_lossy();
+        let in_lab = format!("/lab/bin/{file}");
+        payload.program(&in_lab, path)?;
+        exports.push(format!("export {env}={}\n", shell_quote(&in_lab)));
+    }
 
     let mut script = format!(
         "export {}={} {}={}\n",
@@ -36,6 +47,7 @@ pub fn run_self_in_lab(
         guest::INITRD_ENV,
         GuestAssets::LAB_INITRD,
     );
+    script.extend(exports);
     for var in PASSED_ENV {
         if let Ok(value) = std::env::var(var) {
             script.push_str(&format!("export {var}={}\n", shell_quote(&value)));

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::metrics::{self, ExitCounters};
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{VcpuRemote, VcpuState};
-use crate::vm::StopRequest;
+use crate::vm::{DEFAULT_SHUTDOWN_GRACE, StopRequest};
 
 const MAX_REQUEST: usize = 64 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -194,12 +194,41 @@ fn state_change(ctx: &ApiContext, result: Result<(), crate::vcpu::Error>) -> (u1
     }
 }
 
+/// `{"timeout_ms": N}` (optional, default 10000): the guest gets that long
+/// to shut down after Ctrl-Alt-Del before it is stopped; 0 stops it at once.
 fn shutdown(ctx: &ApiContext, body: &[u8]) -> (u16, Value) {
-    if !body.is_empty() && serde_json::from_slice::<Value>(body).is_err() {
-        return (400, json!({ "error": "body must be JSON" }));
+    let grace = match parse_shutdown(body) {
+        Ok(grace) => grace,
+        Err(message) => return (400, json!({ "error": message })),
+    };
+    ctx.stop
+        .request("shutdown requested through the API", grace);
+    (
+        202,
+        json!({ "state": "stopping", "timeout_ms": millis(grace) }),
+    )
+}
+
+fn parse_shutdown(body: &[u8]) -> Result<Duration, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DEFAULT_SHUTDOWN_GRACE);
     }
-    ctx.stop.request("shutdown requested through the API");
-    (202, json!({ "state": "stopping" }))
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("body must be JSON: {e}"))?;
+    let object = value
+        .as_object()
+        .ok_or("body must be a JSON object such as {\"timeout_ms\": 5000}")?;
+    if let Some(key) = object.keys().find(|k| *k != "timeout_ms") {
+        return Err(format!("unknown field '{key}' (only timeout_ms)"));
+    }
+    match object.get("timeout_ms") {
+        None => Ok(DEFAULT_SHUTDOWN_GRACE),
+        Some(v) => v
+            .as_u64()
+            .filter(|ms| *ms <= 3_600_000)
+            .map(Duration::from_millis)
+            .ok_or_else(|| "timeout_ms must be an integer from 0 to 3600000".to_string()),
+    }
 }
 
 fn metrics_json(ctx: &ApiContext) -> Value {
@@ -225,6 +254,20 @@ mod tests {
             (method.as_str(), path.as_str(), body.as_slice()),
             ("PUT", "/vm/shutdown", &b"{}"[..])
         );
+    }
+
+    #[test]
+    fn shutdown_bodies() {
+        assert_eq!(parse_shutdown(b""), Ok(DEFAULT_SHUTDOWN_GRACE));
+        assert_eq!(parse_shutdown(b"{}"), Ok(DEFAULT_SHUTDOWN_GRACE));
+        assert_eq!(
+            parse_shutdown(br#"{"timeout_ms": 250}"#),
+            Ok(Duration::from_millis(250))
+        );
+        assert!(parse_shutdown(br#"{"timeout_ms": -1}"#).is_err());
+        assert!(parse_shutdown(br#"{"timeout": 1}"#).is_err());
+        assert!(parse_shutdown(b"[1]").is_err());
+        assert!(parse_shutdown(b"{").is_err());
     }
 
     #[test]

@@ -13,7 +13,9 @@ pub const MIN_MEMORY_MIB: u32 = 32;
 pub const MAX_MEMORY_MIB: u32 = 1 << 20;
 
 /// The command line every guest gets before the user's additions.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule";
+/// `i8042.*` keep the keyboard driver's probe to what our i8042 answers.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule \
+                                i8042.noaux i8042.nomux i8042.dumbkbd";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

@@ -37,7 +37,7 @@ struct Cli {
     /// Initrd (for Frakti: the agent's cpio archive).
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Extra kernel command line, after "console=ttyS0 reboot=k panic=-1 pci=off nomodule".
+    /// Extra kernel command line, after the base one (see config::BASE_CMDLINE).
     #[arg(long)]
     cmdline: Option<String>,
     /// Guest console: "stdout", "none", or a file path.
@@ -140,7 +140,9 @@ fn run(cli: Cli, start: Instant) -> anyhow::Result<ExitCode> {
     let outcome = result?;
     match &outcome {
         vm::Outcome::GuestDone => tracing::info!("guest finished"),
-        vm::Outcome::Stopped(why) => tracing::info!("stopped: {why}"),
+        vm::Outcome::Stopped { reason, graceful } => {
+            tracing::info!(graceful, "stopped: {reason}")
+        }
         vm::Outcome::GuestPanic(msg) => eprintln!("frakti-vmm: guest kernel panic: {msg}"),
         vm::Outcome::Failed(reason) => eprintln!("frakti-vmm: guest failed: {reason:?}"),
     }

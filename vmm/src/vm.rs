@@ -16,6 +16,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::arch::x86_64::boot::{self, BootProtocol};
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
@@ -79,8 +80,9 @@ pub enum Error {
 pub enum Outcome {
     /// The guest reset itself: its normal way to finish (`reboot=k`).
     GuestDone,
-    /// The VMM was asked to stop (SIGTERM/SIGINT or the API).
-    Stopped(String),
+    /// The VMM was asked to stop (SIGTERM/SIGINT or the API); `graceful`
+    /// if the guest shut down by itself within its grace period.
+    Stopped { reason: String, graceful: bool },
     /// The guest kernel panicked (seen on its console).
     GuestPanic(String),
     /// A triple fault, a failed vCPU, or a halted vCPU.
@@ -90,7 +92,7 @@ pub enum Outcome {
 impl Outcome {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::GuestDone | Outcome::Stopped(_) => 0,
+            Outcome::GuestDone | Outcome::Stopped { .. } => 0,
             Outcome::GuestPanic(_) | Outcome::Failed(_) => 1,
         }
     }
@@ -109,6 +111,7 @@ pub struct Vm {
     pub boot_done: Arc<OnceLock<Duration>>,
     panic_watch: Arc<Mutex<Option<String>>>,
     reset: EventFdTrigger,
+    i8042: Arc<Mutex<I8042>>,
     serial: Arc<Mutex<SerialDevice>>,
     serial_drained: EventFd,
     /// Written by the API (or anyone) to stop the VM.
@@ -116,34 +119,66 @@ pub struct Vm {
     start_barrier: Arc<Barrier>,
 }
 
-/// A request to stop the VMM, with the reason, waking the event loop.
+/// A request to stop the VM, waking the event loop. The guest is asked to
+/// shut down (Ctrl-Alt-Del) and gets `grace` to do it before the VM is
+/// stopped by force; a zero grace, or a second request, forces at once.
 #[derive(Debug)]
 pub struct StopRequest {
     pub event: EventFd,
-    reason: Mutex<Option<String>>,
+    request: Mutex<Option<(String, Duration)>>,
 }
+
+/// How long a guest gets to shut down when asked by a signal.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 impl StopRequest {
     fn new() -> std::io::Result<Self> {
         Ok(StopRequest {
             event: EventFd::new(libc::EFD_NONBLOCK)?,
-            reason: Mutex::new(None),
+            request: Mutex::new(None),
         })
     }
 
-    pub fn request(&self, reason: &str) {
-        lock(&self.reason).get_or_insert_with(|| reason.to_string());
+    pub fn request(&self, reason: &str, grace: Duration) {
+        *lock(&self.request) = Some((reason.to_string(), grace));
         let _ = self.event.write(1);
     }
 
-    fn reason(&self) -> Option<String> {
-        lock(&self.reason).clone()
+    fn take(&self) -> Option<(String, Duration)> {
+        lock(&self.request).take()
     }
 }
 
 /// Builds the VM: KVM, memory, kernel, boot info, devices, vCPUs. The vCPU
 /// threads are started but wait until [`Vm::run`] releases them.
+/// `extra_threads` is the number of helper threads (the API) that will wait
+/// at [`Vm::start_barrier`].
 pub fn build(config: VmConfig, start: Instant, extra_threads: usize) -> Result<Vm, Error> {
+    build_with_loader(config, start, extra_threads, load_guest)
+}
+
+/// Blocks SIGTERM/SIGINT on the calling thread, so that every thread it
+/// spawns inherits the mask and only the VMM loop's signalfd sees them.
+fn block_stop_signals() -> Result<SigSet, Error> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGINT);
+    mask.thread_block()
+        .map_err(|e| Error::EventFd(std::io::Error::from(e)))?;
+    Ok(mask)
+}
+
+/// Puts the guest into memory and says how the boot vCPU enters it.
+pub type GuestLoader = fn(&VmConfig, &GuestMemoryMmap) -> Result<BootProtocol, Error>;
+
+/// [`build`] with another guest loader (tests boot hand-written code).
+pub fn build_with_loader(
+    config: VmConfig,
+    start: Instant,
+    extra_threads: usize,
+    loader: GuestLoader,
+) -> Result<Vm, Error> {
+    block_stop_signals()?;
     let kvm = Kvm::new().map_err(Error::OpenKvm)?;
     for cap in [Cap::Irqchip, Cap::Irqfd, Cap::Ioeventfd, Cap::ImmediateExit] {
         if !kvm.check_extension(cap) {
@@ -170,7 +205,7 @@ pub fn build(config: VmConfig, start: Instant, extra_threads: usize) -> Result<V
     let memory = memory::create(config.memory_bytes())?;
     memory::register(&vm_fd, &memory)?;
 
-    let protocol = load_guest(&config, &memory)?;
+    let protocol = loader(&config, &memory)?;
     mptable::setup(&memory, config.vcpus)?;
 
     let devices = attach_legacy_devices(&vm_fd, &config, start)?;
@@ -204,6 +239,7 @@ pub fn build(config: VmConfig, start: Instant, extra_threads: usize) -> Result<V
         boot_done: devices.boot_done,
         panic_watch: devices.panic_watch,
         reset: devices.reset,
+        i8042: devices.i8042,
         serial: devices.serial,
         serial_drained: devices.serial_drained,
         stop_request: Arc::new(StopRequest::new().map_err(Error::EventFd)?),
@@ -212,7 +248,7 @@ pub fn build(config: VmConfig, start: Instant, extra_threads: usize) -> Result<V
 }
 
 /// Kernel, initrd, command line and boot information.
-fn load_guest(config: &VmConfig, memory: &GuestMemoryMmap) -> Result<BootProtocol, Error> {
+pub fn load_guest(config: &VmConfig, memory: &GuestMemoryMmap) -> Result<BootProtocol, Error> {
     let kernel = boot::load_kernel(memory, &config.kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(memory, path, kernel.end)?),
@@ -234,6 +270,7 @@ fn load_guest(config: &VmConfig, memory: &GuestMemoryMmap) -> Result<BootProtoco
 
 struct LegacyDevices {
     pio: Bus,
+    i8042: Arc<Mutex<I8042>>,
     serial: Arc<Mutex<SerialDevice>>,
     serial_drained: EventFd,
     reset: EventFdTrigger,
@@ -272,17 +309,20 @@ fn attach_legacy_devices(
     let serial = Arc::new(Mutex::new(SerialDevice::new(irq, drained_clone, console)));
 
     let reset = EventFdTrigger::new().map_err(Error::EventFd)?;
-    let i8042 = I8042::new(reset.try_clone().map_err(Error::EventFd)?);
+    let keyboard_irq = EventFdTrigger::new().map_err(Error::EventFd)?;
+    vm_fd
+        .register_irqfd(&keyboard_irq.0, i8042::KEYBOARD_IRQ)
+        .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        reset.try_clone().map_err(Error::EventFd)?,
+        keyboard_irq,
+    )));
     let boot_done = BootDone::new(start);
     let boot_done_watch = boot_done.watch();
 
     let mut pio = Bus::default();
     pio.insert(serial::COM1_PORT, serial::COM1_LEN, serial.clone())?;
-    pio.insert(
-        i8042::I8042_PORT,
-        i8042::I8042_LEN,
-        Arc::new(Mutex::new(i8042)),
-    )?;
+    pio.insert(i8042::I8042_PORT, i8042::I8042_LEN, i8042.clone())?;
     pio.insert(
         u64::from(frakti_proto::BOOT_DONE_PORT),
         1,
@@ -290,6 +330,7 @@ fn attach_legacy_devices(
     )?;
     Ok(LegacyDevices {
         pio,
+        i8042,
         serial,
         serial_drained,
         reset,
@@ -341,22 +382,27 @@ impl Vm {
     /// vCPUs down. The calling thread becomes the VMM event loop.
     pub fn run(self) -> Result<Outcome, Error> {
         let signals = signal_fd()?;
+        let shutdown_timer =
+            TimerFd::new().map_err(|e| Error::EventFd(std::io::Error::other(e)))?;
         if self.config.seccomp {
             seccomp::apply(seccomp::ThreadKind::Vmm)?;
         }
         let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
             .map_err(Error::EventLoop)?;
-        let watcher = Arc::new(Mutex::new(VmmEvents {
+        let events = Arc::new(Mutex::new(VmmEvents {
             exits: self.exits.clone(),
             reset: self.reset.0.try_clone().map_err(Error::EventFd)?,
             stop_request: self.stop_request.clone(),
             signals,
+            shutdown_timer,
+            i8042: self.i8042.clone(),
             serial: self.serial.clone(),
             serial_drained: self.serial_drained.try_clone().map_err(Error::EventFd)?,
             console_input: self.config.console_input,
+            shutting_down: None,
             stop: None,
         }));
-        manager.add_subscriber(watcher.clone());
+        manager.add_subscriber(events.clone());
         self.start_barrier.wait();
         tracing::info!(
             vcpus = self.config.vcpus,
@@ -366,7 +412,7 @@ impl Vm {
         );
         let stop = loop {
             manager.run().map_err(Error::EventLoop)?;
-            if let Some(stop) = lock(&watcher).stop.take() {
+            if let Some(stop) = lock(&events).stop.take() {
                 break stop;
             }
         };
@@ -378,50 +424,54 @@ impl Vm {
 
 /// Maps why the loop stopped (and a panic seen on the console) to an outcome.
 fn outcome(stop: Stop, panic: Option<String>) -> Outcome {
-    {
-        match stop {
-            Stop::Signal(reason) | Stop::Requested(reason) => Outcome::Stopped(reason),
-            Stop::Reset | Stop::Vcpu(ExitReason::GuestReset) => match panic {
-                Some(message) => Outcome::GuestPanic(message),
-                None => Outcome::GuestDone,
-            },
-            Stop::Vcpu(reason) => match panic {
-                Some(message) => Outcome::GuestPanic(message),
-                None => Outcome::Failed(reason),
-            },
-        }
+    match (stop, panic) {
+        (_, Some(message)) => Outcome::GuestPanic(message),
+        (Stop::Reset | Stop::Vcpu(ExitReason::GuestReset), None) => Outcome::GuestDone,
+        (Stop::Vcpu(reason), None) => Outcome::Failed(reason),
+        (Stop::ShutDown(reason), None) => Outcome::Stopped {
+            reason,
+            graceful: true,
+        },
+        (Stop::Forced(reason), None) => Outcome::Stopped {
+            reason,
+            graceful: false,
+        },
     }
 }
 
-/// SIGTERM/SIGINT arrive through a signalfd (blocked on this thread, which
-/// is the last to run: vCPU and API threads were spawned before).
+/// SIGTERM/SIGINT arrive through a signalfd; they were blocked before any
+/// VMM thread was spawned.
 fn signal_fd() -> Result<SignalFd, Error> {
-    let mut mask = SigSet::empty();
-    mask.add(Signal::SIGTERM);
-    mask.add(Signal::SIGINT);
-    mask.thread_block()
-        .map_err(|e| Error::EventFd(std::io::Error::from(e)))?;
+    let mask = block_stop_signals()?;
     SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| Error::EventFd(std::io::Error::from(e)))
 }
 
+#[derive(Debug)]
 enum Stop {
+    /// The guest reset the machine by itself.
     Reset,
     Vcpu(ExitReason),
-    Signal(String),
-    Requested(String),
+    /// The guest shut down when asked.
+    ShutDown(String),
+    /// Stopped without the guest's cooperation.
+    Forced(String),
 }
 
 /// The VMM thread's events: guest reset, vCPU exits, signals, stop
-/// requests, and console input.
+/// requests and their grace timer, and console input.
 struct VmmEvents {
     exits: Arc<ExitSink>,
     reset: EventFd,
     stop_request: Arc<StopRequest>,
     signals: SignalFd,
+    shutdown_timer: TimerFd,
+    i8042: Arc<Mutex<I8042>>,
     serial: Arc<Mutex<SerialDevice>>,
     serial_drained: EventFd,
     console_input: bool,
+    /// Why the guest was asked to shut down, while it has time to do so.
+    shutting_down: Option<String>,
     stop: Option<Stop>,
 }
 
@@ -434,6 +484,7 @@ impl MutEventSubscriber for VmmEvents {
             self.reset.as_raw_fd(),
             self.stop_request.event.as_raw_fd(),
             self.signals.as_raw_fd(),
+            self.shutdown_timer.as_raw_fd(),
             self.serial_drained.as_raw_fd(),
         ];
         for fd in fds {
@@ -453,7 +504,10 @@ impl MutEventSubscriber for VmmEvents {
         if fd == self.reset.as_raw_fd() {
             let _ = self.reset.read();
             tracing::info!("guest reset the machine");
-            self.stop = Some(Stop::Reset);
+            self.stop = Some(match self.shutting_down.take() {
+                Some(reason) => Stop::ShutDown(reason),
+                None => Stop::Reset,
+            });
         } else if fd == self.exits.event.as_raw_fd() {
             let _ = self.exits.event.read();
             if let Some(reason) = self.exits.reason() {
@@ -461,8 +515,9 @@ impl MutEventSubscriber for VmmEvents {
             }
         } else if fd == self.stop_request.event.as_raw_fd() {
             let _ = self.stop_request.event.read();
-            let reason = self.stop_request.reason().unwrap_or_default();
-            self.stop = Some(Stop::Requested(reason));
+            if let Some((reason, grace)) = self.stop_request.take() {
+                self.ask_guest_to_stop(reason, grace);
+            }
         } else if fd == self.signals.as_raw_fd() {
             if let Ok(Some(info)) = self.signals.read_signal() {
                 let name = if info.ssi_signo == libc::SIGINT as u32 {
@@ -470,8 +525,15 @@ impl MutEventSubscriber for VmmEvents {
                 } else {
                     "SIGTERM"
                 };
-                tracing::info!("{name}: stopping the VM");
-                self.stop = Some(Stop::Signal(name.to_string()));
+                self.ask_guest_to_stop(name.to_string(), DEFAULT_SHUTDOWN_GRACE);
+            }
+        } else if fd == self.shutdown_timer.as_raw_fd() {
+            let _ = self.shutdown_timer.wait();
+            if let Some(reason) = self.shutting_down.take() {
+                tracing::warn!("the guest did not shut down in time; stopping it");
+                self.stop = Some(Stop::Forced(format!(
+                    "{reason}; the guest did not shut down in time"
+                )));
             }
         } else if fd == self.serial_drained.as_raw_fd() {
             let _ = self.serial_drained.read();
@@ -483,6 +545,34 @@ impl MutEventSubscriber for VmmEvents {
 }
 
 impl VmmEvents {
+    /// Presses Ctrl-Alt-Del and arms the grace timer; forces the stop if
+    /// the grace is zero, the guest cannot be asked, or it was asked before.
+    fn ask_guest_to_stop(&mut self, reason: String, grace: Duration) {
+        if let Some(earlier) = self.shutting_down.take() {
+            self.stop = Some(Stop::Forced(format!("{earlier}; then {reason}")));
+            return;
+        }
+        if grace.is_zero() {
+            self.stop = Some(Stop::Forced(reason));
+            return;
+        }
+        if let Err(e) = lock(&self.i8042).press_ctrl_alt_del() {
+            tracing::warn!("cannot ask the guest to shut down: {e}");
+            self.stop = Some(Stop::Forced(format!("{reason}; guest not asked: {e}")));
+            return;
+        }
+        if let Err(e) = self.shutdown_timer.reset(grace, None) {
+            tracing::warn!("no grace timer: {e}");
+            self.stop = Some(Stop::Forced(reason));
+            return;
+        }
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "{reason}: asked the guest to shut down"
+        );
+        self.shutting_down = Some(reason);
+    }
+
     fn read_console_input(&mut self, events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 256];
         // SAFETY: reading into a stack buffer of the given length.

@@ -1,0 +1,241 @@
+//! Boot benchmark: frakti-vmm against `qemu-system-x86_64 -M microvm`, same
+//! kernel, initrd, vCPUs, memory and command line, serial console only,
+//! alternating, in one run (inside the lab where the host needs it).
+//!
+//! Measures, per boot: time from spawning the VMM to the agent's ready line
+//! on the console, and the VMM's own memory: the `Rss` of every mapping in
+//! `/proc/PID/smaps` except guest RAM. Prints medians, p90s and ratios.
+
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use frakti_lab::guest::{self, GuestAssets};
+use frakti_lab::mode::Mode;
+use frakti_lab::rerun::run_self_in_lab;
+use frakti_lab::runner::LabConfig;
+
+/// Boot time and memory: frakti-vmm vs QEMU microvm (ratios).
+#[derive(Debug, Parser)]
+struct Args {
+    /// Boots of each VMM, alternating.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+}
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// What both VMMs pass to the kernel after their base command line.
+const EXTRA_CMDLINE: &str = "quiet frakti_after_ready=wait";
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let guest = GuestAssets::locate()?;
+    let vmm = guest::vmm_binary()?;
+    let mode = Mode::detect()?;
+    eprintln!("bench: mode {mode}");
+    if mode.is_nested() {
+        let forwarded: Vec<String> = std::env::args().skip(1).collect();
+        let config = LabConfig {
+            echo: true,
+            ..LabConfig::default()
+        };
+        let status = run_self_in_lab(&forwarded, &guest, &[(guest::VMM_ENV, vmm)], &config)?;
+        return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
+    }
+    let mut frakti = Samples::default();
+    let mut qemu = Samples::default();
+    for i in 0..args.runs {
+        // Alternate which goes first so drift hurts both alike.
+        let order = if i % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for ours in order {
+            let (secs, rss) = if ours {
+                boot_once(&frakti_command(&vmm, &guest, args), args)?
+            } else {
+                boot_once(&qemu_command(&guest, args), args)?
+            };
+            let samples = if ours { &mut frakti } else { &mut qemu };
+            samples.secs.push(secs);
+            samples.rss_kib.push(rss);
+        }
+    }
+    report(args, &frakti, &qemu);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Default)]
+struct Samples {
+    secs: Vec<f64>,
+    rss_kib: Vec<f64>,
+}
+
+/// Builds the command for a console file chosen by [`boot_once`].
+type CommandFor = Box<dyn Fn(&Path) -> Command>;
+
+fn frakti_command(vmm: &Path, guest: &GuestAssets, args: &Args) -> CommandFor {
+    let (vmm, guest, cpus, memory) = (vmm.to_path_buf(), guest.clone(), args.cpus, args.memory);
+    Box::new(move |console| {
+        let mut c = Command::new(&vmm);
+        c.arg("--kernel")
+            .arg(&guest.kernel)
+            .arg("--initrd")
+            .arg(&guest.initrd)
+            .args([
+                "--vcpus",
+                &cpus.to_string(),
+                "--memory",
+                &memory.to_string(),
+            ])
+            .args(["--cmdline", EXTRA_CMDLINE])
+            .arg("--serial")
+            .arg(console);
+        c
+    })
+}
+
+fn qemu_command(guest: &GuestAssets, args: &Args) -> CommandFor {
+    let (guest, cpus, memory) = (guest.clone(), args.cpus, args.memory);
+    // Same kernel parameters as frakti-vmm's base line (see BASE_CMDLINE).
+    let cmdline = format!(
+        "{} {EXTRA_CMDLINE}",
+        frakti_vmm::config::BASE_CMDLINE.replace("reboot=k", "reboot=t")
+    );
+    Box::new(move |console| guest::qemu_microvm_command(&guest, cpus, memory, &cmdline, console))
+}
+
+/// One boot: seconds to the ready line, and the VMM's RSS outside guest RAM.
+fn boot_once(command_for: &CommandFor, args: &Args) -> anyhow::Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let console = dir.path().join("console.log");
+    let mut command = command_for(&console);
+    let mut booted = guest::boot_until_ready(
+        &mut command,
+        &console,
+        &dir.path().join("vmm.log"),
+        BOOT_TIMEOUT,
+    )?;
+    if booted.ready.cpus != args.cpus {
+        bail!("guest saw {} vCPUs, not {}", booted.ready.cpus, args.cpus);
+    }
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", booted.process.id()))
+        .context("reading the VMM's smaps")?;
+    booted.process.kill()?;
+    let guest_ram_kib = u64::from(args.memory) * 1024;
+    Ok((
+        booted.time_to_ready.as_secs_f64(),
+        rss_outside_guest_ram(&smaps, guest_ram_kib) as f64,
+    ))
+}
+
+/// Sums `Rss` over mappings smaller than guest RAM: the one mapping at least
+/// 90% of the guest's size is its RAM (QEMU rounds it up a little).
+fn rss_outside_guest_ram(smaps: &str, guest_ram_kib: u64) -> u64 {
+    let mut total = 0;
+    let mut is_guest_ram = false;
+    for line in smaps.lines() {
+        if let Some(size) = line.strip_prefix("Size:") {
+            let kib: u64 = size
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            is_guest_ram = kib >= guest_ram_kib * 9 / 10;
+        } else if let Some(rss) = line.strip_prefix("Rss:") {
+            if !is_guest_ram {
+                total += rss
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn report(args: &Args, frakti: &Samples, qemu: &Samples) {
+    let median = |v: &[f64]| percentile(v, 50.0);
+    let p90 = |v: &[f64]| percentile(v, 90.0);
+    println!(
+        "boot to agent ready: {} runs each, {} vCPU, {} MiB, same kernel+initrd+cmdline",
+        args.runs, args.cpus, args.memory
+    );
+    println!(
+        "{:<22} {:>10} {:>10} {:>14}",
+        "", "median s", "p90 s", "own RSS MiB"
+    );
+    for (name, s) in [("frakti-vmm", frakti), ("qemu -M microvm", qemu)] {
+        println!(
+            "{:<22} {:>10.3} {:>10.3} {:>14.2}",
+            name,
+            median(&s.secs),
+            p90(&s.secs),
+            median(&s.rss_kib) / 1024.0
+        );
+    }
+    let boot_ratio = median(&frakti.secs) / median(&qemu.secs);
+    let p90_ratio = p90(&frakti.secs) / p90(&qemu.secs);
+    let rss_ratio = median(&frakti.rss_kib) / median(&qemu.rss_kib);
+    println!(
+        "ratio frakti/qemu: boot median {boot_ratio:.2}x (target <= 0.50x), p90 {p90_ratio:.2}x"
+    );
+    println!(
+        "ratio frakti/qemu: own RSS {rss_ratio:.3}x; frakti-vmm {:.2} MiB (target < 3 MiB)",
+        median(&frakti.rss_kib) / 1024.0
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_ram_is_left_out_of_rss() {
+        let smaps = "\
+1000-2000 r-xp 0 0:0 0 /usr/bin/vmm
+Size:                  4 kB
+Rss:                   4 kB
+7f0000000000-7f0010200000 rw-p 0 0:0 0
+Size:             264192 kB
+Rss:               51200 kB
+7fff0000-7fff2000 rw-p 0 0:0 0 [stack]
+Size:                  8 kB
+Rss:                   8 kB
+";
+        assert_eq!(rss_outside_guest_ram(smaps, 256 * 1024), 12);
+    }
+
+    #[test]
+    fn percentiles() {
+        let v = [5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(percentile(&v, 50.0), 3.0);
+        assert_eq!(percentile(&v, 90.0), 5.0);
+    }
+}

@@ -16,6 +16,7 @@ use frakti_lab::guest::{self, GuestAssets};
 use frakti_lab::mode::Mode;
 use frakti_lab::rerun::run_self_in_lab;
 use frakti_lab::runner::LabConfig;
+use frakti_vmm::metrics::sum_rss;
 
 /// Boot time and memory: frakti-vmm vs QEMU microvm (ratios).
 #[derive(Debug, Parser)]
@@ -147,30 +148,10 @@ fn boot_once(command_for: &CommandFor, args: &Args) -> anyhow::Result<(f64, f64)
     ))
 }
 
-/// Sums `Rss` over mappings smaller than guest RAM: the one mapping at least
-/// 90% of the guest's size is its RAM (QEMU rounds it up a little).
+/// The VMM's RSS outside guest RAM: the one mapping at least 90% of the
+/// guest's size is its RAM (QEMU rounds it up a little).
 fn rss_outside_guest_ram(smaps: &str, guest_ram_kib: u64) -> u64 {
-    let mut total = 0;
-    let mut is_guest_ram = false;
-    for line in smaps.lines() {
-        if let Some(size) = line.strip_prefix("Size:") {
-            let kib: u64 = size
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            is_guest_ram = kib >= guest_ram_kib * 9 / 10;
-        } else if let Some(rss) = line.strip_prefix("Rss:") {
-            if !is_guest_ram {
-                total += rss
-                    .split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    total
+    sum_rss(smaps, |m| m.size_kib >= guest_ram_kib * 9 / 10)
 }
 
 fn percentile(values: &[f64], p: f64) -> f64 {

@@ -82,6 +82,22 @@ pub enum Error {
 }
 
 impl VmConfig {
+    /// One vCPU, 128 MiB, console on stdout, seccomp on: the defaults for
+    /// everything but the kernel.
+    pub fn with_kernel(kernel: PathBuf) -> VmConfig {
+        VmConfig {
+            vcpus: 1,
+            memory_mib: 128,
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            serial: SerialOutput::Stdout,
+            console_input: false,
+            api_socket: None,
+            seccomp: true,
+        }
+    }
+
     /// Reads a config from a `.toml` or `.json` file (by extension; TOML
     /// otherwise). Not yet validated.
     pub fn from_file(path: &Path) -> Result<VmConfig, Error> {
@@ -177,13 +193,7 @@ mod tests {
         VmConfig {
             vcpus: 2,
             memory_mib: 256,
-            kernel,
-            initrd: None,
-            cmdline: String::new(),
-            serial: SerialOutput::Stdout,
-            console_input: false,
-            api_socket: None,
-            seccomp: true,
+            ..VmConfig::with_kernel(kernel)
         }
     }
 

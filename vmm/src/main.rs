@@ -61,20 +61,11 @@ impl Cli {
     fn into_config(self) -> anyhow::Result<VmConfig> {
         let mut config = match &self.config {
             Some(path) => VmConfig::from_file(path)?,
-            None => VmConfig {
-                vcpus: 1,
-                memory_mib: 128,
-                kernel: self
-                    .kernel
+            None => VmConfig::with_kernel(
+                self.kernel
                     .clone()
                     .context("--kernel is required (or a --config file)")?,
-                initrd: None,
-                cmdline: String::new(),
-                serial: SerialOutput::Stdout,
-                console_input: false,
-                api_socket: None,
-                seccomp: true,
-            },
+            ),
         };
         if let Some(v) = self.vcpus {
             config.vcpus = v;

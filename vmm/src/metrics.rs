@@ -61,31 +61,49 @@ impl ExitCounters {
 /// Resident memory of this process in KiB: `(total, outside guest RAM)`,
 /// from the `Rss` of every mapping in `/proc/self/smaps`.
 pub fn rss_kib(guest_ranges: &[(u64, u64)]) -> io::Result<(u64, u64)> {
-    Ok(sum_rss(
-        &fs::read_to_string("/proc/self/smaps")?,
-        guest_ranges,
-    ))
+    let smaps = fs::read_to_string("/proc/self/smaps")?;
+    let is_guest = |m: &Mapping| guest_ranges.iter().any(|(s, e)| m.start < *e && m.end > *s);
+    Ok((sum_rss(&smaps, |_| false), sum_rss(&smaps, is_guest)))
 }
 
-fn sum_rss(smaps: &str, guest_ranges: &[(u64, u64)]) -> (u64, u64) {
-    let (mut total, mut vmm) = (0, 0);
-    let mut in_guest = false;
+/// One mapping of a `smaps` file, as far as RSS accounting needs it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub size_kib: u64,
+}
+
+/// Sums the `Rss` (KiB) of every mapping in `smaps` for which `skip` is
+/// false.
+pub fn sum_rss(smaps: &str, skip: impl Fn(&Mapping) -> bool) -> u64 {
+    let mut total = 0;
+    let mut current = Mapping::default();
     for line in smaps.lines() {
         if let Some((start, end)) = mapping_range(line) {
-            in_guest = guest_ranges.iter().any(|(gs, ge)| start < *ge && end > *gs);
-        } else if let Some(rest) = line.strip_prefix("Rss:") {
-            let kib: u64 = rest
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            total += kib;
-            if !in_guest {
-                vmm += kib;
+            current = Mapping {
+                start,
+                end,
+                size_kib: 0,
+            };
+        } else if let Some(size) = line.strip_prefix("Size:") {
+            current.size_kib = kib(size);
+        } else if let Some(rss) = line.strip_prefix("Rss:") {
+            if !skip(&current) {
+                total += kib(rss);
             }
         }
     }
-    (total, vmm)
+    total
+}
+
+/// `   123 kB` → 123.
+fn kib(field: &str) -> u64 {
+    field
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `7f00-7f10 rw-p ...` → (0x7f00, 0x7f10); None for field lines.
@@ -112,13 +130,13 @@ Rss:                   4 kB
 Size:             262144 kB
 Rss:               51200 kB
 7fff0000-7fff2000 rw-p 00000000 00:00 0 [stack]
+Size:                  8 kB
 Rss:                   8 kB
 ";
-        assert_eq!(
-            sum_rss(smaps, &[(0x7f00_0000_0000, 0x7f00_1000_0000)]),
-            (51212, 12)
-        );
-        assert_eq!(sum_rss(smaps, &[]), (51212, 51212));
+        assert_eq!(sum_rss(smaps, |_| false), 51212);
+        let by_range = |m: &Mapping| m.start == 0x7f00_0000_0000 && m.end == 0x7f00_1000_0000;
+        assert_eq!(sum_rss(smaps, by_range), 12);
+        assert_eq!(sum_rss(smaps, |m| m.size_kib >= 200_000), 12);
     }
 
     #[test]

@@ -41,13 +41,9 @@ fn config(dir: &std::path::Path, vcpus: u8, seccomp: bool) -> VmConfig {
     VmConfig {
         vcpus,
         memory_mib: 64,
-        kernel: PathBuf::from("/unused"),
-        initrd: None,
-        cmdline: String::new(),
         serial: SerialOutput::File(dir.join("console.log")),
-        console_input: false,
-        api_socket: None,
         seccomp,
+        ..VmConfig::with_kernel(PathBuf::from("/unused"))
     }
 }
 

@@ -1,0 +1,321 @@
+//! Virtio devices on the MMIO transport.
+//!
+//! A device ([`VirtioDevice`]) knows its queues, features and config space
+//! but nothing about registers; [`mmio::MmioTransport`] wraps any device
+//! and implements the virtio-mmio register window (version 2, modern only)
+//! on the MMIO bus. The device does its I/O on the VMM's device event loop,
+//! never on a vCPU thread: it is also an `event_manager::MutEventSubscriber`
+//! and watches its queue eventfds once the driver has activated it.
+//!
+//! # Wiring a device into a VM
+//!
+//! For the `n`-th virtio device, [`MmioSlot::nth`] gives its 4 KiB window in
+//! the MMIO gap and its IRQ. The VMM then:
+//!
+//! 1. builds the device and `MmioTransport::new(memory, device)`;
+//! 2. registers `transport.interrupt().irqfd()` with `KVM_IRQFD` on the
+//!    slot's IRQ;
+//! 3. registers each `(offset, queue, eventfd)` of `transport.ioeventfds()`
+//!    with `KVM_IOEVENTFD` at `slot.base + offset`, datamatch `queue` (4
+//!    bytes), so queue notifications never leave the kernel;
+//! 4. inserts the transport on the MMIO bus at `slot.base`, length
+//!    [`MMIO_WINDOW_SIZE`];
+//! 5. appends [`MmioSlot::cmdline_param`] (`virtio_mmio.device=4K@0xd0000000:5`)
+//!    to the kernel command line;
+//! 6. adds the device (the same `Arc<Mutex<_>>`) to the device event loop.
+
+pub mod block;
+pub mod mmio;
+#[cfg(test)]
+pub(crate) mod test_utils;
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use event_manager::{EventOps, Events};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::VIRTIO_MMIO_START;
+
+pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+pub use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+/// Size of one device's MMIO window: registers, then config space at 0x100.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+/// The first IRQ given to virtio devices (0, 1 and 4 are the PIT, the
+/// i8042 and COM1); one IRQ per device up to the I/O APIC's last pin.
+pub const FIRST_IRQ: u32 = 5;
+pub const LAST_IRQ: u32 = 23;
+
+/// Interrupt status bit: a queue has new used buffers.
+pub const INTERRUPT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+/// Interrupt status bit: the configuration space changed.
+pub const INTERRUPT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+/// Feature bit `bit` as a mask.
+pub const fn feature(bit: u32) -> u64 {
+    1 << bit
+}
+
+/// Where the `n`-th virtio-mmio device lives: its window and its IRQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioSlot {
+    pub base: u64,
+    pub irq: u32,
+}
+
+impl MmioSlot {
+    /// The `n`-th device's slot, or `None` when IRQs run out.
+    pub fn nth(n: u32) -> Option<MmioSlot> {
+        let irq = FIRST_IRQ.checked_add(n).filter(|irq| *irq <= LAST_IRQ)?;
+        Some(MmioSlot {
+            base: VIRTIO_MMIO_START + u64::from(n) * MMIO_WINDOW_SIZE,
+            irq,
+        })
+    }
+
+    /// The kernel parameter that declares this device to the guest
+    /// (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`).
+    pub fn cmdline_param(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            MMIO_WINDOW_SIZE / 1024,
+            self.base,
+            self.irq
+        )
+    }
+}
+
+/// Why a device could not be activated; the transport then sets
+/// DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("queue {0} is not ready")]
+    QueueNotReady(usize),
+    #[error("the device is already active")]
+    AlreadyActive,
+    #[error("cannot wake the device event loop")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// A virtio device, as the transport sees it.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (`virtio_ids`), e.g. 2 for a block device.
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue (powers of two); the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Device feature bits. The transport adds `VIRTIO_F_VERSION_1`.
+    fn avail_features(&self) -> u64;
+    /// Reads the device config space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device config space; the device ignores what it does not
+    /// support.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Changes whenever the device changes its config space by itself, so a
+    /// driver can tell a torn multi-register read.
+    fn config_generation(&self) -> u32 {
+        0
+    }
+    /// Starts the device once the driver set DRIVER_OK. `queues` are ready
+    /// and validated against `mem`; `queue_evts[i]` fires when the driver
+    /// notifies queue `i`; `acked_features` are what the driver accepted.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<VirtioInterrupt>,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        acked_features: u64,
+    ) -> Result<(), ActivateError>;
+    /// Stops the device (the driver wrote 0 to Status): from its return on,
+    /// the device no longer touches guest memory.
+    fn reset(&mut self);
+}
+
+/// A device's interrupt line: the InterruptStatus register bits, and the
+/// irqfd that raises the IRQ in KVM. Shared by the transport (which reads
+/// and acknowledges the status) and the active device (which triggers it).
+#[derive(Debug)]
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    irqfd: EventFd,
+}
+
+impl VirtioInterrupt {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(VirtioInterrupt {
+            status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            irqfd: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// The eventfd to register with `KVM_IRQFD`.
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+
+    /// Sets `bits` (`INTERRUPT_VRING`, `INTERRUPT_CONFIG`) in the status
+    /// register and raises the IRQ.
+    pub fn trigger(&self, bits: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.irqfd.write(1)
+    }
+
+    /// Used buffers are ready.
+    pub fn signal_used_queue(&self) -> std::io::Result<()> {
+        self.trigger(INTERRUPT_VRING)
+    }
+
+    /// The config space changed.
+    pub fn signal_config_change(&self) -> std::io::Result<()> {
+        self.trigger(INTERRUPT_CONFIG)
+    }
+
+    /// The device hit an error it cannot recover from (e.g. a corrupt
+    /// ring): the transport shows DEVICE_NEEDS_RESET, and the driver gets a
+    /// config interrupt.
+    pub fn signal_needs_reset(&self) -> std::io::Result<()> {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.signal_config_change()
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears `bits`.
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Device reset: no pending interrupt, no error.
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    /// How often the IRQ was raised since the last call. Only meaningful
+    /// when no KVM irqfd consumes the eventfd: in tests.
+    pub fn take_count(&self) -> u64 {
+        self.irqfd.read().unwrap_or(0)
+    }
+}
+
+/// The queue eventfds a device watches in the event loop, kept in step with
+/// its activation. `activate` and `reset` run on a vCPU thread, which cannot
+/// touch the event loop; they call [`QueueEvents::request_sync`], and the
+/// loop thread calls [`QueueEvents::sync`] when the control eventfd fires.
+#[derive(Debug)]
+pub struct QueueEvents {
+    control: EventFd,
+    watched: Vec<EventFd>,
+}
+
+impl QueueEvents {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(QueueEvents {
+            control: EventFd::new(libc::EFD_NONBLOCK)?,
+            watched: Vec::new(),
+        })
+    }
+
+    /// Subscriber `init`: watch the control eventfd.
+    pub fn init(&self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.control, EventSet::IN)) {
+            tracing::error!("cannot watch a device's control eventfd: {e:?}");
+        }
+    }
+
+    /// Asks the event loop to call [`QueueEvents::sync`].
+    pub fn request_sync(&self) -> std::io::Result<()> {
+        self.control.write(1)
+    }
+
+    pub fn is_control(&self, events: &Events) -> bool {
+        events.fd() == self.control.as_raw_fd()
+    }
+
+    /// Index of the watched queue eventfd that fired.
+    pub fn queue_index(&self, events: &Events) -> Option<usize> {
+        self.watched
+            .iter()
+            .position(|evt| evt.as_raw_fd() == events.fd())
+    }
+
+    /// Consumes a control event, then watches exactly `wanted` (duplicated
+    /// eventfds of an active device) or nothing.
+    pub fn sync(&mut self, ops: &mut EventOps, wanted: &[EventFd]) {
+        let _ = self.control.read();
+        for evt in self.watched.drain(..) {
+            if let Err(e) = ops.remove(Events::new(&evt, EventSet::IN)) {
+                tracing::warn!("cannot unwatch a queue eventfd: {e:?}");
+            }
+        }
+        for evt in wanted {
+            let watched = match evt.try_clone() {
+                Ok(evt) => evt,
+                Err(e) => {
+                    tracing::error!("cannot duplicate a queue eventfd: {e}");
+                    continue;
+                }
+            };
+            match ops.add(Events::new(&watched, EventSet::IN)) {
+                Ok(()) => self.watched.push(watched),
+                Err(e) => tracing::error!("cannot watch a queue eventfd: {e:?}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_each_other_until_irqs_run_out() {
+        let first = MmioSlot::nth(0).unwrap();
+        assert_eq!(
+            first,
+            MmioSlot {
+                base: 0xd000_0000,
+                irq: 5
+            }
+        );
+        assert_eq!(first.cmdline_param(), "virtio_mmio.device=4K@0xd0000000:5");
+        let second = MmioSlot::nth(1).unwrap();
+        assert_eq!(second.base, 0xd000_1000);
+        assert_eq!(second.irq, 6);
+        assert_eq!(MmioSlot::nth(18).unwrap().irq, 23);
+        assert_eq!(MmioSlot::nth(19), None);
+        assert_eq!(MmioSlot::nth(u32::MAX), None);
+    }
+
+    #[test]
+    fn interrupt_status_bits_are_set_counted_and_acknowledged() {
+        let irq = VirtioInterrupt::new().unwrap();
+        irq.signal_used_queue().unwrap();
+        irq.signal_config_change().unwrap();
+        assert_eq!(irq.status(), INTERRUPT_VRING | INTERRUPT_CONFIG);
+        assert_eq!(irq.take_count(), 2);
+        assert_eq!(irq.take_count(), 0);
+        irq.acknowledge(INTERRUPT_VRING);
+        assert_eq!(irq.status(), INTERRUPT_CONFIG);
+        irq.signal_needs_reset().unwrap();
+        assert!(irq.needs_reset());
+        irq.reset();
+        assert_eq!(irq.status(), 0);
+        assert!(!irq.needs_reset());
+    }
+}

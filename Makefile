@@ -6,7 +6,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TARGET := x86_64-unknown-linux-gnu
 AGENT := target/$(TARGET)/release/frakti-agent
-VMM := target/release/frakti-vmm
+VMM := target/$(TARGET)/release/frakti-vmm
+STATIC := CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static"
 GUEST_DIR := target/frakti/guest
 TEST_LOG := target/test.log
 LAB := $(CARGO) run -q -p frakti-tests --bin frakti-lab --
@@ -34,13 +35,13 @@ deps:
 kernel: deps
 	@vmlinux=$$(guest-kernel/build.sh) && mkdir -p $(GUEST_DIR) && cp -u "$$vmlinux" $(GUEST_DIR)/vmlinux
 
-# Static agent: only the target gets +crt-static (build scripts stay dynamic).
+# Static binaries: only the target gets +crt-static (build scripts stay
+# dynamic). A static frakti-vmm maps no libc.so/ld.so: less RSS per VM.
 agent:
-	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
-		$(CARGO) build --release -p frakti-agent --target $(TARGET)
+	$(STATIC) $(CARGO) build --release -p frakti-agent --target $(TARGET)
 
 vmm:
-	$(CARGO) build --release -p frakti-vmm
+	$(STATIC) $(CARGO) build --release -p frakti-vmm --target $(TARGET)
 
 assets: kernel agent vmm
 	$(LAB) initrd --agent $(AGENT) --out $(GUEST_DIR)/initrd.gz

@@ -50,6 +50,7 @@ type BoxError = Box<dyn std::error::Error>;
 
 fn boot() -> Result<(), BoxError> {
     pid1::mount_kernel_filesystems()?;
+    pid1::block_init_signals()?;
     pid1::hand_ctrl_alt_del_to_init()?;
     let ready = ReadyLine {
         uptime_secs: sysinfo::uptime_secs()?,
@@ -57,6 +58,11 @@ fn boot() -> Result<(), BoxError> {
         mem_total_kib: sysinfo::mem_total_kib()?,
     };
     println!("{ready}");
+    if std::env::var(frakti_proto::DUMP_KMSG_PARAM).is_ok_and(|v| v == "1") {
+        for line in sysinfo::kernel_log()? {
+            println!("{line}");
+        }
+    }
     // Only a metric for the VMM: a guest that cannot signal still serves.
     if let Err(e) =
         pid1::signal_boot_done(frakti_proto::BOOT_DONE_PORT, frakti_proto::BOOT_DONE_VALUE)

@@ -133,15 +133,27 @@ pub fn hand_ctrl_alt_del_to_init() -> Result<(), Error> {
 /// Signals that end the guest: Ctrl-Alt-Del (SIGINT), SIGTERM, SIGPWR.
 const SHUTDOWN_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGPWR];
 
-/// Serves as init until asked to shut down: reaps every orphan that dies
-/// and returns the signal that asked for the shutdown.
-pub fn wait_for_shutdown() -> Result<Signal, Error> {
+fn init_signals() -> SigSet {
     let mut set = SigSet::empty();
     set.add(Signal::SIGCHLD);
     for signal in SHUTDOWN_SIGNALS {
         set.add(signal);
     }
-    set.thread_block().map_err(Error::Signals)?;
+    set
+}
+
+/// Blocks the signals init waits for, so that one arriving before
+/// [`wait_for_shutdown`] stays pending instead of being dropped (PID 1
+/// ignores signals it has no handler for). Call before announcing readiness.
+pub fn block_init_signals() -> Result<(), Error> {
+    init_signals().thread_block().map_err(Error::Signals)
+}
+
+/// Serves as init until asked to shut down: reaps every orphan that dies
+/// and returns the signal that asked for the shutdown. The signals must
+/// have been blocked with [`block_init_signals`].
+pub fn wait_for_shutdown() -> Result<Signal, Error> {
+    let set = init_signals();
     loop {
         match set.wait() {
             Ok(Signal::SIGCHLD) => reap_children(),

@@ -50,6 +50,42 @@ pub fn online_cpus() -> Result<u32, Error> {
     })
 }
 
+/// The kernel log so far as `[seconds] message` lines, from /dev/kmsg.
+pub fn kernel_log() -> io::Result<Vec<String>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut kmsg = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")?;
+    let mut lines = Vec::new();
+    let mut record = vec![0u8; 8192];
+    loop {
+        // One read returns one record; EAGAIN means the log is drained.
+        match kmsg.read(&mut record) {
+            Ok(0) => break,
+            Ok(n) => lines.extend(format_kmsg_record(&String::from_utf8_lossy(&record[..n]))),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            // EPIPE: records were overwritten before we read them.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(lines)
+}
+
+/// `6,123,811234,-;message` → `[    0.811234] message`.
+fn format_kmsg_record(record: &str) -> Option<String> {
+    let (header, message) = record.split_once(';')?;
+    let usec: u64 = header.split(',').nth(2)?.parse().ok()?;
+    let message = message.lines().next().unwrap_or("");
+    Some(format!(
+        "[{:5}.{:06}] {message}",
+        usec / 1_000_000,
+        usec % 1_000_000
+    ))
+}
+
 fn parse_uptime(text: &str) -> Option<f64> {
     text.split_whitespace().next()?.parse().ok()
 }
@@ -97,6 +133,15 @@ mod tests {
         assert_eq!(parse_mem_total_kib(text), Some(496_012));
         assert_eq!(parse_mem_total_kib("MemFree: 1 kB\n"), None);
         assert_eq!(parse_mem_total_kib("MemTotal: 12 MB\n"), None);
+    }
+
+    #[test]
+    fn kmsg_records() {
+        assert_eq!(
+            format_kmsg_record("6,123,811234,-;Run /init as init process\n"),
+            Some("[    0.811234] Run /init as init process".into())
+        );
+        assert_eq!(format_kmsg_record("garbage"), None);
     }
 
     #[test]

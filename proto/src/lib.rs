@@ -16,3 +16,8 @@ pub const BOOT_DONE_VALUE: u8 = 0x7b;
 /// `reset` (reset the VM at once, for boot tests and benchmarks) or `wait`
 /// (stay up until asked to shut down; the default).
 pub const AFTER_READY_PARAM: &str = "frakti_after_ready";
+
+/// Kernel command-line parameter: `frakti_dump_kmsg=1` makes the agent print
+/// the kernel log (with timestamps) after its ready line, for boot profiling
+/// with `quiet`, where the console prints nothing while booting.
+pub const DUMP_KMSG_PARAM: &str = "frakti_dump_kmsg";

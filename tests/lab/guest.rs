@@ -93,12 +93,13 @@ impl GuestAssets {
     }
 }
 
-/// The frakti-vmm binary: `$FRAKTI_VMM`, else `target/release/frakti-vmm`.
+/// The frakti-vmm binary: `$FRAKTI_VMM`, else where `make vmm` puts it.
 pub fn vmm_binary() -> Result<PathBuf, Error> {
     let path = std::env::var_os(VMM_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/frakti-vmm")
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/x86_64-unknown-linux-gnu/release/frakti-vmm")
         });
     if path.is_file() {
         Ok(path)

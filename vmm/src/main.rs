@@ -1,5 +1,6 @@
 //! `frakti-vmm`: runs one VM (see `--help`).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -52,9 +53,9 @@ struct Cli {
     /// Disable seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
-    /// Log filter, e.g. "info" or "frakti_vmm=debug" (also RUST_LOG).
+    /// Log level: error, warn, info, debug or trace (also RUST_LOG).
     #[arg(long, env = "RUST_LOG", default_value = "warn")]
-    log: String,
+    log: tracing::Level,
 }
 
 impl Cli {
@@ -104,11 +105,10 @@ impl Cli {
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
+    // A plain level, not an EnvFilter: its regex engine costs RSS in every VM.
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_max_level(cli.log)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     match run(cli, start) {

@@ -202,10 +202,16 @@ pub fn build_with_loader(
         .create_pit2(pit)
         .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
 
+    tracing::debug!(ms = start.elapsed().as_millis() as u64, "KVM VM created");
     let memory = memory::create(config.memory_bytes())?;
     memory::register(&vm_fd, &memory)?;
 
+    tracing::debug!(
+        ms = start.elapsed().as_millis() as u64,
+        "guest memory mapped"
+    );
     let protocol = loader(&config, &memory)?;
+    tracing::debug!(ms = start.elapsed().as_millis() as u64, "guest loaded");
     mptable::setup(&memory, config.vcpus)?;
 
     let devices = attach_legacy_devices(&vm_fd, &config, start)?;
@@ -225,7 +231,9 @@ pub fn build_with_loader(
         seccomp: config.seccomp,
         start: start_barrier.clone(),
     };
+    tracing::debug!(ms = start.elapsed().as_millis() as u64, "devices attached");
     let vcpus = create_vcpus(&kvm, &vm_fd, &memory, &config, protocol, ctx)?;
+    tracing::debug!(ms = start.elapsed().as_millis() as u64, "vCPUs created");
 
     Ok(Vm {
         config,
@@ -264,7 +272,7 @@ pub fn load_guest(config: &VmConfig, memory: &GuestMemoryMmap) -> Result<BootPro
             boot::configure_linux64(memory, text.len() + 1, initrd, kernel.setup_header)?
         }
     }
-    tracing::debug!(protocol = ?kernel.protocol, cmdline = text, "guest loaded");
+    tracing::debug!(protocol = ?kernel.protocol, cmdline = text, "boot protocol");
     Ok(kernel.protocol)
 }
 

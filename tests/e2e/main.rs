@@ -2,6 +2,7 @@
 //! else this binary re-runs itself inside the lab's L1 (one boot for the
 //! whole selection), so `cargo test --test e2e [FILTER]` works everywhere.
 
+mod disks;
 mod qemu_baseline;
 mod vmm;
 
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
 fn tests() -> Vec<Trial> {
     let mut tests = qemu_baseline::tests();
     tests.extend(vmm::tests());
+    tests.extend(disks::tests());
     tests
 }
 

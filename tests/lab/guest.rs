@@ -124,6 +124,32 @@ pub fn build_initrd(agent: &Path, out: &Path) -> Result<(), initramfs::Error> {
     image.write(out, true)
 }
 
+/// Builds a test guest initrd whose /init is a busybox shell script: the
+/// kernel filesystems are mounted, `script` runs, then the VM resets. For
+/// exercising devices from inside a guest before the agent can run
+/// commands.
+pub fn build_script_initrd(script: &str, out: &Path) -> Result<(), initramfs::Error> {
+    let mut image = Initramfs::new();
+    image.host_file("/bin/busybox", Path::new("/bin/busybox"), 0o755);
+    for dir in ["/proc", "/sys", "/dev", "/tmp"] {
+        image.dir(dir);
+    }
+    let init = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         export PATH=/bin\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sys /sys\n\
+         mount -t devtmpfs dev /dev 2>/dev/null\n\
+         {script}\n\
+         sync\n\
+         reboot -f\n"
+    );
+    image.bytes("/init", init, 0o755);
+    initramfs::create_parent(out)?;
+    image.write(out, true)
+}
+
 /// Size of a QEMU microvm guest.
 #[derive(Debug, Clone)]
 pub struct MicrovmConfig {

@@ -8,6 +8,9 @@
 //! | PUT    | `/vm/resume`  | resumes them |
 //! | PUT    | `/vm/shutdown`| stops the VM; the VMM exits 0 |
 //! | GET    | `/metrics`    | boot-done time, exits per kind, RSS |
+//! | GET    | `/devices`    | virtio devices: disks and slots, backing, capacity |
+//! | PUT    | `/disks/{serial}` | `{"path": FILE}`: sets or replaces a disk's backing file |
+//! | DELETE | `/disks/{serial}` | empties the slot |
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -17,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::devices::bus::lock;
+use crate::devices::manager::DiskHandle;
 use crate::metrics::{self, ExitCounters};
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{VcpuRemote, VcpuState};
@@ -43,6 +48,7 @@ pub struct ApiContext {
     pub counters: Arc<ExitCounters>,
     pub guest_ranges: Vec<(u64, u64)>,
     pub stop: Arc<StopRequest>,
+    pub disks: Vec<DiskHandle>,
 }
 
 /// Binds the socket (replacing a stale one left by a dead VMM).
@@ -157,7 +163,11 @@ fn route(ctx: &ApiContext, method: &str, path: &str, body: &[u8]) -> (u16, Value
         ("PUT", "/vm/resume") => state_change(ctx, ctx.vcpus.resume()),
         ("PUT", "/vm/shutdown") => shutdown(ctx, body),
         ("GET", "/metrics") => (200, metrics_json(ctx)),
-        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/metrics") => (
+        ("GET", "/devices") => (200, devices_json(ctx)),
+        (method, path) if path.starts_with("/disks/") => {
+            disk_request(ctx, method, &path["/disks/".len()..], body)
+        }
+        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/metrics" | "/devices") => (
             405,
             json!({ "error": format!("{method} is not allowed on {path}") }),
         ),
@@ -231,6 +241,83 @@ fn parse_shutdown(body: &[u8]) -> Result<Duration, String> {
     }
 }
 
+fn devices_json(ctx: &ApiContext) -> Value {
+    let disks: Vec<Value> = ctx.disks.iter().map(disk_json).collect();
+    json!({ "disks": disks })
+}
+
+fn disk_json(disk: &DiskHandle) -> Value {
+    let block = lock(&disk.block);
+    json!({
+        "type": "block",
+        "serial": block.serial(),
+        "read_only": block.read_only(),
+        "path": block.disk().map(|d| d.path().display().to_string()),
+        "capacity_sectors": block.capacity(),
+        "active": block.is_active(),
+        "mmio_base": format!("{:#x}", disk.slot.base),
+        "irq": disk.slot.irq,
+    })
+}
+
+/// PUT sets or replaces the backing file (`{"path": FILE}`), DELETE
+/// empties the slot; the guest gets a config-change interrupt either way.
+fn disk_request(ctx: &ApiContext, method: &str, serial: &str, body: &[u8]) -> (u16, Value) {
+    let Some(disk) = ctx.disks.iter().find(|d| d.serial() == serial) else {
+        return (
+            404,
+            json!({ "error": format!("no disk with serial {serial:?}") }),
+        );
+    };
+    let path = match method {
+        "DELETE" => None,
+        "PUT" => match parse_backing(body) {
+            Ok(path) => Some(path),
+            Err(message) => return (400, json!({ "error": message })),
+        },
+        _ => {
+            return (
+                405,
+                json!({ "error": format!("{method} is not allowed on /disks/{serial}") }),
+            );
+        }
+    };
+    match disk.set_backing(path.as_deref()) {
+        Ok(()) => (200, disk_json(disk)),
+        Err(e) => (400, json!({ "error": error_chain(&e) })),
+    }
+}
+
+fn parse_backing(body: &[u8]) -> Result<PathBuf, String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("body must be JSON: {e}"))?;
+    let object = value
+        .as_object()
+        .ok_or("body must be a JSON object such as {\"path\": \"/images/x.img\"}")?;
+    if let Some(key) = object.keys().find(|k| *k != "path") {
+        return Err(format!("unknown field '{key}' (only path)"));
+    }
+    let path = object
+        .get("path")
+        .and_then(Value::as_str)
+        .ok_or("path must be a string")?;
+    if !path.starts_with('/') {
+        return Err(format!("path {path:?} must be absolute"));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 fn metrics_json(ctx: &ApiContext) -> Value {
     let (rss_kib, vmm_rss_kib) = metrics::rss_kib(&ctx.guest_ranges).unwrap_or((0, 0));
     json!({
@@ -268,6 +355,18 @@ mod tests {
         assert!(parse_shutdown(br#"{"timeout": 1}"#).is_err());
         assert!(parse_shutdown(b"[1]").is_err());
         assert!(parse_shutdown(b"{").is_err());
+    }
+
+    #[test]
+    fn backing_bodies() {
+        assert_eq!(
+            parse_backing(br#"{"path": "/img/a.raw"}"#),
+            Ok(PathBuf::from("/img/a.raw"))
+        );
+        assert!(parse_backing(br#"{"path": "relative.raw"}"#).is_err());
+        assert!(parse_backing(br#"{"path": 3}"#).is_err());
+        assert!(parse_backing(br#"{"path": "/a", "ro": true}"#).is_err());
+        assert!(parse_backing(b"").is_err());
     }
 
     #[test]

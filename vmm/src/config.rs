@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 
 pub const MAX_VCPUS: u8 = 32;
+/// Disks (and empty slots) per VM: each takes one of the IRQs 5-23.
+pub const MAX_DISKS: usize = 16;
+/// virtio-blk serials are at most 20 bytes (VIRTIO_BLK_ID_BYTES).
+pub const MAX_SERIAL_LEN: usize = 20;
 pub const MIN_MEMORY_MIB: u32 = 32;
 /// 1 TiB: beyond anything a pod sandbox needs; catches unit mistakes.
 pub const MAX_MEMORY_MIB: u32 = 1 << 20;
@@ -28,6 +32,49 @@ pub enum SerialOutput {
     /// The guest console is appended to this file.
     #[serde(untagged)]
     File(PathBuf),
+}
+
+/// A virtio-blk disk, or an empty slot whose backing file is set later
+/// through the control API (how images and volumes reach a running pod).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The name the guest finds the disk by (its virtio-blk serial).
+    pub serial: String,
+    /// Raw image file or host block device; none for an empty slot.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+
+    /// `serial=NAME[,path=FILE][,ro]`, as given to `--disk`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut disk = DiskConfig {
+            serial: String::new(),
+            path: None,
+            read_only: false,
+        };
+        for part in text.split(',') {
+            match part.split_once('=') {
+                Some(("serial", v)) => disk.serial = v.to_string(),
+                Some(("path", v)) => disk.path = Some(PathBuf::from(v)),
+                None if part == "ro" => disk.read_only = true,
+                _ => {
+                    return Err(format!(
+                        "'{part}' in '{text}': expected serial=NAME[,path=FILE][,ro]"
+                    ));
+                }
+            }
+        }
+        if disk.serial.is_empty() {
+            return Err(format!("'{text}' has no serial=NAME"));
+        }
+        Ok(disk)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +102,9 @@ pub struct VmConfig {
     /// Per-thread seccomp filters (turn off only to debug).
     #[serde(default = "default_true")]
     pub seccomp: bool,
+    /// virtio-blk disks and empty slots, in order (vda, vdb, ...).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
 
 fn default_true() -> bool {
@@ -75,6 +125,14 @@ pub enum Error {
     CmdlineChars,
     #[error("directory of {what} {path} does not exist")]
     NoParentDir { what: &'static str, path: PathBuf },
+    #[error("at most {MAX_DISKS} disks, got {0}")]
+    TooManyDisks(usize),
+    #[error("disk serial {0:?} must be 1-{MAX_SERIAL_LEN} characters of [A-Za-z0-9._-]")]
+    BadSerial(String),
+    #[error("two disks have the serial {0:?}")]
+    DuplicateSerial(String),
+    #[error("disk {serial:?}: {path} is not a readable file or block device")]
+    DiskPath { serial: String, path: PathBuf },
     #[error("cannot read config file {path}: {reason}")]
     ReadFile { path: PathBuf, reason: String },
     #[error("config file {path}: {reason}")]
@@ -95,6 +153,7 @@ impl VmConfig {
             console_input: false,
             api_socket: None,
             seccomp: true,
+            disks: Vec::new(),
         }
     }
 
@@ -142,6 +201,28 @@ impl VmConfig {
         if let Some(socket) = &self.api_socket {
             parent_exists("API socket", socket)?;
         }
+        self.validate_disks()
+    }
+
+    fn validate_disks(&self) -> Result<(), Error> {
+        if self.disks.len() > MAX_DISKS {
+            return Err(Error::TooManyDisks(self.disks.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for disk in &self.disks {
+            validate_serial(&disk.serial)?;
+            if !seen.insert(disk.serial.as_str()) {
+                return Err(Error::DuplicateSerial(disk.serial.clone()));
+            }
+            if let Some(path) = &disk.path {
+                if !is_disk_file(path) {
+                    return Err(Error::DiskPath {
+                        serial: disk.serial.clone(),
+                        path: path.clone(),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
@@ -171,6 +252,26 @@ fn readable_file(what: &'static str, path: &Path) -> Result<(), Error> {
             path: path.to_path_buf(),
         })
     }
+}
+
+/// Serials name disks in the API and in the guest: keep them plain.
+pub fn validate_serial(serial: &str) -> Result<(), Error> {
+    let plain = serial
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if plain && (1..=MAX_SERIAL_LEN).contains(&serial.len()) {
+        Ok(())
+    } else {
+        Err(Error::BadSerial(serial.to_string()))
+    }
+}
+
+/// A regular file or a block device we can open.
+pub fn is_disk_file(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::File::open(path)
+        .and_then(|f| f.metadata())
+        .is_ok_and(|m| m.is_file() || m.file_type().is_block_device())
 }
 
 fn parent_exists(what: &'static str, path: &Path) -> Result<(), Error> {
@@ -228,6 +329,56 @@ mod tests {
             check(&|c| c.api_socket = Some("/nonexistent/dir/api.sock".into())),
             Error::NoParentDir { .. }
         ));
+    }
+
+    #[test]
+    fn disks_from_flags_and_their_checks() {
+        let disk: DiskConfig = "serial=rootfs,path=/img,ro".parse().unwrap();
+        assert_eq!(disk.serial, "rootfs");
+        assert_eq!(disk.path, Some(PathBuf::from("/img")));
+        assert!(disk.read_only);
+        let slot: DiskConfig = "serial=vol0".parse().unwrap();
+        assert_eq!((slot.path, slot.read_only), (None, false));
+        assert!("path=/img".parse::<DiskConfig>().is_err());
+        assert!("serial=a,bogus".parse::<DiskConfig>().is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, vec![0u8; 4096]).unwrap();
+        let mut c = valid(dir.path());
+        c.disks = vec![
+            DiskConfig {
+                serial: "a".into(),
+                path: Some(image.clone()),
+                read_only: false,
+            },
+            DiskConfig {
+                serial: "b".into(),
+                path: None,
+                read_only: true,
+            },
+        ];
+        assert_eq!(c.validate(), Ok(()));
+        let mut dup = c.clone();
+        dup.disks[1].serial = "a".into();
+        assert_eq!(dup.validate(), Err(Error::DuplicateSerial("a".into())));
+        let mut bad = c.clone();
+        bad.disks[0].serial = "x".repeat(21);
+        assert!(matches!(bad.validate(), Err(Error::BadSerial(_))));
+        bad.disks[0].serial = "a b".into();
+        assert!(matches!(bad.validate(), Err(Error::BadSerial(_))));
+        let mut missing = c.clone();
+        missing.disks[0].path = Some(dir.path().join("nope"));
+        assert!(matches!(missing.validate(), Err(Error::DiskPath { .. })));
+        let mut many = c.clone();
+        many.disks = (0..17)
+            .map(|i| DiskConfig {
+                serial: format!("d{i}"),
+                path: None,
+                read_only: false,
+            })
+            .collect();
+        assert_eq!(many.validate(), Err(Error::TooManyDisks(17)));
     }
 
     #[test]

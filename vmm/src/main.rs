@@ -47,6 +47,10 @@ struct Cli {
     /// Feed this process's stdin to the guest console.
     #[arg(long)]
     console_input: bool,
+    /// A virtio-blk disk: serial=NAME[,path=FILE][,ro]. Without path, an empty
+    /// slot whose backing file is set later through the API. Repeatable.
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<frakti_vmm::config::DiskConfig>,
     /// Serve the control API on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -91,6 +95,7 @@ impl Cli {
             };
         }
         config.console_input |= self.console_input;
+        config.disks.extend(self.disks);
         if self.api_socket.is_some() {
             config.api_socket = self.api_socket;
         }
@@ -157,6 +162,7 @@ fn boot_and_run(
             counters: vm.counters.clone(),
             guest_ranges: memory::host_ranges(&vm.memory),
             stop: vm.stop_request.clone(),
+            disks: vm.disks.clone(),
         };
         api::spawn(listener, ctx, seccomp, vm.start_barrier())?;
     }

@@ -52,6 +52,8 @@ pub enum ThreadKind {
     Vcpu,
     /// The API thread: the control socket and metrics.
     Api,
+    /// The device thread: virtio queue processing and disk I/O.
+    Device,
 }
 
 /// Errors from building or installing a filter.
@@ -93,6 +95,7 @@ pub fn filter(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, E
         ThreadKind::Vmm => vmm_thread_rules(),
         ThreadKind::Vcpu => vcpu_thread_rules(),
         ThreadKind::Api => api_thread_rules(),
+        ThreadKind::Device => device_thread_rules(),
     }
     .map_err(|source| Error::Rule { kind, source })?;
     let filter = SeccompFilter::new(allow.0, mismatch, SeccompAction::Allow, TargetArch::x86_64)
@@ -355,14 +358,44 @@ fn api_syscalls() -> &'static [i64] {
 
 /// `openat` only read-only and without creating or truncating: enough for
 /// `/proc/self/smaps`, `/proc/self/status` and the like.
+/// The API opens /proc files for metrics and the backing files of disk
+/// slots (read-write for writable disks), but never creates or truncates.
 fn api_open_rules(allow: &mut AllowList) -> Result<(), BackendError> {
-    let forbidden = libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC;
+    let forbidden = libc::O_CREAT | libc::O_TRUNC;
     // openat(dirfd, path, flags, mode): flags is arg 2. O_RDONLY is 0.
     allow.syscall_if(
         libc::SYS_openat,
         vec![arg_masked_eq(2, u64::from(forbidden.unsigned_abs()), 0u64)?],
     );
     Ok(())
+}
+
+/// Device thread: an event loop over queue eventfds, guest memory copies
+/// and disk I/O on files that are already open. No opens, no ioctls.
+fn device_syscalls() -> &'static [i64] {
+    &[
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_read,
+        libc::SYS_readv,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_preadv2,
+        libc::SYS_pwritev2,
+        libc::SYS_lseek,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+    ]
+}
+
+fn device_thread_rules() -> Result<AllowList, BackendError> {
+    let mut allow = AllowList::default();
+    runtime_rules(&mut allow)?;
+    allow.syscalls(device_syscalls());
+    Ok(allow)
 }
 
 fn api_thread_rules() -> Result<AllowList, BackendError> {
@@ -575,7 +608,12 @@ mod tests {
 
     #[test]
     fn every_thread_kind_builds() {
-        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Api] {
+        for kind in [
+            ThreadKind::Vmm,
+            ThreadKind::Vcpu,
+            ThreadKind::Api,
+            ThreadKind::Device,
+        ] {
             for mismatch in [SeccompAction::KillProcess, SeccompAction::Trap, EPERM] {
                 let program = filter(kind, mismatch).expect("filter builds");
                 assert!(!program.is_empty(), "{kind:?}");
@@ -689,21 +727,25 @@ mod tests {
         execve: Sys,
         socket: Sys,
         read_proc: Result<usize, i32>,
-        open_for_write: Sys,
+        open_rw: Sys,
+        open_create: Sys,
+        open_truncate: Sys,
         fionbio: Sys,
     }
 
     #[test]
-    fn api_filter_denies_execve_and_writable_opens() {
+    fn api_filter_denies_execve_and_creating_opens() {
         let outcome = on_filtered_thread(ThreadKind::Api, || {
-            let path = c"/dev/null";
-            // SAFETY: path is a valid NUL-terminated string; a returned fd is
-            // closed right away.
-            let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-            if fd >= 0 {
-                // SAFETY: fd was just returned by open() and is owned here.
-                unsafe { libc::close(fd) };
-            }
+            let open = |path: &std::ffi::CStr, flags: libc::c_int| {
+                // SAFETY: path is a valid NUL-terminated string; a returned
+                // fd is closed right away.
+                let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
+                if fd >= 0 {
+                    // SAFETY: fd was just returned by open() and is owned here.
+                    unsafe { libc::close(fd) };
+                }
+                sys(fd)
+            };
             let mut one = 1 as libc::c_int;
             // SAFETY: FIONBIO reads an int through a valid pointer; fd -1 is
             // no descriptor, so nothing is changed.
@@ -714,7 +756,9 @@ mod tests {
                 read_proc: std::fs::read_to_string("/proc/self/status")
                     .map(|s| s.len())
                     .map_err(|e| e.raw_os_error().unwrap_or_default()),
-                open_for_write: sys(fd),
+                open_rw: open(c"/dev/null", libc::O_RDWR),
+                open_create: open(c"/tmp/frakti-seccomp-test", libc::O_WRONLY | libc::O_CREAT),
+                open_truncate: open(c"/dev/null", libc::O_WRONLY | libc::O_TRUNC),
                 fionbio,
             }
         });
@@ -722,9 +766,49 @@ mod tests {
         assert_eq!(outcome.execve, Err(libc::EPERM), "{outcome:?}");
         assert_eq!(outcome.socket, Err(libc::EPERM), "{outcome:?}");
         assert!(matches!(outcome.read_proc, Ok(n) if n > 0), "{outcome:?}");
-        assert_eq!(outcome.open_for_write, Err(libc::EPERM), "{outcome:?}");
+        // Disk slots open their backing files read-write.
+        assert!(outcome.open_rw.is_ok(), "{outcome:?}");
+        assert_eq!(outcome.open_create, Err(libc::EPERM), "{outcome:?}");
+        assert_eq!(outcome.open_truncate, Err(libc::EPERM), "{outcome:?}");
         // FIONBIO is allowed: the kernel answers EBADF for fd -1.
         assert_eq!(outcome.fionbio, Err(libc::EBADF), "{outcome:?}");
+    }
+
+    #[test]
+    fn device_filter_allows_disk_io_on_open_files_only() {
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let outcome = on_filtered_thread(ThreadKind::Device, move || {
+            let mut buf = [0u8; 4];
+            // SAFETY: reads 4 bytes into a 4-byte stack buffer from an fd the
+            // test keeps open.
+            let pread = sys(unsafe { libc::pread64(fd, buf.as_mut_ptr().cast(), 4, 0) } as i32);
+            // SAFETY: path is a valid NUL-terminated string.
+            let open = sys(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) });
+            let mut size = libc::winsize {
+                ws_row: 0,
+                ws_col: 0,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCGWINSZ writes a winsize through a valid pointer.
+            let ioctl = sys(unsafe { libc::ioctl(2, libc::TIOCGWINSZ, &mut size) });
+            (
+                pread,
+                &buf == b"\x7fELF",
+                open,
+                ioctl,
+                try_execve(),
+                try_socket(),
+            )
+        });
+        assert_eq!(outcome.0, Ok(4), "{outcome:?}");
+        assert!(outcome.1, "{outcome:?}");
+        assert_eq!(outcome.2, Err(libc::EPERM), "{outcome:?}");
+        assert_eq!(outcome.3, Err(libc::EPERM), "{outcome:?}");
+        assert_eq!(outcome.4, Err(libc::EPERM), "{outcome:?}");
+        assert_eq!(outcome.5, Err(libc::EPERM), "{outcome:?}");
+        drop(file);
     }
 
     #[derive(Debug)]

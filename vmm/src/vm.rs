@@ -25,6 +25,7 @@ use crate::config::{SerialOutput, VmConfig};
 use crate::devices::EventFdTrigger;
 use crate::devices::bus::{self, Bus, lock};
 use crate::devices::legacy::{BootDone, ConsoleOutput, I8042, SerialDevice, i8042, serial};
+use crate::devices::manager::{self, DeviceThread, DiskHandle, VirtioDevices};
 use crate::metrics::ExitCounters;
 use crate::vcpu::{self, ExitReason, ExitSink, VcpuContext, VcpuControl, Vcpus};
 use crate::{memory, seccomp};
@@ -57,6 +58,8 @@ pub enum Error {
     Mptable(#[from] mptable::Error),
     #[error(transparent)]
     Bus(#[from] bus::Error),
+    #[error(transparent)]
+    Devices(#[from] manager::Error),
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
     #[error(transparent)]
@@ -117,6 +120,9 @@ pub struct Vm {
     /// Written by the API (or anyone) to stop the VM.
     pub stop_request: Arc<StopRequest>,
     start_barrier: Arc<Barrier>,
+    /// virtio-blk disks and slots, for the API.
+    pub disks: Vec<DiskHandle>,
+    device_thread: Option<DeviceThread>,
 }
 
 /// A request to stop the VM, waking the event loop. The guest is asked to
@@ -210,7 +216,15 @@ pub fn build_with_loader(
         ms = start.elapsed().as_millis() as u64,
         "guest memory mapped"
     );
-    let protocol = loader(&config, &memory)?;
+    let mut mmio_bus = Bus::default();
+    let virtio = VirtioDevices::attach_disks(&vm_fd, &memory, &mut mmio_bus, &config.disks)?;
+    // The guest learns of virtio-mmio devices from its command line.
+    let mut boot_config = config.clone();
+    boot_config.cmdline = std::iter::once(config.cmdline.as_str())
+        .chain(virtio.cmdline.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let protocol = loader(&boot_config, &memory)?;
     tracing::debug!(ms = start.elapsed().as_millis() as u64, "guest loaded");
     mptable::setup(&memory, config.vcpus)?;
 
@@ -220,11 +234,14 @@ pub fn build_with_loader(
     let control = Arc::new(VcpuControl::default());
     // vCPUs + the VMM thread + helper threads (API) meet here once their
     // seccomp filters are in place.
-    let start_barrier = Arc::new(Barrier::new(usize::from(config.vcpus) + 1 + extra_threads));
+    let device_threads = usize::from(!virtio.is_empty());
+    let start_barrier = Arc::new(Barrier::new(
+        usize::from(config.vcpus) + 1 + extra_threads + device_threads,
+    ));
     vcpu::register_kick_handler()?;
     let ctx = VcpuContext {
         pio: Arc::new(devices.pio),
-        mmio: Arc::new(Bus::default()),
+        mmio: Arc::new(mmio_bus),
         control: control.clone(),
         exits: exits.clone(),
         counters: counters.clone(),
@@ -234,6 +251,13 @@ pub fn build_with_loader(
     tracing::debug!(ms = start.elapsed().as_millis() as u64, "devices attached");
     let vcpus = create_vcpus(&kvm, &vm_fd, &memory, &config, protocol, ctx)?;
     tracing::debug!(ms = start.elapsed().as_millis() as u64, "vCPUs created");
+    // Spawned before the VMM thread installs its filter, which threads
+    // would inherit; it installs its own.
+    let device_thread = if virtio.is_empty() {
+        None
+    } else {
+        Some(virtio.start_thread(config.seccomp, start_barrier.clone())?)
+    };
 
     Ok(Vm {
         config,
@@ -252,6 +276,8 @@ pub fn build_with_loader(
         serial_drained: devices.serial_drained,
         stop_request: Arc::new(StopRequest::new().map_err(Error::EventFd)?),
         start_barrier,
+        disks: virtio.disks,
+        device_thread,
     })
 }
 
@@ -425,6 +451,9 @@ impl Vm {
             }
         };
         self.vcpus.join();
+        if let Some(devices) = self.device_thread {
+            devices.stop();
+        }
         let panic = lock(&self.panic_watch).clone();
         Ok(outcome(stop, panic))
     }

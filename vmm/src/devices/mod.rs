@@ -2,6 +2,8 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod manager;
+pub mod virtio;
 
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;

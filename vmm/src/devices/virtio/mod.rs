@@ -23,6 +23,18 @@
 //! 5. appends [`MmioSlot::cmdline_param`] (`virtio_mmio.device=4K@0xd0000000:5`)
 //!    to the kernel command line;
 //! 6. adds the device (the same `Arc<Mutex<_>>`) to the device event loop.
+//!
+//! # Threads and locks
+//!
+//! Register accesses run on vCPU threads and lock the transport, then the
+//! device; the event loop locks only the device, and holds it while it
+//! serves a bounded batch of requests. Under the vCPU seccomp filter no file
+//! descriptor may be created (not even `dup`), so activation and reset only
+//! read and write eventfds made beforehand; the device starts and stops
+//! watching its queue eventfds on the event-loop thread. Opening a new
+//! backing file ([`block::Block::set_backing`]) needs `openat`: do it on the
+//! VMM thread, or open the [`block::disk::Disk`] there and hand it over with
+//! [`block::Block::set_disk`].
 
 pub mod block;
 pub mod mmio;
@@ -125,12 +137,16 @@ pub trait VirtioDevice: Send {
     /// Starts the device once the driver set DRIVER_OK. `queues` are ready
     /// and validated against `mem`; `queue_evts[i]` fires when the driver
     /// notifies queue `i`; `acked_features` are what the driver accepted.
+    ///
+    /// Runs on a vCPU thread, whose seccomp filter allows no new file
+    /// descriptors (not even `dup`): hence shared eventfds. Leave watching
+    /// them to the event loop ([`QueueEvents`]).
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
+        queue_evts: Vec<Arc<EventFd>>,
         acked_features: u64,
     ) -> Result<(), ActivateError>;
     /// Stops the device (the driver wrote 0 to Status): from its return on,
@@ -220,7 +236,7 @@ impl VirtioInterrupt {
 #[derive(Debug)]
 pub struct QueueEvents {
     control: EventFd,
-    watched: Vec<EventFd>,
+    watched: Vec<Arc<EventFd>>,
 }
 
 impl QueueEvents {
@@ -247,32 +263,30 @@ impl QueueEvents {
         events.fd() == self.control.as_raw_fd()
     }
 
-    /// Index of the watched queue eventfd that fired.
-    pub fn queue_index(&self, events: &Events) -> Option<usize> {
-        self.watched
+    /// If `events` is a watched queue eventfd: consumes it and returns its
+    /// index.
+    pub fn take_queue_event(&self, events: &Events) -> Option<usize> {
+        let index = self
+            .watched
             .iter()
-            .position(|evt| evt.as_raw_fd() == events.fd())
+            .position(|evt| evt.as_raw_fd() == events.fd())?;
+        let _ = self.watched[index].read();
+        Some(index)
     }
 
-    /// Consumes a control event, then watches exactly `wanted` (duplicated
-    /// eventfds of an active device) or nothing.
-    pub fn sync(&mut self, ops: &mut EventOps, wanted: &[EventFd]) {
+    /// Consumes a control event, then watches exactly `wanted` (the queue
+    /// eventfds of an active device) or nothing. Keeping a reference keeps
+    /// each watched descriptor open until it is unwatched.
+    pub fn sync(&mut self, ops: &mut EventOps, wanted: &[Arc<EventFd>]) {
         let _ = self.control.read();
         for evt in self.watched.drain(..) {
-            if let Err(e) = ops.remove(Events::new(&evt, EventSet::IN)) {
+            if let Err(e) = ops.remove(Events::new(evt.as_ref(), EventSet::IN)) {
                 tracing::warn!("cannot unwatch a queue eventfd: {e:?}");
             }
         }
         for evt in wanted {
-            let watched = match evt.try_clone() {
-                Ok(evt) => evt,
-                Err(e) => {
-                    tracing::error!("cannot duplicate a queue eventfd: {e}");
-                    continue;
-                }
-            };
-            match ops.add(Events::new(&watched, EventSet::IN)) {
-                Ok(()) => self.watched.push(watched),
+            match ops.add(Events::new(evt.as_ref(), EventSet::IN)) {
+                Ok(()) => self.watched.push(evt.clone()),
                 Err(e) => tracing::error!("cannot watch a queue eventfd: {e:?}"),
             }
         }

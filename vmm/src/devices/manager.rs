@@ -1,0 +1,229 @@
+//! The VM's virtio devices: where each lives (MMIO window and IRQ), its KVM
+//! wiring (irqfd, ioeventfds), how the guest learns of it (kernel command
+//! line), and the device thread that runs their I/O off the vCPU threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::{self, Bus, lock};
+use super::virtio::block::{self, Block};
+use super::virtio::mmio::{self, MmioTransport};
+use super::virtio::{MMIO_WINDOW_SIZE, MmioSlot, VirtioDevice};
+use crate::config::DiskConfig;
+use crate::seccomp::{self, ThreadKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no MMIO slot or IRQ left for device {0}")]
+    NoSlot(usize),
+    #[error("disk {serial:?}")]
+    Block {
+        serial: String,
+        #[source]
+        source: block::Error,
+    },
+    #[error("virtio-mmio transport")]
+    Transport(#[from] mmio::Error),
+    #[error(transparent)]
+    Bus(#[from] bus::Error),
+    #[error("KVM refused {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    #[error("cannot start the device thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A virtio-blk disk or slot, as the API sees it.
+#[derive(Clone)]
+pub struct DiskHandle {
+    pub slot: MmioSlot,
+    pub block: Arc<Mutex<Block>>,
+}
+
+impl std::fmt::Debug for DiskHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskHandle")
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+impl DiskHandle {
+    pub fn serial(&self) -> String {
+        lock(&self.block).serial().to_string()
+    }
+
+    /// Sets (or with `None` removes) the backing file; the guest gets a
+    /// config-change interrupt and sees the new capacity.
+    pub fn set_backing(&self, path: Option<&Path>) -> Result<(), block::Error> {
+        let mut block = lock(&self.block);
+        let read_only = block.read_only();
+        block.set_backing(path, read_only)
+    }
+
+    pub fn backing(&self) -> Option<PathBuf> {
+        lock(&self.block).disk().map(|d| d.path().to_path_buf())
+    }
+}
+
+/// Every virtio device of a VM.
+#[derive(Default)]
+pub struct VirtioDevices {
+    pub disks: Vec<DiskHandle>,
+    /// `virtio_mmio.device=...` parameters for the kernel command line.
+    pub cmdline: Vec<String>,
+    subscribers: Vec<Subscriber>,
+}
+
+impl VirtioDevices {
+    /// Creates the disks, places them on the MMIO bus and wires them to KVM.
+    pub fn attach_disks(
+        vm_fd: &VmFd,
+        memory: &GuestMemoryMmap,
+        mmio_bus: &mut Bus,
+        disks: &[DiskConfig],
+    ) -> Result<VirtioDevices, Error> {
+        let mut devices = VirtioDevices::default();
+        for (index, config) in disks.iter().enumerate() {
+            let slot = u32::try_from(index)
+                .ok()
+                .and_then(MmioSlot::nth)
+                .ok_or(Error::NoSlot(index))?;
+            let block_err = |source| Error::Block {
+                serial: config.serial.clone(),
+                source,
+            };
+            let block = match &config.path {
+                Some(path) => Block::with_backing(&config.serial, path, config.read_only),
+                None => Block::new(&config.serial, config.read_only),
+            }
+            .map_err(block_err)?;
+            let block = Arc::new(Mutex::new(block));
+            devices.attach(vm_fd, memory, mmio_bus, slot, block.clone())?;
+            devices.subscribers.push(block.clone());
+            devices.disks.push(DiskHandle { slot, block });
+        }
+        Ok(devices)
+    }
+
+    /// Puts one device behind a virtio-mmio transport at `slot`.
+    fn attach(
+        &mut self,
+        vm_fd: &VmFd,
+        memory: &GuestMemoryMmap,
+        mmio_bus: &mut Bus,
+        slot: MmioSlot,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<(), Error> {
+        let transport = MmioTransport::new(memory.clone(), device)?;
+        vm_fd
+            .register_irqfd(transport.interrupt().irqfd(), slot.irq)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        // Queue notifications go straight from KVM to the device thread.
+        for (offset, queue, evt) in transport.ioeventfds() {
+            vm_fd
+                .register_ioevent(evt, &IoEventAddress::Mmio(slot.base + offset), queue)
+                .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
+        }
+        mmio_bus.insert(slot.base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
+        self.cmdline.push(slot.cmdline_param());
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.subscribers.is_empty()
+    }
+
+    /// Starts the device thread: it installs its seccomp filter, waits at
+    /// `start` with the other threads, then serves queue events until
+    /// [`DeviceThread::stop`].
+    pub fn start_thread(
+        &self,
+        with_seccomp: bool,
+        start: Arc<Barrier>,
+    ) -> Result<DeviceThread, Error> {
+        let stop_event = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Thread)?;
+        let stopped = Arc::new(AtomicBool::new(false));
+        let stop = StopEvent {
+            event: stop_event.try_clone().map_err(Error::Thread)?,
+            stopped: stopped.clone(),
+        };
+        let mut subscribers = self.subscribers.clone();
+        subscribers.push(Arc::new(Mutex::new(stop)));
+        let handle = std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || device_loop(subscribers, &stopped, with_seccomp, &start))
+            .map_err(Error::Thread)?;
+        Ok(DeviceThread { stop_event, handle })
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+fn device_loop(
+    subscribers: Vec<Subscriber>,
+    stopped: &AtomicBool,
+    with_seccomp: bool,
+    start: &Barrier,
+) {
+    // Created before the filter: epoll_create1 is not on the device list.
+    let manager = EventManager::<Subscriber>::new();
+    let filtered = !with_seccomp || seccomp::apply(ThreadKind::Device).is_ok();
+    start.wait();
+    let mut manager = match (manager, filtered) {
+        (Ok(manager), true) => manager,
+        (Err(e), _) => return tracing::error!("device event loop: {e:?}"),
+        (_, false) => return tracing::error!("device seccomp filter failed; devices stopped"),
+    };
+    for subscriber in subscribers {
+        manager.add_subscriber(subscriber);
+    }
+    while !stopped.load(Ordering::Acquire) {
+        if let Err(e) = manager.run() {
+            tracing::error!("device event loop: {e:?}");
+            return;
+        }
+    }
+}
+
+/// Ends the device loop when its eventfd is written.
+struct StopEvent {
+    event: EventFd,
+    stopped: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for StopEvent {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.event, EventSet::IN)) {
+            tracing::error!("device thread cannot watch its stop event: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.event.read();
+        self.stopped.store(true, Ordering::Release);
+    }
+}
+
+/// The running device thread.
+pub struct DeviceThread {
+    stop_event: EventFd,
+    handle: JoinHandle<()>,
+}
+
+impl DeviceThread {
+    /// Stops the loop after the current event and joins the thread.
+    pub fn stop(self) {
+        let _ = self.stop_event.write(1);
+        if self.handle.join().is_err() {
+            tracing::error!("device thread panicked");
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! virtio-blk: one request queue, a raw image file or host block device
+//! behind it, or nothing at all.
+//!
+//! A block device is a **slot**: it may be created empty (capacity 0) and
+//! its backing set, replaced or removed while the guest runs
+//! ([`Block::set_backing`]); the new capacity reaches the guest through a
+//! config-change interrupt. Whether the guest sees a read-only disk
+//! (`VIRTIO_BLK_F_RO`) is fixed when the device is created, because the
+//! driver reads it only once; a read-only backing in a writable slot
+//! refuses writes with `VIRTIO_BLK_S_IOERR`.
+//!
+//! Requests are handled on the device event loop when the queue's eventfd
+//! fires, never on a vCPU thread: the device is an
+//! `event_manager::MutEventSubscriber`. One wake-up handles at most
+//! [`MAX_REQUESTS_PER_WAKE`] requests, then yields to the other devices.
+
+pub mod disk;
+mod handler;
+pub mod request;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_ID_BYTES,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use self::disk::Disk;
+use self::handler::RequestHandler;
+use self::request::MAX_REQUEST_BYTES;
+use super::{
+    ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
+    VirtioInterrupt, feature,
+};
+
+/// Entries of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest data segment the driver may use (SIZE_MAX): one page.
+pub const SEGMENT_MAX: u32 = 4096;
+/// Most data segments per request (SEG_MAX): the queue less header and
+/// status. SEGMENT_MAX × SEGMENTS_MAX stays below [`MAX_REQUEST_BYTES`].
+pub const SEGMENTS_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Requests handled per event-loop wake-up before yielding.
+pub const MAX_REQUESTS_PER_WAKE: usize = 64;
+/// Longest serial (`VIRTIO_BLK_T_GET_ID`).
+pub const SERIAL_MAX: usize = VIRTIO_BLK_ID_BYTES as usize;
+/// Bytes of config space: capacity, size_max, seg_max.
+const CONFIG_LEN: usize = 16;
+
+const _: () = assert!(SEGMENT_MAX as u64 * SEGMENTS_MAX as u64 <= MAX_REQUEST_BYTES);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("serial {0:?} is longer than {SERIAL_MAX} bytes")]
+    SerialTooLong(String),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] disk::Error),
+}
+
+/// What the device did, for metrics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCounters {
+    pub requests: u64,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+    pub flushes: u64,
+    /// Requests answered with VIRTIO_BLK_S_IOERR.
+    pub io_errors: u64,
+    /// Requests answered with VIRTIO_BLK_S_UNSUPP.
+    pub unsupported: u64,
+    /// Chains too broken to answer, returned with used length 0.
+    pub dropped: u64,
+}
+
+/// The device once the driver activated it.
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<VirtioInterrupt>,
+    queue: Queue,
+    queue_evt: Arc<EventFd>,
+    /// The ring is corrupt: nothing more is done until a reset.
+    broken: bool,
+}
+
+/// A virtio-blk device (a slot that may be empty).
+#[derive(Debug)]
+pub struct Block {
+    serial: String,
+    read_only: bool,
+    disk: Option<Disk>,
+    config_generation: u32,
+    active: Option<Active>,
+    events: QueueEvents,
+    counters: BlockCounters,
+}
+
+impl Block {
+    /// An empty slot named `serial` (at most 20 bytes, returned by
+    /// GET_ID). With `read_only` the guest sees a read-only disk and every
+    /// backing is opened read-only.
+    pub fn new(serial: impl Into<String>, read_only: bool) -> Result<Block, Error> {
+        let serial = serial.into();
+        if serial.len() > SERIAL_MAX {
+            return Err(Error::SerialTooLong(serial));
+        }
+        Ok(Block {
+            serial,
+            read_only,
+            disk: None,
+            config_generation: 0,
+            active: None,
+            events: QueueEvents::new().map_err(Error::EventFd)?,
+            counters: BlockCounters::default(),
+        })
+    }
+
+    /// A device with `path` as its backing.
+    pub fn with_backing(
+        serial: impl Into<String>,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<Block, Error> {
+        let mut block = Block::new(serial, read_only)?;
+        block.set_backing(Some(path), read_only)?;
+        Ok(block)
+    }
+
+    /// Opens `path` as the new backing (read-only if asked or if the
+    /// device is), or removes the backing with `None`.
+    pub fn set_backing(&mut self, path: Option<&Path>, read_only: bool) -> Result<(), Error> {
+        let disk = match path {
+            Some(path) => Some(Disk::open(path, read_only || self.read_only)?),
+            None => None,
+        };
+        self.set_disk(disk);
+        Ok(())
+    }
+
+    /// Replaces the backing with `disk` (opened by the caller), updates the
+    /// capacity and tells an active driver its config changed.
+    pub fn set_disk(&mut self, disk: Option<Disk>) {
+        tracing::info!(
+            serial = self.serial,
+            disk = ?disk.as_ref().map(|d| d.path().display().to_string()),
+            sectors = disk.as_ref().map_or(0, Disk::sectors),
+            "block backing changed"
+        );
+        self.disk = disk;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if let Some(active) = &self.active {
+            if let Err(e) = active.interrupt.signal_config_change() {
+                tracing::warn!(
+                    "block {}: cannot raise a config interrupt: {e}",
+                    self.serial
+                );
+            }
+        }
+    }
+
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    /// Whether the guest sees a read-only disk (fixed at creation).
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Capacity in 512-byte sectors (0 for an empty slot).
+    pub fn capacity(&self) -> u64 {
+        self.disk.as_ref().map_or(0, Disk::sectors)
+    }
+
+    pub fn disk(&self) -> Option<&Disk> {
+        self.disk.as_ref()
+    }
+
+    pub fn counters(&self) -> BlockCounters {
+        self.counters
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn config_bytes(&self) -> [u8; CONFIG_LEN] {
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..8].copy_from_slice(&self.capacity().to_le_bytes());
+        config[8..12].copy_from_slice(&SEGMENT_MAX.to_le_bytes());
+        config[12..16].copy_from_slice(&SEGMENTS_MAX.to_le_bytes());
+        config
+    }
+
+    /// Handles the available requests, within the per-wake budget.
+    fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if active.broken {
+            return;
+        }
+        let mut handler = RequestHandler {
+            disk: &mut self.disk,
+            serial: self.serial.as_bytes(),
+            counters: &mut self.counters,
+        };
+        match drain_queue(active, &mut handler) {
+            Ok(Drained { used, more }) => {
+                if more {
+                    // Come back after the other devices had their turn.
+                    let _ = active.queue_evt.write(1);
+                }
+                if used > 0 {
+                    signal_used(active);
+                }
+            }
+            Err(e) => {
+                tracing::warn!("block {}: queue is corrupt, needs reset: {e}", self.serial);
+                active.broken = true;
+                let _ = active.interrupt.signal_needs_reset();
+            }
+        }
+    }
+}
+
+fn signal_used(active: &mut Active) {
+    match active.queue.needs_notification(&active.mem) {
+        Ok(false) => {}
+        Ok(true) | Err(_) => {
+            if let Err(e) = active.interrupt.signal_used_queue() {
+                tracing::warn!("block: cannot raise the queue interrupt: {e}");
+            }
+        }
+    }
+}
+
+struct Drained {
+    used: usize,
+    more: bool,
+}
+
+/// Pops, handles and returns chains until the ring is empty (with
+/// notifications re-enabled) or the budget is spent.
+fn drain_queue(
+    active: &mut Active,
+    handler: &mut RequestHandler,
+) -> Result<Drained, virtio_queue::Error> {
+    let mem = &active.mem;
+    let queue = &mut active.queue;
+    let mut used = 0;
+    // Rounds count too, so a driver racing us cannot keep us here.
+    let mut budget = MAX_REQUESTS_PER_WAKE;
+    loop {
+        queue.disable_notification(mem)?;
+        while budget > 0 {
+            let Some(chain) = queue.iter(mem)?.next() else {
+                break;
+            };
+            budget -= 1;
+            let head = chain.head_index();
+            let len = handler.handle(mem, chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                // A head index past the queue: it cannot be returned.
+                tracing::debug!("block: cannot return descriptor {head}: {e}");
+                continue;
+            }
+            used += 1;
+        }
+        if budget == 0 {
+            return Ok(Drained { used, more: true });
+        }
+        budget -= 1;
+        if !queue.enable_notification(mem)? {
+            return Ok(Drained { used, more: false });
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        let mut features = feature(VIRTIO_BLK_F_SIZE_MAX)
+            | feature(VIRTIO_BLK_F_SEG_MAX)
+            | feature(VIRTIO_BLK_F_FLUSH)
+            | feature(VIRTIO_RING_F_EVENT_IDX)
+            | feature(VIRTIO_RING_F_INDIRECT_DESC);
+        if self.read_only {
+            features |= feature(VIRTIO_BLK_F_RO);
+        }
+        features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let config = self.config_bytes();
+        let Some(available) = usize::try_from(offset)
+            .ok()
+            .and_then(|offset| config.get(offset..))
+        else {
+            return;
+        };
+        let n = available.len().min(data.len());
+        data[..n].copy_from_slice(&available[..n]);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            "block: config write at {offset:#x} ({} bytes) ignored",
+            data.len()
+        );
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.config_generation
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<VirtioInterrupt>,
+        queues: Vec<Queue>,
+        queue_evts: Vec<Arc<EventFd>>,
+        _acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let got = queues.len().max(queue_evts.len());
+        let (Ok([queue]), Ok([queue_evt])) = (
+            <[Queue; 1]>::try_from(queues),
+            <[Arc<EventFd>; 1]>::try_from(queue_evts),
+        ) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        if !queue.ready() {
+            return Err(ActivateError::QueueNotReady(0));
+        }
+        self.events.request_sync().map_err(ActivateError::EventFd)?;
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queue,
+            queue_evt,
+            broken: false,
+        });
+        tracing::debug!(serial = self.serial, "block device activated");
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if self.active.take().is_some() {
+            if let Err(e) = self.events.request_sync() {
+                tracing::warn!("block {}: cannot wake the event loop: {e}", self.serial);
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.events.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.events.is_control(&events) {
+            let wanted = self
+                .active
+                .as_ref()
+                .map(|a| std::slice::from_ref(&a.queue_evt))
+                .unwrap_or_default();
+            self.events.sync(ops, wanted);
+            self.process_queue();
+        } else if self.events.take_queue_event(&events).is_some() {
+            self.process_queue();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

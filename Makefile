@@ -49,9 +49,11 @@ assets: kernel agent vmm
 demo: assets
 	$(LAB) demo
 
-# Boot time and memory of frakti-vmm vs QEMU microvm, as ratios (not a test).
+# frakti-vmm vs QEMU microvm, as ratios (not tests): boot time and memory,
+# then sequential disk read in the guest.
 bench: assets
 	$(CARGO) run -q --release -p frakti-bench --bin boot
+	$(CARGO) run -q --release -p frakti-bench --bin disk
 
 lint:
 	$(CARGO) fmt --all -- --check

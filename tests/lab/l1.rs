@@ -21,6 +21,7 @@ const KVM_MODULES: &[&str] = &[
 /// Firmware QEMU `-M microvm` loads in L1.
 const QEMU_FIRMWARE: &[&str] = &[
     "bios-microvm.bin",
+    "qboot.rom",
     "pvh.bin",
     "linuxboot_dma.bin",
     "kvmvapic.bin",

@@ -1,0 +1,196 @@
+//! Disk benchmark: sequential read of a 256 MiB virtio-blk disk inside the
+//! guest, frakti-vmm against `qemu-system-x86_64 -M microvm` (virtio-mmio
+//! block device), same kernel and test guest, alternating, in one run
+//! (inside the lab where the host needs it). Prints MiB/s and the ratio.
+
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use frakti_lab::guest::{self, GuestAssets};
+use frakti_lab::mode::Mode;
+use frakti_lab::process::{ChildGuard, read_log};
+use frakti_lab::rerun::run_self_in_lab;
+use frakti_lab::runner::LabConfig;
+
+/// Sequential disk read in the guest: frakti-vmm vs QEMU microvm (ratio).
+#[derive(Debug, Parser)]
+struct Args {
+    /// Reads with each VMM, alternating.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Disk size in MiB.
+    #[arg(long, default_value_t = 256)]
+    size: u64,
+}
+
+/// Reads the whole disk with 1 MiB requests, timed by the guest itself.
+const GUEST_SCRIPT: &str = r#"
+start=$(cut -d' ' -f1 /proc/uptime)
+dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null
+end=$(cut -d' ' -f1 /proc/uptime)
+echo "@@ read_seconds $(echo "$start $end" | awk '{print $2 - $1}') bytes $(($(cat /sys/block/vda/size) * 512))"
+"#;
+
+fn main() -> ExitCode {
+    match run(&Args::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let guest = GuestAssets::locate()?;
+    let vmm = guest::vmm_binary()?;
+    let mode = Mode::detect()?;
+    eprintln!("bench: mode {mode}");
+    if mode.is_nested() {
+        let forwarded: Vec<String> = std::env::args().skip(1).collect();
+        let config = LabConfig {
+            echo: true,
+            ..LabConfig::default()
+        };
+        let status = run_self_in_lab(&forwarded, &guest, &[(guest::VMM_ENV, vmm)], &config)?;
+        return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
+    }
+    let dir = tempfile::tempdir()?;
+    let initrd = dir.path().join("read-initrd.gz");
+    guest::build_script_initrd(GUEST_SCRIPT, &initrd)?;
+    let disk = dir.path().join("disk.raw");
+    // Written, not sparse: both VMMs read real data from the page cache.
+    std::fs::write(&disk, vec![0x5au8; (args.size << 20) as usize])?;
+
+    let (mut ours, mut qemu) = (Vec::new(), Vec::new());
+    for i in 0..args.runs {
+        for frakti in if i % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        } {
+            let console = dir.path().join(format!("console-{i}-{frakti}.log"));
+            let mut command = if frakti {
+                frakti_command(&vmm, &guest.kernel, &initrd, &disk, &console)
+            } else {
+                qemu_command(&guest.kernel, &initrd, &disk, &console)
+            };
+            let mib_per_s = read_once(&mut command, &console, args.size)?;
+            if frakti { &mut ours } else { &mut qemu }.push(mib_per_s);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (ours, qemu) = (median(&mut ours), median(&mut qemu));
+    println!(
+        "sequential read of a {} MiB virtio-blk disk in the guest (dd bs=1M), median of {}:",
+        args.size, args.runs
+    );
+    println!("  frakti-vmm       {ours:8.1} MiB/s");
+    println!("  qemu -M microvm  {qemu:8.1} MiB/s");
+    println!("ratio frakti/qemu: {:.2}x (target >= 1.0x)", ours / qemu);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn frakti_command(
+    vmm: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    disk: &Path,
+    console: &Path,
+) -> Command {
+    let mut c = Command::new(vmm);
+    c.arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--memory", "256", "--cmdline", "quiet"])
+        .arg("--disk")
+        .arg(format!("serial=bench,path={},ro", disk.display()))
+        .arg("--serial")
+        .arg(console);
+    c
+}
+
+fn qemu_command(kernel: &Path, initrd: &Path, disk: &Path, console: &Path) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    // acpi=off: our guest has no ACPI, so QEMU announces virtio-mmio devices
+    // on the kernel command line, as frakti-vmm does.
+    c.args([
+        "-M",
+        "microvm,acpi=off",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+    ])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .arg("-serial")
+    .arg(format!("file:{}", console.display()))
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
+    .arg("-drive")
+    .arg(format!(
+        "file={},if=none,id=d0,format=raw,readonly=on,cache=writeback",
+        disk.display()
+    ))
+    .args(["-device", "virtio-blk-device,drive=d0"]);
+    c
+}
+
+/// Boots, waits for the guest's result line, returns MiB/s.
+fn read_once(command: &mut Command, console: &Path, size_mib: u64) -> anyhow::Result<f64> {
+    let log_path = console.with_extension("vmm.log");
+    let vmm_log = std::fs::File::create(&log_path)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(vmm_log.try_clone()?)
+        .stderr(vmm_log);
+    let mut vmm = ChildGuard::spawn(command).context("starting the VMM")?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let log = read_log(console);
+        if let Some(line) = log.lines().find(|l| l.starts_with("@@ read_seconds")) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let seconds: f64 = fields
+                .get(2)
+                .and_then(|s| s.parse().ok())
+                .context("no seconds")?;
+            let bytes: u64 = fields
+                .get(4)
+                .and_then(|s| s.parse().ok())
+                .with_context(|| format!("no size in {line:?}"))?;
+            if bytes != size_mib << 20 {
+                bail!("guest saw {bytes} bytes, not {} MiB", size_mib);
+            }
+            vmm.kill()?;
+            return Ok(size_mib as f64 / seconds.max(1e-3));
+        }
+        if let Some(status) = vmm.try_wait()? {
+            bail!(
+                "{:?} exited ({status}) before the read finished:\n{log}\n{}",
+                command.get_program(),
+                read_log(&log_path)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("no result within 300 s:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

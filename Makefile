@@ -16,13 +16,14 @@ export FRAKTI_GUEST_KERNEL := $(abspath $(GUEST_DIR)/vmlinux)
 export FRAKTI_GUEST_INITRD := $(abspath $(GUEST_DIR)/initrd.gz)
 export FRAKTI_VMM := $(abspath $(VMM))
 
-.PHONY: build deps kernel agent vmm assets demo bench lint unit e2e test clean help
+.PHONY: build deps kernel agent vmm assets demo bench fuzz lint unit e2e test clean help
 
 help:
 	@echo "make demo   boot the guest (directly or in the lab) and print its ready line and boot time"
 	@echo "make test   fmt check, clippy, unit tests, end-to-end tests (in the lab where needed)"
 	@echo "make assets build the guest kernel (cached), the initrd with the static agent, frakti-vmm"
 	@echo "make bench  boot benchmark: frakti-vmm vs qemu -M microvm, printed as ratios"
+	@echo "make fuzz   run each cargo-fuzz target for FUZZ_SECONDS (default 120)"
 	@echo "make deps   check/install the Debian packages the build and tests need"
 
 build:
@@ -54,6 +55,15 @@ demo: assets
 bench: assets
 	$(CARGO) run -q --release -p frakti-bench --bin boot
 	$(CARGO) run -q --release -p frakti-bench --bin disk
+
+# Each fuzz target for FUZZ_SECONDS (not part of `make test`). cargo-fuzz on
+# stable Rust needs RUSTC_BOOTSTRAP=1 for libFuzzer's sanitizer flags.
+FUZZ_SECONDS ?= 120
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	cd vmm/fuzz && for target in block_request mmio_transport; do \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 lint:
 	$(CARGO) fmt --all -- --check

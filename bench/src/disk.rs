@@ -10,10 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use frakti_lab::guest::{self, GuestAssets};
-use frakti_lab::mode::Mode;
 use frakti_lab::process::{ChildGuard, read_log};
-use frakti_lab::rerun::run_self_in_lab;
-use frakti_lab::runner::LabConfig;
+use frakti_lab::rerun::{Placement, run_here_or_in_lab};
 
 /// Sequential disk read in the guest: frakti-vmm vs QEMU microvm (ratio).
 #[derive(Debug, Parser)]
@@ -47,16 +45,11 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let guest = GuestAssets::locate()?;
     let vmm = guest::vmm_binary()?;
-    let mode = Mode::detect()?;
-    eprintln!("bench: mode {mode}");
-    if mode.is_nested() {
-        let forwarded: Vec<String> = std::env::args().skip(1).collect();
-        let config = LabConfig {
-            echo: true,
-            ..LabConfig::default()
-        };
-        let status = run_self_in_lab(&forwarded, &guest, &[(guest::VMM_ENV, vmm)], &config)?;
-        return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
+    match run_here_or_in_lab(&[(guest::VMM_ENV, vmm.clone())])? {
+        Placement::Here(mode) => eprintln!("bench: running here ({mode})"),
+        Placement::RanInLab(status) => {
+            return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
+        }
     }
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("read-initrd.gz");

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::guest::{self, GuestAssets};
 use crate::initramfs::Initramfs;
+use crate::mode::Mode;
 use crate::runner::{self, LabConfig};
 use crate::shell_quote;
 
@@ -60,4 +61,41 @@ pub fn run_self_in_lab(
     }
     let results = runner::run(config, payload, &[script])?;
     Ok(results.first().map_or(-1, |r| r.status))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Mode(#[from] crate::mode::Error),
+    #[error(transparent)]
+    Guest(#[from] guest::Error),
+    #[error(transparent)]
+    Lab(#[from] runner::Error),
+}
+
+/// Where a program that boots guests should do its work.
+#[derive(Debug)]
+pub enum Placement {
+    /// This host can boot the guest: go on here.
+    Here(Mode),
+    /// This program was re-run inside the lab with the same arguments and
+    /// exited with this status; its output was relayed.
+    RanInLab(i32),
+}
+
+/// Detects the mode and, where the host needs the lab, re-runs this
+/// program (with the same arguments, the guest and `programs`) in it.
+pub fn run_here_or_in_lab(programs: &[(&str, PathBuf)]) -> Result<Placement, Error> {
+    let mode = Mode::detect()?;
+    if !mode.is_nested() {
+        return Ok(Placement::Here(mode));
+    }
+    eprintln!("running in the {mode}");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = LabConfig {
+        echo: true,
+        ..LabConfig::default()
+    };
+    let status = run_self_in_lab(&args, &GuestAssets::locate()?, programs, &config)?;
+    Ok(Placement::RanInLab(status))
 }

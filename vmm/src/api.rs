@@ -8,20 +8,21 @@
 //! | PUT    | `/vm/resume`  | resumes them |
 //! | PUT    | `/vm/shutdown`| stops the VM; the VMM exits 0 |
 //! | GET    | `/metrics`    | boot-done time, exits per kind, RSS |
-//! | GET    | `/devices`    | virtio devices: disks and slots, backing, capacity |
+//! | GET    | `/devices`    | virtio devices: disks and slots (backing, capacity), vsock (CID, socket, counters) |
 //! | PUT    | `/disks/{serial}` | `{"path": FILE}`: sets or replaces a disk's backing file |
 //! | DELETE | `/disks/{serial}` | empties the slot |
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::{Arc, Barrier, OnceLock};
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::devices::bus::lock;
 use crate::devices::manager::DiskHandle;
+use crate::devices::virtio::vsock::Vsock;
 use crate::metrics::{self, ExitCounters};
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{VcpuRemote, VcpuState};
@@ -49,6 +50,7 @@ pub struct ApiContext {
     pub guest_ranges: Vec<(u64, u64)>,
     pub stop: Arc<StopRequest>,
     pub disks: Vec<DiskHandle>,
+    pub vsock: Option<Arc<Mutex<Vsock>>>,
 }
 
 /// Binds the socket (replacing a stale one left by a dead VMM).
@@ -243,7 +245,23 @@ fn parse_shutdown(body: &[u8]) -> Result<Duration, String> {
 
 fn devices_json(ctx: &ApiContext) -> Value {
     let disks: Vec<Value> = ctx.disks.iter().map(disk_json).collect();
-    json!({ "disks": disks })
+    let vsock = ctx.vsock.as_ref().map(|vsock| {
+        let vsock = lock(vsock);
+        let counters = vsock.counters();
+        json!({
+            "type": "vsock",
+            "cid": vsock.guest_cid(),
+            "uds": vsock.uds_path().display().to_string(),
+            "active": vsock.is_active(),
+            "connections": vsock.connection_count(),
+            "tx_packets": counters.tx_packets,
+            "rx_packets": counters.rx_packets,
+            "tx_bytes": counters.tx_bytes,
+            "rx_bytes": counters.rx_bytes,
+            "malformed": counters.malformed,
+        })
+    });
+    json!({ "disks": disks, "vsock": vsock })
 }
 
 fn disk_json(disk: &DiskHandle) -> Value {

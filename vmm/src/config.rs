@@ -77,6 +77,43 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// The VM's vsock device: the guest's CID and the unix socket its host side
+/// listens on (Firecracker's hybrid vsock: host clients connect there and
+/// write `CONNECT <port>\n`; guest connections to host port P go to
+/// `<uds>_P`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Guest context ID, 3 and up.
+    pub cid: u64,
+    pub uds: PathBuf,
+}
+
+impl std::str::FromStr for VsockConfig {
+    type Err = String;
+
+    /// `cid=N,uds=PATH`, as given to `--vsock`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (mut cid, mut uds) = (None, None);
+        for part in text.split(',') {
+            match part.split_once('=') {
+                Some(("cid", v)) => {
+                    cid = Some(
+                        v.parse()
+                            .map_err(|_| format!("cid {v:?} is not a number"))?,
+                    )
+                }
+                Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+                _ => return Err(format!("'{part}' in '{text}': expected cid=N,uds=PATH")),
+            }
+        }
+        match (cid, uds) {
+            (Some(cid), Some(uds)) => Ok(VsockConfig { cid, uds }),
+            _ => Err(format!("'{text}' needs both cid=N and uds=PATH")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
@@ -105,6 +142,9 @@ pub struct VmConfig {
     /// virtio-blk disks and empty slots, in order (vda, vdb, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// The vsock device, if any.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
 
 fn default_true() -> bool {
@@ -133,6 +173,8 @@ pub enum Error {
     DuplicateSerial(String),
     #[error("disk {serial:?}: {path} is not a readable file or block device")]
     DiskPath { serial: String, path: PathBuf },
+    #[error("vsock CID {0} is reserved or too large (use 3 ..= 4294967294)")]
+    VsockCid(u64),
     #[error("cannot read config file {path}: {reason}")]
     ReadFile { path: PathBuf, reason: String },
     #[error("config file {path}: {reason}")]
@@ -154,6 +196,7 @@ impl VmConfig {
             api_socket: None,
             seccomp: true,
             disks: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -200,6 +243,12 @@ impl VmConfig {
         }
         if let Some(socket) = &self.api_socket {
             parent_exists("API socket", socket)?;
+        }
+        if let Some(vsock) = &self.vsock {
+            if !(3..u64::from(u32::MAX)).contains(&vsock.cid) {
+                return Err(Error::VsockCid(vsock.cid));
+            }
+            parent_exists("vsock socket", &vsock.uds)?;
         }
         self.validate_disks()
     }
@@ -329,6 +378,39 @@ mod tests {
             check(&|c| c.api_socket = Some("/nonexistent/dir/api.sock".into())),
             Error::NoParentDir { .. }
         ));
+    }
+
+    #[test]
+    fn vsock_from_flags_and_its_checks() {
+        let vsock: VsockConfig = "cid=3,uds=/run/v.sock".parse().unwrap();
+        assert_eq!(vsock.cid, 3);
+        assert_eq!(vsock.uds, PathBuf::from("/run/v.sock"));
+        for bad in [
+            "cid=3",
+            "uds=/x",
+            "cid=x,uds=/x",
+            "cid=3,uds=",
+            "cid=3,uds=/x,z",
+        ] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = valid(dir.path());
+        c.vsock = Some(VsockConfig {
+            cid: 2,
+            uds: dir.path().join("v.sock"),
+        });
+        assert_eq!(c.validate(), Err(Error::VsockCid(2)));
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds: dir.path().join("no/such/dir/v.sock"),
+        });
+        assert!(matches!(c.validate(), Err(Error::NoParentDir { .. })));
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds: dir.path().join("v.sock"),
+        });
+        assert_eq!(c.validate(), Ok(()));
     }
 
     #[test]

@@ -51,6 +51,11 @@ struct Cli {
     /// slot whose backing file is set later through the API. Repeatable.
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<frakti_vmm::config::DiskConfig>,
+    /// A vsock device: cid=N,uds=PATH. Host programs reach guest port P by
+    /// connecting to PATH and writing "CONNECT P\n" (answer "OK <port>\n");
+    /// guest connections to host port P go to the unix socket PATH_P.
+    #[arg(long, value_name = "SPEC")]
+    vsock: Option<frakti_vmm::config::VsockConfig>,
     /// Serve the control API on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -96,6 +101,9 @@ impl Cli {
         }
         config.console_input |= self.console_input;
         config.disks.extend(self.disks);
+        if self.vsock.is_some() {
+            config.vsock = self.vsock;
+        }
         if self.api_socket.is_some() {
             config.api_socket = self.api_socket;
         }
@@ -163,6 +171,7 @@ fn boot_and_run(
             guest_ranges: memory::host_ranges(&vm.memory),
             stop: vm.stop_request.clone(),
             disks: vm.disks.clone(),
+            vsock: vm.vsock.clone(),
         };
         api::spawn(listener, ctx, seccomp, vm.start_barrier())?;
     }

@@ -388,6 +388,10 @@ fn device_syscalls() -> &'static [i64] {
         libc::SYS_lseek,
         libc::SYS_fsync,
         libc::SYS_fdatasync,
+        // vsock: host clients on the listening socket, streams to them.
+        libc::SYS_accept4,
+        libc::SYS_connect,
+        libc::SYS_shutdown,
     ]
 }
 
@@ -395,6 +399,8 @@ fn device_thread_rules() -> Result<AllowList, BackendError> {
     let mut allow = AllowList::default();
     runtime_rules(&mut allow)?;
     allow.syscalls(device_syscalls());
+    // vsock: a guest connection to host port P opens a unix socket.
+    allow.syscall_if(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
     Ok(allow)
 }
 
@@ -579,6 +585,17 @@ mod tests {
         // SAFETY: plain syscall with integer arguments; a returned fd is
         // closed right away.
         let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd >= 0 {
+            // SAFETY: fd was just returned by socket() and is owned here.
+            unsafe { libc::close(fd) };
+        }
+        sys(fd)
+    }
+
+    fn try_inet_socket() -> Sys {
+        // SAFETY: plain syscall with integer arguments; a returned fd is
+        // closed right away.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         if fd >= 0 {
             // SAFETY: fd was just returned by socket() and is owned here.
             unsafe { libc::close(fd) };
@@ -775,7 +792,7 @@ mod tests {
     }
 
     #[test]
-    fn device_filter_allows_disk_io_on_open_files_only() {
+    fn device_filter_allows_disk_io_and_unix_sockets_only() {
         let file = std::fs::File::open("/proc/self/exe").unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
         let outcome = on_filtered_thread(ThreadKind::Device, move || {
@@ -799,7 +816,8 @@ mod tests {
                 open,
                 ioctl,
                 try_execve(),
-                try_socket(),
+                try_inet_socket(),
+                try_socket().map(|_| 0),
             )
         });
         assert_eq!(outcome.0, Ok(4), "{outcome:?}");
@@ -808,6 +826,8 @@ mod tests {
         assert_eq!(outcome.3, Err(libc::EPERM), "{outcome:?}");
         assert_eq!(outcome.4, Err(libc::EPERM), "{outcome:?}");
         assert_eq!(outcome.5, Err(libc::EPERM), "{outcome:?}");
+        // vsock streams to the host are unix sockets.
+        assert_eq!(outcome.6, Ok(0), "{outcome:?}");
         drop(file);
     }
 

@@ -26,6 +26,7 @@ use crate::devices::EventFdTrigger;
 use crate::devices::bus::{self, Bus, lock};
 use crate::devices::legacy::{BootDone, ConsoleOutput, I8042, SerialDevice, i8042, serial};
 use crate::devices::manager::{self, DeviceThread, DiskHandle, VirtioDevices};
+use crate::devices::virtio::vsock::Vsock;
 use crate::metrics::ExitCounters;
 use crate::vcpu::{self, ExitReason, ExitSink, VcpuContext, VcpuControl, Vcpus};
 use crate::{memory, seccomp};
@@ -122,6 +123,8 @@ pub struct Vm {
     start_barrier: Arc<Barrier>,
     /// virtio-blk disks and slots, for the API.
     pub disks: Vec<DiskHandle>,
+    /// The vsock device, for the API.
+    pub vsock: Option<Arc<Mutex<Vsock>>>,
     device_thread: Option<DeviceThread>,
 }
 
@@ -217,7 +220,13 @@ pub fn build_with_loader(
         "guest memory mapped"
     );
     let mut mmio_bus = Bus::default();
-    let virtio = VirtioDevices::attach_disks(&vm_fd, &memory, &mut mmio_bus, &config.disks)?;
+    let virtio = VirtioDevices::attach_all(
+        &vm_fd,
+        &memory,
+        &mut mmio_bus,
+        &config.disks,
+        config.vsock.as_ref(),
+    )?;
     // The guest learns of virtio-mmio devices from its command line.
     let mut boot_config = config.clone();
     boot_config.cmdline = std::iter::once(config.cmdline.as_str())
@@ -277,6 +286,7 @@ pub fn build_with_loader(
         stop_request: Arc::new(StopRequest::new().map_err(Error::EventFd)?),
         start_barrier,
         disks: virtio.disks,
+        vsock: virtio.vsock,
         device_thread,
     })
 }

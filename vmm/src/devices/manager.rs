@@ -16,8 +16,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::bus::{self, Bus, lock};
 use super::virtio::block::{self, Block};
 use super::virtio::mmio::{self, MmioTransport};
+use super::virtio::vsock::{self, Vsock};
 use super::virtio::{MMIO_WINDOW_SIZE, MmioSlot, VirtioDevice};
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, VsockConfig};
 use crate::seccomp::{self, ThreadKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,8 @@ pub enum Error {
         #[source]
         source: block::Error,
     },
+    #[error("vsock device")]
+    Vsock(#[from] vsock::Error),
     #[error("virtio-mmio transport")]
     Transport(#[from] mmio::Error),
     #[error(transparent)]
@@ -77,25 +80,25 @@ impl DiskHandle {
 #[derive(Default)]
 pub struct VirtioDevices {
     pub disks: Vec<DiskHandle>,
+    pub vsock: Option<Arc<Mutex<Vsock>>>,
     /// `virtio_mmio.device=...` parameters for the kernel command line.
     pub cmdline: Vec<String>,
     subscribers: Vec<Subscriber>,
 }
 
 impl VirtioDevices {
-    /// Creates the disks, places them on the MMIO bus and wires them to KVM.
-    pub fn attach_disks(
+    /// Creates the disks (slots 0..), then the vsock device, places them on
+    /// the MMIO bus and wires them to KVM.
+    pub fn attach_all(
         vm_fd: &VmFd,
         memory: &GuestMemoryMmap,
         mmio_bus: &mut Bus,
         disks: &[DiskConfig],
+        vsock: Option<&VsockConfig>,
     ) -> Result<VirtioDevices, Error> {
         let mut devices = VirtioDevices::default();
-        for (index, config) in disks.iter().enumerate() {
-            let slot = u32::try_from(index)
-                .ok()
-                .and_then(MmioSlot::nth)
-                .ok_or(Error::NoSlot(index))?;
+        for config in disks {
+            let slot = devices.next_slot()?;
             let block_err = |source| Error::Block {
                 serial: config.serial.clone(),
                 source,
@@ -110,7 +113,22 @@ impl VirtioDevices {
             devices.subscribers.push(block.clone());
             devices.disks.push(DiskHandle { slot, block });
         }
+        if let Some(config) = vsock {
+            let slot = devices.next_slot()?;
+            let vsock = Arc::new(Mutex::new(Vsock::new(config.cid, &config.uds)?));
+            devices.attach(vm_fd, memory, mmio_bus, slot, vsock.clone())?;
+            devices.subscribers.push(vsock.clone());
+            devices.vsock = Some(vsock);
+        }
         Ok(devices)
+    }
+
+    fn next_slot(&self) -> Result<MmioSlot, Error> {
+        let index = self.cmdline.len();
+        u32::try_from(index)
+            .ok()
+            .and_then(MmioSlot::nth)
+            .ok_or(Error::NoSlot(index))
     }
 
     /// Puts one device behind a virtio-mmio transport at `slot`.

@@ -40,6 +40,7 @@ pub mod block;
 pub mod mmio;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod vsock;
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;

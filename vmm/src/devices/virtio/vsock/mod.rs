@@ -1,0 +1,384 @@
+//! virtio-vsock: the guest's sockets to the host, ending in unix sockets
+//! (Firecracker's hybrid vsock, see [`muxer`]).
+//!
+//! Three queues: rx (packets to the guest), tx (packets from it) and event
+//! (transport resets, which we never send). The device runs on the device
+//! event loop: a tx notification feeds the guest's packets to the
+//! [`muxer::Muxer`], which may owe it replies; a socket becoming readable,
+//! or the guest adding rx buffers, moves host data into rx buffers. Payload
+//! goes through one bounded scratch buffer per direction; flow control
+//! (see [`connection`]) keeps every per-connection buffer bounded too.
+
+pub mod connection;
+pub mod muxer;
+pub mod packet;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use self::muxer::Muxer;
+use self::packet::{MAX_PAYLOAD, RxBuffer};
+use super::{
+    ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioInterrupt, feature,
+};
+
+/// Entries of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const EVENT: usize = 2;
+/// Packets moved per queue per wake-up before yielding to other devices.
+const MAX_PACKETS_PER_WAKE: usize = 256;
+/// CIDs 0–2 are reserved (hypervisor, local, host) and `u32::MAX` is
+/// VMADDR_CID_ANY; Linux takes a 32-bit CID.
+pub const MIN_GUEST_CID: u64 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("guest CID {0} is reserved or too large (use 3 ..= 4294967294)")]
+    BadCid(u64),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Muxer(#[from] muxer::Error),
+}
+
+/// What the device did, for metrics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VsockCounters {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Chains that broke the rules, returned unused.
+    pub malformed: u64,
+}
+
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<VirtioInterrupt>,
+    queues: [Queue; 3],
+    queue_evts: [Arc<EventFd>; 3],
+    /// A ring is corrupt: nothing more until a reset.
+    broken: bool,
+    /// Tx stopped because replies pile up; resume once rx moved.
+    tx_stalled: bool,
+}
+
+/// A virtio-vsock device.
+#[derive(Debug)]
+pub struct Vsock {
+    guest_cid: u64,
+    muxer: Muxer,
+    active: Option<Active>,
+    events: QueueEvents,
+    counters: VsockCounters,
+    tx_payload: Vec<u8>,
+    rx_payload: Vec<u8>,
+}
+
+impl Vsock {
+    /// A device for guest `guest_cid` whose host side is the unix socket
+    /// `uds_path` (and `<uds_path>_<port>` for guest-initiated streams).
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Vsock, Error> {
+        if !(MIN_GUEST_CID..u64::from(u32::MAX)).contains(&guest_cid) {
+            return Err(Error::BadCid(guest_cid));
+        }
+        Ok(Vsock {
+            guest_cid,
+            muxer: Muxer::new(guest_cid, uds_path)?,
+            active: None,
+            events: QueueEvents::new().map_err(Error::EventFd)?,
+            counters: VsockCounters::default(),
+            tx_payload: Vec::with_capacity(MAX_PAYLOAD),
+            rx_payload: vec![0; MAX_PAYLOAD],
+        })
+    }
+
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    pub fn uds_path(&self) -> &Path {
+        self.muxer.uds_path()
+    }
+
+    pub fn counters(&self) -> VsockCounters {
+        self.counters
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Feeds the guest's packets to the muxer.
+    fn process_tx(&mut self, ops: &mut EventOps) {
+        let Some(active) = self.active.as_mut().filter(|a| !a.broken) else {
+            return;
+        };
+        let mut used = 0;
+        let mut budget = MAX_PACKETS_PER_WAKE;
+        let result: Result<bool, virtio_queue::Error> = (|| {
+            let mem = &active.mem;
+            loop {
+                active.queues[TX].disable_notification(mem)?;
+                while budget > 0 {
+                    if self.muxer.tx_blocked() {
+                        active.tx_stalled = true;
+                        return Ok(false);
+                    }
+                    let Some(chain) = active.queues[TX].iter(mem)?.next() else {
+                        break;
+                    };
+                    budget -= 1;
+                    let head = chain.head_index();
+                    match packet::read_tx(mem, chain, &mut self.tx_payload) {
+                        Ok(header) => {
+                            self.counters.tx_packets += 1;
+                            self.counters.tx_bytes += self.tx_payload.len() as u64;
+                            self.muxer.handle_packet(&header, &self.tx_payload, ops);
+                        }
+                        Err(e) => {
+                            tracing::debug!("vsock: malformed tx chain: {e}");
+                            self.counters.malformed += 1;
+                        }
+                    }
+                    if active.queues[TX].add_used(mem, head, 0).is_ok() {
+                        used += 1;
+                    }
+                }
+                if budget == 0 {
+                    return Ok(true);
+                }
+                budget -= 1;
+                if !active.queues[TX].enable_notification(mem)? {
+                    return Ok(false);
+                }
+            }
+        })();
+        self.finish(TX, used, result);
+    }
+
+    /// Moves packets the muxer has for the guest into rx buffers.
+    fn process_rx(&mut self, ops: &mut EventOps) {
+        let Some(active) = self.active.as_mut().filter(|a| !a.broken) else {
+            return;
+        };
+        let mut used = 0;
+        let mut budget = MAX_PACKETS_PER_WAKE;
+        let result: Result<bool, virtio_queue::Error> = (|| {
+            let mem = &active.mem;
+            while self.muxer.has_rx() {
+                if budget == 0 {
+                    return Ok(true);
+                }
+                budget -= 1;
+                let Some(chain) = active.queues[RX].iter(mem)?.next() else {
+                    // Out of buffers: the driver's next refill wakes us.
+                    if active.queues[RX].enable_notification(mem)? {
+                        continue;
+                    }
+                    return Ok(false);
+                };
+                let head = chain.head_index();
+                let len = match RxBuffer::new(mem, chain) {
+                    Ok(buffer) => {
+                        let room = buffer.payload_capacity().min(self.rx_payload.len());
+                        let Some((header, n)) =
+                            self.muxer.next_rx(&mut self.rx_payload[..room], ops)
+                        else {
+                            active.queues[RX].go_to_previous_position();
+                            return Ok(false);
+                        };
+                        match buffer.write(mem, &header, &self.rx_payload[..n]) {
+                            Ok(len) => {
+                                self.counters.rx_packets += 1;
+                                self.counters.rx_bytes += n as u64;
+                                len
+                            }
+                            Err(e) => {
+                                tracing::debug!("vsock: cannot write an rx packet: {e}");
+                                self.counters.malformed += 1;
+                                0
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!("vsock: malformed rx chain: {e}");
+                        self.counters.malformed += 1;
+                        0
+                    }
+                };
+                if active.queues[RX].add_used(mem, head, len).is_ok() {
+                    used += 1;
+                }
+            }
+            Ok(false)
+        })();
+        if active.tx_stalled && !self.muxer.tx_blocked() {
+            active.tx_stalled = false;
+            let _ = active.queue_evts[TX].write(1);
+        }
+        self.finish(RX, used, result);
+    }
+
+    /// After a queue pass: interrupt the guest for `used` buffers, come
+    /// back later if the budget ran out, or mark a corrupt ring.
+    fn finish(&mut self, queue: usize, used: usize, result: Result<bool, virtio_queue::Error>) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        match result {
+            Ok(more) => {
+                if more {
+                    let _ = active.queue_evts[queue].write(1);
+                }
+                if used > 0
+                    && active.queues[queue]
+                        .needs_notification(&active.mem)
+                        .unwrap_or(true)
+                {
+                    if let Err(e) = active.interrupt.signal_used_queue() {
+                        tracing::warn!("vsock: cannot raise the queue interrupt: {e}");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("vsock: queue {queue} is corrupt, needs reset: {e}");
+                active.broken = true;
+                let _ = active.interrupt.signal_needs_reset();
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn avail_features(&self) -> u64 {
+        feature(VIRTIO_RING_F_EVENT_IDX)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let config = self.guest_cid.to_le_bytes();
+        let Some(available) = usize::try_from(offset)
+            .ok()
+            .and_then(|offset| config.get(offset..))
+        else {
+            return;
+        };
+        let n = available.len().min(data.len());
+        data[..n].copy_from_slice(&available[..n]);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            "vsock: config write at {offset:#x} ({} bytes) ignored",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<VirtioInterrupt>,
+        queues: Vec<Queue>,
+        queue_evts: Vec<Arc<EventFd>>,
+        _acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let got = queues.len().max(queue_evts.len());
+        let (Ok(queues), Ok(queue_evts)) = (
+            <[Queue; 3]>::try_from(queues),
+            <[Arc<EventFd>; 3]>::try_from(queue_evts),
+        ) else {
+            return Err(ActivateError::QueueCount { expected: 3, got });
+        };
+        if let Some(index) = queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::QueueNotReady(index));
+        }
+        self.events.request_sync().map_err(ActivateError::EventFd)?;
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues,
+            queue_evts,
+            broken: false,
+            tx_stalled: false,
+        });
+        tracing::debug!(cid = self.guest_cid, "vsock device activated");
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // Connections are closed on the event loop (it owns their
+        // registrations); guest memory is untouched from here on.
+        if self.active.take().is_some() {
+            if let Err(e) = self.events.request_sync() {
+                tracing::warn!("vsock: cannot wake the event loop: {e}");
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.events.init(ops);
+        self.muxer.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.events.is_control(&events) {
+            let wanted: &[Arc<EventFd>] = self
+                .active
+                .as_ref()
+                .map(|a| &a.queue_evts[..])
+                .unwrap_or_default();
+            let wanted = wanted.to_vec();
+            self.events.sync(ops, &wanted);
+            if self.active.is_none() {
+                self.muxer.clear(ops);
+            }
+            self.process_tx(ops);
+            self.process_rx(ops);
+            return;
+        }
+        match self.events.take_queue_event(&events) {
+            Some(TX) => {
+                self.process_tx(ops);
+                self.process_rx(ops);
+            }
+            Some(RX) => self.process_rx(ops),
+            Some(EVENT) | Some(_) => {}
+            None if self.muxer.owns(events.fd()) => {
+                let active = self.active.is_some();
+                self.muxer.handle_event(&events, ops, active);
+                self.process_rx(ops);
+            }
+            None => tracing::debug!("vsock: event for an unknown fd {}", events.fd()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -7,6 +7,7 @@ CARGO ?= cargo
 TARGET := x86_64-unknown-linux-gnu
 AGENT := target/$(TARGET)/release/frakti-agent
 VMM := target/$(TARGET)/release/frakti-vmm
+GUEST_TOOL := target/$(TARGET)/release/frakti-guest-tool
 STATIC := CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static"
 GUEST_DIR := target/frakti/guest
 TEST_LOG := target/test.log
@@ -15,8 +16,9 @@ LAB := $(CARGO) run -q -p frakti-tests --bin frakti-lab --
 export FRAKTI_GUEST_KERNEL := $(abspath $(GUEST_DIR)/vmlinux)
 export FRAKTI_GUEST_INITRD := $(abspath $(GUEST_DIR)/initrd.gz)
 export FRAKTI_VMM := $(abspath $(VMM))
+export FRAKTI_GUEST_TOOL := $(abspath $(GUEST_TOOL))
 
-.PHONY: build deps kernel agent vmm assets demo bench fuzz lint unit e2e test clean help
+.PHONY: build deps kernel agent vmm guest-tool assets demo bench fuzz lint unit e2e test clean help
 
 help:
 	@echo "make demo   boot the guest (directly or in the lab) and print its ready line and boot time"
@@ -44,7 +46,11 @@ agent:
 vmm:
 	$(STATIC) $(CARGO) build --release -p frakti-vmm --target $(TARGET)
 
-assets: kernel agent vmm
+# The test guests' traffic peer (vsock echo, TCP sender).
+guest-tool:
+	$(STATIC) $(CARGO) build --release -p frakti-guest-tool --target $(TARGET)
+
+assets: kernel agent vmm guest-tool
 	$(LAB) initrd --agent $(AGENT) --out $(GUEST_DIR)/initrd.gz
 
 demo: assets

@@ -5,6 +5,7 @@
 mod disks;
 mod qemu_baseline;
 mod vmm;
+mod vsock;
 
 use std::process::ExitCode;
 
@@ -17,9 +18,15 @@ fn main() -> ExitCode {
     if args.list {
         return libtest_mimic::run(&args, tests()).exit_code();
     }
-    let placement = guest::vmm_binary()
+    let programs = guest::vmm_binary().and_then(|vmm| {
+        Ok([
+            (guest::VMM_ENV, vmm),
+            (guest::GUEST_TOOL_ENV, guest::guest_tool_binary()?),
+        ])
+    });
+    let placement = programs
         .map_err(rerun::Error::from)
-        .and_then(|vmm| rerun::run_here_or_in_lab(&[(guest::VMM_ENV, vmm)]));
+        .and_then(|programs| rerun::run_here_or_in_lab(&programs));
     match placement {
         Ok(Placement::Here(mode)) => {
             eprintln!("e2e: running here ({mode})");
@@ -41,5 +48,6 @@ fn tests() -> Vec<Trial> {
     let mut tests = qemu_baseline::tests();
     tests.extend(vmm::tests());
     tests.extend(disks::tests());
+    tests.extend(vsock::tests());
     tests
 }

@@ -16,6 +16,8 @@ pub const KERNEL_ENV: &str = "FRAKTI_GUEST_KERNEL";
 /// The frakti-vmm binary the tests and benchmarks run.
 pub const VMM_ENV: &str = "FRAKTI_VMM";
 pub const INITRD_ENV: &str = "FRAKTI_GUEST_INITRD";
+/// The static frakti-guest-tool binary that test guests run.
+pub const GUEST_TOOL_ENV: &str = "FRAKTI_GUEST_TOOL";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -95,20 +97,24 @@ impl GuestAssets {
 
 /// The frakti-vmm binary: `$FRAKTI_VMM`, else where `make vmm` puts it.
 pub fn vmm_binary() -> Result<PathBuf, Error> {
-    let path = std::env::var_os(VMM_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/x86_64-unknown-linux-gnu/release/frakti-vmm")
-        });
+    static_binary(VMM_ENV, "frakti-vmm", "VMM binary")
+}
+
+/// The guest tool: `$FRAKTI_GUEST_TOOL`, else where `make guest-tool` puts it.
+pub fn guest_tool_binary() -> Result<PathBuf, Error> {
+    static_binary(GUEST_TOOL_ENV, "frakti-guest-tool", "guest tool binary")
+}
+
+fn static_binary(env: &'static str, name: &str, what: &'static str) -> Result<PathBuf, Error> {
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/x86_64-unknown-linux-gnu/release")
+            .join(name)
+    });
     if path.is_file() {
         Ok(path)
     } else {
-        Err(Error::Missing {
-            what: "VMM binary",
-            path,
-            env: VMM_ENV,
-        })
+        Err(Error::Missing { what, path, env })
     }
 }
 
@@ -129,8 +135,21 @@ pub fn build_initrd(agent: &Path, out: &Path) -> Result<(), initramfs::Error> {
 /// exercising devices from inside a guest before the agent can run
 /// commands.
 pub fn build_script_initrd(script: &str, out: &Path) -> Result<(), initramfs::Error> {
+    build_script_initrd_with(script, &[], out)
+}
+
+/// [`build_script_initrd`] with static `programs` added, each as
+/// `(path in the guest, host file)`.
+pub fn build_script_initrd_with(
+    script: &str,
+    programs: &[(&str, &Path)],
+    out: &Path,
+) -> Result<(), initramfs::Error> {
     let mut image = Initramfs::new();
     image.host_file("/bin/busybox", Path::new("/bin/busybox"), 0o755);
+    for (guest_path, host_path) in programs {
+        image.host_file(guest_path, host_path, 0o755);
+    }
     for dir in ["/proc", "/sys", "/dev", "/tmp"] {
         image.dir(dir);
     }

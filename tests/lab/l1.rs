@@ -11,12 +11,23 @@ use crate::initramfs::{self, Initramfs};
 /// Debian's meta package whose dependency is the L1 kernel.
 const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
 
-/// Modules loaded in L1, in order, relative to `lib/modules/<version>/kernel`.
-const KVM_MODULES: &[&str] = &[
-    "virt/lib/irqbypass.ko",
-    "arch/x86/kvm/kvm.ko",
-    "arch/x86/kvm/kvm-amd.ko",
+/// Modules loaded in L1, in order (dependencies first), relative to
+/// `lib/modules/<version>/kernel`, with their parameters: KVM with nested
+/// SVM; tun for taps; vhost-vsock so QEMU baselines get a vsock device.
+const L1_MODULES: &[(&str, &str)] = &[
+    ("virt/lib/irqbypass.ko", ""),
+    ("arch/x86/kvm/kvm.ko", ""),
+    ("arch/x86/kvm/kvm-amd.ko", "nested=1"),
+    ("drivers/net/tun.ko", ""),
+    ("net/vmw_vsock/vsock.ko", ""),
+    ("net/vmw_vsock/vmw_vsock_virtio_transport_common.ko", ""),
+    ("drivers/vhost/vhost_iotlb.ko", ""),
+    ("drivers/vhost/vhost.ko", ""),
+    ("drivers/vhost/vhost_vsock.ko", ""),
 ];
+/// Lists the modules kept in the cache, one `file params` per line; a
+/// module the package builds in is left out.
+const MODULES_MANIFEST: &str = "modules.list";
 
 /// Firmware QEMU `-M microvm` loads in L1.
 const QEMU_FIRMWARE: &[&str] = &[
@@ -105,7 +116,8 @@ pub fn check_host_tools() -> Result<(), Error> {
 pub struct L1Kernel {
     pub package: String,
     pub vmlinuz: PathBuf,
-    pub modules: Vec<PathBuf>,
+    /// Module files to insmod in order, with their parameters.
+    pub modules: Vec<(PathBuf, String)>,
 }
 
 impl L1Kernel {
@@ -162,33 +174,61 @@ impl L1Kernel {
             .map(|e| e.path())
             .next()
             .ok_or_else(|| Error::MissingInPackage("lib/modules/<version>".into()))?;
-        for (i, module) in KVM_MODULES.iter().enumerate() {
+        let mut manifest = format!("{}\n", modules_signature());
+        for (i, (module, params)) in L1_MODULES.iter().enumerate() {
             let source = version_dir.join("kernel").join(module);
+            let name = Path::new(module).file_name().unwrap_or_default();
+            let builtin = version_dir.join("modules.builtin");
             if !source.exists() {
+                let listed = fs::read_to_string(&builtin).unwrap_or_default();
+                if listed
+                    .lines()
+                    .any(|l| l.ends_with(&format!("/{}", name.to_string_lossy())))
+                {
+                    continue;
+                }
                 return Err(Error::MissingInPackage(module.to_string()));
             }
-            let name = Path::new(module).file_name().unwrap_or_default();
-            let dest = out.join(format!("{i}-{}", name.to_string_lossy()));
-            fs::copy(&source, &dest).map_err(io_err(&source))?;
+            let file = format!("{i}-{}", name.to_string_lossy());
+            fs::copy(&source, out.join(&file)).map_err(io_err(&source))?;
+            manifest.push_str(&format!("{file} {params}\n"));
         }
+        // Written last: its presence says the cache is complete.
+        let manifest_path = out.join(MODULES_MANIFEST);
+        fs::write(&manifest_path, manifest).map_err(io_err(&manifest_path))?;
         Ok(())
     }
 
     fn load(package: &str, dir: &Path) -> Option<L1Kernel> {
         let vmlinuz = dir.join("vmlinuz");
-        let mut modules: Vec<PathBuf> = fs::read_dir(dir)
-            .ok()?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "ko"))
+        // A cache from before the module list changed has no manifest (or
+        // another length): fetch again.
+        let manifest = fs::read_to_string(dir.join(MODULES_MANIFEST)).ok()?;
+        let mut lines = manifest.lines();
+        if lines.next() != Some(modules_signature().as_str()) {
+            return None;
+        }
+        let lines: Vec<&str> = lines.collect();
+        let modules: Vec<(PathBuf, String)> = lines
+            .iter()
+            .filter_map(|line| {
+                let (file, params) = line.split_once(' ').unwrap_or((line, ""));
+                Some((dir.join(file), params.to_string())).filter(|(p, _)| p.exists())
+            })
             .collect();
-        modules.sort();
-        (vmlinuz.exists() && modules.len() == KVM_MODULES.len()).then(|| L1Kernel {
+        let complete = modules.len() == lines.len();
+        (vmlinuz.exists() && complete).then(|| L1Kernel {
             package: package.to_string(),
             vmlinuz,
             modules,
         })
     }
+}
+
+/// Names the module list a cache was made for.
+fn modules_signature() -> String {
+    let names: Vec<String> = L1_MODULES.iter().map(|(m, p)| format!("{m}:{p}")).collect();
+    format!("modules {}", names.join(" "))
 }
 
 /// The concrete kernel package (`linux-image-6.1.0-NN-cloud-amd64`).
@@ -213,9 +253,12 @@ pub fn add_base(
     for dir in ["/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/etc"] {
         image.dir(dir);
     }
-    for (i, module) in kernel.modules.iter().enumerate() {
+    let mut params = String::new();
+    for (i, (module, module_params)) in kernel.modules.iter().enumerate() {
         image.host_file(&format!("/lab/modules/{i}.ko"), module, 0o644);
+        params.push_str(&format!("{module_params}\n"));
     }
+    image.bytes("/lab/modules/params", params, 0o644);
     image.program(
         "/usr/bin/qemu-system-x86_64",
         Path::new("/usr/bin/qemu-system-x86_64"),
@@ -259,7 +302,7 @@ exec 3>/dev/ttyS1
 fatal() {{ echo "{FATAL} $*" >&3; poweroff -f; }}
 i=0
 while [ $i -lt {modules} ]; do
-    err=$(insmod /lab/modules/$i.ko $([ $i -eq $(({modules} - 1)) ] && echo nested=1) 2>&1) || fatal "insmod module $i: $err"
+    err=$(insmod /lab/modules/$i.ko $(sed -n "$((i + 1))p" /lab/modules/params) 2>&1) || fatal "insmod module $i: $err"
     i=$((i + 1))
 done
 [ -c /dev/kvm ] || fatal "no /dev/kvm after loading kvm-amd"

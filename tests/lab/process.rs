@@ -105,6 +105,21 @@ pub fn read_log(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// What a process killed with SIGSYS was doing: the kernel's seccomp audit
+/// lines (`type=1326 ... syscall=N`), for a test's failure message.
+pub fn seccomp_kills() -> String {
+    let out = std::process::Command::new("dmesg").output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("type=1326")).collect();
+    if lines.is_empty() {
+        "no seccomp audit line in dmesg".into()
+    } else {
+        lines.join("\n")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -115,8 +115,24 @@ impl Cli {
     }
 }
 
+/// glibc's malloc, when it first shrinks a thread arena's heap, opens
+/// `/proc/sys/vm/overcommit_memory`; under the device and vCPU seccomp
+/// filters (no `openat`) that kills the VMM. A fixed trim threshold far above
+/// what those threads hold means arena heaps are never shrunk (large buffers
+/// are mmap'ed and unmapped whole, as a fixed threshold also stops glibc from
+/// moving the mmap threshold up).
+fn keep_malloc_away_from_files() {
+    const TRIM_THRESHOLD: libc::c_int = 64 << 20;
+    // SAFETY: mallopt only changes malloc tunables; called before any
+    // other thread exists.
+    if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) } != 1 {
+        eprintln!("frakti-vmm: mallopt(M_TRIM_THRESHOLD) failed");
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
+    keep_malloc_away_from_files();
     let cli = Cli::parse();
     // A plain level, not an EnvFilter: its regex engine costs RSS in every VM.
     tracing_subscriber::fmt()

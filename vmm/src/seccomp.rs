@@ -392,6 +392,10 @@ fn device_syscalls() -> &'static [i64] {
         libc::SYS_accept4,
         libc::SYS_connect,
         libc::SYS_shutdown,
+        // std reads sockets with recv() and writes them with
+        // send(MSG_NOSIGNAL).
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
     ]
 }
 

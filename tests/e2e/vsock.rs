@@ -1,0 +1,183 @@
+//! virtio-vsock through frakti-vmm: 64 concurrent streams, half opened by
+//! the host through the hybrid socket (`CONNECT <port>`), half by the guest
+//! to a host unix socket (`<uds>_<port>`), each echoing 1 MiB of a known
+//! pattern that the sending end checks.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use frakti_guest_tool::send_and_check;
+use frakti_lab::guest::{self, GuestAssets};
+use frakti_lab::process::{ChildGuard, FileTail, read_log, seccomp_kills};
+use libtest_mimic::{Failed, Trial};
+
+pub fn tests() -> Vec<Trial> {
+    vec![Trial::test(
+        "vsock::echo_64_streams_both_ways",
+        echo_64_streams_both_ways,
+    )]
+}
+
+const STREAMS_EACH_WAY: u64 = 32;
+const BYTES_PER_STREAM: u64 = 1 << 20;
+const GUEST_PORT: u32 = 5000;
+const HOST_PORT: u32 = 6000;
+const GUEST_CID: u32 = 3;
+const TOOL: &str = "/bin/frakti-guest-tool";
+
+fn guest_script() -> String {
+    format!(
+        "{TOOL} vsock-echo-server {GUEST_PORT} {STREAMS_EACH_WAY} &\n\
+         server=$!\n\
+         {TOOL} vsock-echo-client 2 {HOST_PORT} {STREAMS_EACH_WAY} {BYTES_PER_STREAM}\n\
+         wait $server\n"
+    )
+}
+
+/// Echoes `connections` streams accepted on `listener`; returns the bytes.
+fn host_echo_server(listener: UnixListener, connections: u64) -> JoinHandle<std::io::Result<u64>> {
+    thread::spawn(move || {
+        let workers: Vec<_> = (0..connections)
+            .map(|_| {
+                let (mut stream, _) = listener.accept()?;
+                Ok(thread::spawn(move || -> std::io::Result<u64> {
+                    let mut reader = stream.try_clone()?;
+                    let n = std::io::copy(&mut reader, &mut stream)?;
+                    stream.shutdown(std::net::Shutdown::Write)?;
+                    Ok(n)
+                }))
+            })
+            .collect::<std::io::Result<_>>()?;
+        let mut total = 0;
+        for worker in workers {
+            total += frakti_guest_tool::join(worker)?;
+        }
+        Ok(total)
+    })
+}
+
+/// Opens a stream to guest `port` through the hybrid socket.
+pub fn hybrid_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(uds)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        if stream.read(&mut byte)? == 0 {
+            return Err(std::io::Error::other(format!(
+                "closed before OK (got {:?})",
+                String::from_utf8_lossy(&line)
+            )));
+        }
+        line.push(byte[0]);
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(std::io::Error::other(format!(
+            "expected OK <port>, got {:?}",
+            String::from_utf8_lossy(&line)
+        )));
+    }
+    stream.set_read_timeout(None)?;
+    Ok(stream)
+}
+
+fn host_clients(uds: &Path) -> Vec<JoinHandle<std::io::Result<()>>> {
+    (0..STREAMS_EACH_WAY)
+        .map(|i| {
+            let uds = uds.to_path_buf();
+            thread::spawn(move || {
+                let stream = hybrid_connect(&uds, GUEST_PORT)?;
+                send_and_check(stream, 1000 + i, BYTES_PER_STREAM)
+            })
+        })
+        .collect()
+}
+
+fn echo_64_streams_both_ways() -> Result<(), Failed> {
+    let assets = GuestAssets::locate()?;
+    let tool = guest::guest_tool_binary()?;
+    let dir = tempfile::tempdir()?;
+    let initrd = dir.path().join("vsock-test-initrd.gz");
+    guest::build_script_initrd_with(&guest_script(), &[(TOOL, &tool)], &initrd)?;
+    let uds = dir.path().join("vsock.sock");
+    let listener = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display()))?;
+    let host_server = host_echo_server(listener, STREAMS_EACH_WAY);
+    let console = dir.path().join("console.log");
+    let vmm_log = dir.path().join("vmm.log");
+
+    let mut command = Command::new(guest::vmm_binary()?);
+    command
+        .arg("--kernel")
+        .arg(&assets.kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--memory", "256", "--cmdline", "quiet"])
+        .arg("--vsock")
+        .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
+        .arg("--serial")
+        .arg(&console)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&vmm_log)?);
+    let mut vmm = ChildGuard::spawn(&mut command)?;
+    let diagnostics = || {
+        format!(
+            "console:\n{}\nvmm log:\n{}\nseccomp: {}",
+            read_log(&console),
+            read_log(&vmm_log),
+            seccomp_kills()
+        )
+    };
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(240);
+    let mut tail = FileTail::new(&console);
+    let mut clients = None;
+    loop {
+        for line in tail.new_lines()? {
+            if line.contains(&format!("vsock echo server listening on {GUEST_PORT}")) {
+                clients = Some(host_clients(&uds));
+            }
+        }
+        if let Some(status) = vmm.try_wait()? {
+            if !status.success() {
+                return Err(format!("VMM exit {status}\n{}", diagnostics()).into());
+            }
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("guest did not finish\n{}", diagnostics()).into());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+
+    let clients = clients.ok_or_else(|| format!("the guest never listened\n{}", diagnostics()))?;
+    for (i, client) in clients.into_iter().enumerate() {
+        frakti_guest_tool::join(client)
+            .map_err(|e| format!("host stream {i}: {e}\n{}", diagnostics()))?;
+    }
+    let echoed = frakti_guest_tool::join(host_server)?;
+    if echoed != STREAMS_EACH_WAY * BYTES_PER_STREAM {
+        return Err(format!("host echo server moved {echoed} bytes\n{}", diagnostics()).into());
+    }
+    let out = read_log(&console);
+    for needle in [
+        format!("vsock-echo-client ok streams={STREAMS_EACH_WAY}"),
+        format!("vsock-echo-server ok connections={STREAMS_EACH_WAY}"),
+    ] {
+        if !out.contains(&needle) {
+            return Err(format!("console lacks {needle:?}\n{}", diagnostics()).into());
+        }
+    }
+    eprintln!(
+        "vsock: {} streams, {} MiB checked in {seconds:.1} s (boot included)",
+        2 * STREAMS_EACH_WAY,
+        2 * STREAMS_EACH_WAY * BYTES_PER_STREAM >> 20
+    );
+    Ok(())
+}

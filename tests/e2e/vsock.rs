@@ -177,7 +177,7 @@ fn echo_64_streams_both_ways() -> Result<(), Failed> {
     eprintln!(
         "vsock: {} streams, {} MiB checked in {seconds:.1} s (boot included)",
         2 * STREAMS_EACH_WAY,
-        2 * STREAMS_EACH_WAY * BYTES_PER_STREAM >> 20
+        (2 * STREAMS_EACH_WAY * BYTES_PER_STREAM) >> 20
     );
     Ok(())
 }

@@ -183,3 +183,34 @@ pub fn mmio_transport() -> Vec<(&'static str, Vec<u8>)> {
         ),
     ]
 }
+
+/// vsock packets in the tx queue: a REQUEST (header only, as Linux sends
+/// it), and an RW with its payload in a second descriptor; the rx queue
+/// (see `VSOCK_RX_*`) is left empty.
+pub fn vsock_packet() -> Vec<(&'static str, Vec<u8>)> {
+    let header = |op: u16, len: u32| {
+        let mut h = [0u8; 44];
+        h[0..8].copy_from_slice(&3u64.to_le_bytes());
+        h[8..16].copy_from_slice(&2u64.to_le_bytes());
+        h[16..20].copy_from_slice(&5000u32.to_le_bytes());
+        h[20..24].copy_from_slice(&1024u32.to_le_bytes());
+        h[24..28].copy_from_slice(&len.to_le_bytes());
+        h[28..30].copy_from_slice(&1u16.to_le_bytes());
+        h[30..32].copy_from_slice(&op.to_le_bytes());
+        h[36..40].copy_from_slice(&(256u32 * 1024).to_le_bytes());
+        h
+    };
+    let mut image = Image::new();
+    image.put(0x1000, &header(1, 0));
+    image.desc(DESC_TABLE, 0, 0x1000, 44, 0, 0);
+    image.put(0x1100, &header(5, 5));
+    image.put(0x1200, b"hello");
+    image.desc(DESC_TABLE, 1, 0x1100, 44, NEXT, 2);
+    image.desc(DESC_TABLE, 2, 0x1200, 5, 0, 0);
+    image.avail(&[0, 1]);
+    let mut plain = vec![0u8];
+    plain.extend_from_slice(&image.0);
+    let mut event_idx = vec![FLAG_EVENT_IDX];
+    event_idx.extend_from_slice(&image.0);
+    vec![("request-and-rw", plain), ("request-and-rw-event-idx", event_idx)]
+}

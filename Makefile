@@ -57,10 +57,11 @@ demo: assets
 	$(LAB) demo
 
 # frakti-vmm vs QEMU microvm, as ratios (not tests): boot time and memory,
-# then sequential disk read in the guest.
+# then sequential disk read in the guest, then vsock throughput.
 bench: assets
 	$(CARGO) run -q --release -p frakti-bench --bin boot
 	$(CARGO) run -q --release -p frakti-bench --bin disk
+	$(CARGO) run -q --release -p frakti-bench --bin vsock
 
 # Each fuzz target for FUZZ_SECONDS (not part of `make test`). cargo-fuzz on
 # stable Rust needs RUSTC_BOOTSTRAP=1 for libFuzzer's sanitizer flags.

@@ -3,8 +3,7 @@
 //! to a host unix socket (`<uds>_<port>`), each echoing 1 MiB of a known
 //! pattern that the sending end checks.
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread::{self, JoinHandle};
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant};
 use frakti_guest_tool::send_and_check;
 use frakti_lab::guest::{self, GuestAssets};
 use frakti_lab::process::{ChildGuard, FileTail, read_log, seccomp_kills};
+use frakti_lab::vsock::hybrid_connect;
 use libtest_mimic::{Failed, Trial};
 
 pub fn tests() -> Vec<Trial> {
@@ -58,32 +58,6 @@ fn host_echo_server(listener: UnixListener, connections: u64) -> JoinHandle<std:
         }
         Ok(total)
     })
-}
-
-/// Opens a stream to guest `port` through the hybrid socket.
-pub fn hybrid_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
-    let mut stream = UnixStream::connect(uds)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while byte[0] != b'\n' {
-        if stream.read(&mut byte)? == 0 {
-            return Err(std::io::Error::other(format!(
-                "closed before OK (got {:?})",
-                String::from_utf8_lossy(&line)
-            )));
-        }
-        line.push(byte[0]);
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(std::io::Error::other(format!(
-            "expected OK <port>, got {:?}",
-            String::from_utf8_lossy(&line)
-        )));
-    }
-    stream.set_read_timeout(None)?;
-    Ok(stream)
 }
 
 fn host_clients(uds: &Path) -> Vec<JoinHandle<std::io::Result<()>>> {

@@ -12,6 +12,7 @@ pub mod mode;
 pub mod process;
 pub mod rerun;
 pub mod runner;
+pub mod vsock;
 
 use std::path::PathBuf;
 

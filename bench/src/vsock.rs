@@ -1,0 +1,205 @@
+//! vsock benchmark: the host streams data to a sink in the guest,
+//! frakti-vmm (virtio-vsock, host side a unix socket through `CONNECT`)
+//! against `qemu-system-x86_64 -M microvm` with `vhost-vsock-device` (host
+//! side the kernel's AF_VSOCK), same kernel and test guest, alternating, in
+//! one run (inside the lab where the host needs it). Prints MiB/s and the
+//! ratio.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use frakti_lab::guest::{self, GuestAssets};
+use frakti_lab::process::{ChildGuard, read_log};
+use frakti_lab::rerun::{Placement, run_here_or_in_lab};
+use frakti_lab::vsock::{hybrid_connect, kernel_connect};
+
+/// Host-to-guest vsock throughput: frakti-vmm vs QEMU microvm (ratio).
+#[derive(Debug, Parser)]
+struct Args {
+    /// Transfers with each VMM, alternating.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// MiB sent per transfer.
+    #[arg(long, default_value_t = 256)]
+    size: u64,
+}
+
+const PORT: u32 = 5201;
+const CID: u32 = 3;
+const TOOL: &str = "/bin/frakti-guest-tool";
+const CHUNK: usize = 256 * 1024;
+
+fn main() -> ExitCode {
+    match run(&Args::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let guest = GuestAssets::locate()?;
+    let vmm = guest::vmm_binary()?;
+    let tool = guest::guest_tool_binary()?;
+    let programs = [
+        (guest::VMM_ENV, vmm.clone()),
+        (guest::GUEST_TOOL_ENV, tool.clone()),
+    ];
+    match run_here_or_in_lab(&programs)? {
+        Placement::Here(mode) => eprintln!("bench: running here ({mode})"),
+        Placement::RanInLab(status) => {
+            return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
+        }
+    }
+    let dir = tempfile::tempdir()?;
+    let initrd = dir.path().join("sink-initrd.gz");
+    let script = format!("{TOOL} vsock-sink {PORT} 1\n");
+    guest::build_script_initrd_with(&script, &[(TOOL, &tool)], &initrd)?;
+
+    let (mut ours, mut qemu) = (Vec::new(), Vec::new());
+    for i in 0..args.runs {
+        for frakti in if i % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        } {
+            let console = dir.path().join(format!("console-{i}-{frakti}.log"));
+            let uds = dir.path().join(format!("vsock-{i}.sock"));
+            let mut command = if frakti {
+                frakti_command(&vmm, &guest.kernel, &initrd, &uds, &console)
+            } else {
+                qemu_command(&guest.kernel, &initrd, &console)
+            };
+            let connect = || {
+                if frakti {
+                    hybrid_connect(&uds, PORT)
+                } else {
+                    kernel_connect(CID, PORT)
+                }
+            };
+            let mib_per_s = transfer_once(&mut command, &console, connect, args.size)?;
+            if frakti { &mut ours } else { &mut qemu }.push(mib_per_s);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (ours, qemu) = (median(&mut ours), median(&mut qemu));
+    println!(
+        "host -> guest vsock stream of {} MiB (guest reads and discards), median of {}:",
+        args.size, args.runs
+    );
+    println!("  frakti-vmm (virtio-vsock, hybrid unix socket)  {ours:8.1} MiB/s");
+    println!("  qemu -M microvm (vhost-vsock, AF_VSOCK)        {qemu:8.1} MiB/s");
+    println!("ratio frakti/qemu: {:.2}x (target >= 1.0x)", ours / qemu);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn frakti_command(vmm: &Path, kernel: &Path, initrd: &Path, uds: &Path, console: &Path) -> Command {
+    let mut c = Command::new(vmm);
+    c.arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--memory", "256", "--cmdline", "quiet"])
+        .arg("--vsock")
+        .arg(format!("cid={CID},uds={}", uds.display()))
+        .arg("--serial")
+        .arg(console);
+    c
+}
+
+fn qemu_command(kernel: &Path, initrd: &Path, console: &Path) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    // acpi=off: virtio-mmio devices go on the kernel command line, as with
+    // frakti-vmm.
+    c.args([
+        "-M",
+        "microvm,acpi=off",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+    ])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .arg("-serial")
+    .arg(format!("file:{}", console.display()))
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
+    .args(["-device", &format!("vhost-vsock-device,guest-cid={CID}")]);
+    c
+}
+
+/// Boots, waits for the sink, sends `size_mib`, returns MiB/s from the
+/// first byte sent to the guest's count arriving.
+fn transfer_once(
+    command: &mut Command,
+    console: &Path,
+    connect: impl Fn() -> std::io::Result<UnixStream>,
+    size_mib: u64,
+) -> anyhow::Result<f64> {
+    let log_path = console.with_extension("vmm.log");
+    let vmm_log = std::fs::File::create(&log_path)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(vmm_log.try_clone()?)
+        .stderr(vmm_log);
+    let mut vmm = ChildGuard::spawn(command).context("starting the VMM")?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !read_log(console).contains(&format!("vsock sink listening on {PORT}")) {
+        if let Some(status) = vmm.try_wait()? {
+            bail!(
+                "{:?} exited ({status}) before the sink listened:\n{}\n{}",
+                command.get_program(),
+                read_log(console),
+                read_log(&log_path)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the sink did not listen within 300 s:\n{}",
+                read_log(console)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut stream = connect().context("connecting to the guest")?;
+    let chunk = vec![0x5au8; CHUNK];
+    let bytes = size_mib << 20;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(CHUNK as u64) as usize;
+        stream.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let seconds = started.elapsed().as_secs_f64();
+    vmm.kill()?;
+    let received: u64 = answer.trim().parse().context("sink's answer")?;
+    if received != bytes {
+        bail!("the guest received {received} of {bytes} bytes");
+    }
+    Ok(size_mib as f64 / seconds.max(1e-3))
+}

@@ -7,7 +7,7 @@
 //! replay --write-seeds DIR     write the seed inputs to DIR/<target>/<name>
 //! ```
 //!
-//! TARGET is `block_request` or `mmio_transport`. A failing input found by
+//! TARGET is `block_request`, `mmio_transport` or `net_tx`. A failing input found by
 //! `--mutate` is saved to `artifacts/<target>/crash-<n>`.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use frakti_vmm_fuzz::{block_request, mmio_transport, seeds};
+use frakti_vmm_fuzz::{block_request, mmio_transport, net, seeds};
 
 type Target = fn(&[u8]);
 type Seeds = fn() -> Vec<(&'static str, Vec<u8>)>;
@@ -24,6 +24,7 @@ fn target(name: &str) -> Option<(Target, Seeds)> {
     match name {
         "block_request" => Some((block_request as Target, seeds::block_request as Seeds)),
         "mmio_transport" => Some((mmio_transport, seeds::mmio_transport)),
+        "net_tx" => Some((net::net_tx, net::seeds)),
         _ => None,
     }
 }
@@ -52,7 +53,7 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> String {
-    "usage: replay block_request|mmio_transport (PATH...|--mutate N) | replay --write-seeds DIR"
+    "usage: replay block_request|mmio_transport|net_tx (PATH...|--mutate N) | replay --write-seeds DIR"
         .to_string()
 }
 
@@ -60,6 +61,7 @@ fn write_seeds(dir: &Path) -> Result<(), String> {
     for (name, seeds) in [
         ("block_request", seeds::block_request()),
         ("mmio_transport", seeds::mmio_transport()),
+        ("net_tx", net::seeds()),
     ] {
         let target_dir = dir.join(name);
         std::fs::create_dir_all(&target_dir).map_err(|e| e.to_string())?;

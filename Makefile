@@ -68,7 +68,7 @@ bench: assets
 FUZZ_SECONDS ?= 120
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
-	cd vmm/fuzz && for target in block_request mmio_transport vsock_packet; do \
+	cd vmm/fuzz && for target in block_request mmio_transport vsock_packet net_tx; do \
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
 

@@ -7,7 +7,7 @@
 //! replay --write-seeds DIR     write the seed inputs to DIR/<target>/<name>
 //! ```
 //!
-//! TARGET is `block_request`, `mmio_transport` or `vsock_packet`. A failing input found by
+//! TARGET is `block_request`, `mmio_transport`, `vsock_packet` or `net_tx`. A failing input found by
 //! `--mutate` is saved to `artifacts/<target>/crash-<n>`.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use frakti_vmm_fuzz::{block_request, mmio_transport, seeds, vsock_packet};
+use frakti_vmm_fuzz::{block_request, mmio_transport, net, seeds, vsock_packet};
 
 type Target = fn(&[u8]);
 type Seeds = fn() -> Vec<(&'static str, Vec<u8>)>;
@@ -25,6 +25,7 @@ fn target(name: &str) -> Option<(Target, Seeds)> {
         "block_request" => Some((block_request as Target, seeds::block_request as Seeds)),
         "mmio_transport" => Some((mmio_transport, seeds::mmio_transport)),
         "vsock_packet" => Some((vsock_packet, seeds::vsock_packet)),
+        "net_tx" => Some((net::net_tx, net::seeds)),
         _ => None,
     }
 }
@@ -53,7 +54,7 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> String {
-    "usage: replay block_request|mmio_transport|vsock_packet (PATH...|--mutate N) | replay --write-seeds DIR"
+    "usage: replay block_request|mmio_transport|vsock_packet|net_tx (PATH...|--mutate N) | replay --write-seeds DIR"
         .to_string()
 }
 
@@ -62,6 +63,7 @@ fn write_seeds(dir: &Path) -> Result<(), String> {
         ("block_request", seeds::block_request()),
         ("mmio_transport", seeds::mmio_transport()),
         ("vsock_packet", seeds::vsock_packet()),
+        ("net_tx", net::seeds()),
     ] {
         let target_dir = dir.join(name);
         std::fs::create_dir_all(&target_dir).map_err(|e| e.to_string())?;

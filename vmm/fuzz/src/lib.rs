@@ -6,6 +6,7 @@
 //! (`[0, 0x10000)` and `[0x20000, 0x30000)`); a split queue of 16 entries
 //! lives at [`DESC_TABLE`], [`AVAIL_RING`] and [`USED_RING`].
 
+pub mod net;
 pub mod seeds;
 
 use std::io::Write;
@@ -349,6 +350,7 @@ mod tests {
             ("block_request", block_request as fn(&[u8])),
             ("mmio_transport", mmio_transport),
             ("vsock_packet", vsock_packet),
+            ("net_tx", net::net_tx),
         ] {
             let Ok(entries) = std::fs::read_dir(dir.join(target)) else {
                 continue;
@@ -357,6 +359,20 @@ mod tests {
                 run(&std::fs::read(entry.unwrap().path()).unwrap());
             }
         }
+    }
+
+    /// The net seeds send their three frames and receive the two waiting.
+    #[test]
+    fn net_seeds_carry_frames() {
+        for (name, input) in net::seeds() {
+            net::net_tx(&input);
+            let mem = guest_memory();
+            load(&mem, &input[1..]);
+            let (sent, received) = net::serve_counting(&mem, input[0] & FLAG_EVENT_IDX != 0);
+            assert_eq!((sent, received), (3, 2), "{name}");
+        }
+        net::net_tx(&[]);
+        net::net_tx(&[0]);
     }
 
     #[test]

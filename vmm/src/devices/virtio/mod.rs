@@ -34,10 +34,14 @@
 //! watching its queue eventfds on the event-loop thread. Opening a new
 //! backing file ([`block::Block::set_backing`]) needs `openat`: do it on the
 //! VMM thread, or open the [`block::disk::Disk`] there and hand it over with
-//! [`block::Block::set_disk`].
+//! [`block::Block::set_disk`]. Likewise a net device's tap is opened
+//! (`open`, `TUNSETIFF`, ...) or adopted on the VMM thread by
+//! [`net::Tap::open`] / [`net::Tap::from_fd`]; at runtime the device
+//! only reads, writes and re-arms its epoll interest on it.
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod vsock;

@@ -8,7 +8,7 @@
 //! | PUT    | `/vm/resume`  | resumes them |
 //! | PUT    | `/vm/shutdown`| stops the VM; the VMM exits 0 |
 //! | GET    | `/metrics`    | boot-done time, exits per kind, RSS |
-//! | GET    | `/devices`    | virtio devices: disks and slots (backing, capacity), vsock (CID, socket, counters) |
+//! | GET    | `/devices`    | virtio devices: disks and slots (backing, capacity), vsock (CID, socket, counters), net (tap, MAC, counters) |
 //! | PUT    | `/disks/{serial}` | `{"path": FILE}`: sets or replaces a disk's backing file |
 //! | DELETE | `/disks/{serial}` | empties the slot |
 
@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use crate::devices::bus::lock;
 use crate::devices::manager::DiskHandle;
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::metrics::{self, ExitCounters};
 use crate::seccomp::{self, ThreadKind};
@@ -51,6 +52,7 @@ pub struct ApiContext {
     pub stop: Arc<StopRequest>,
     pub disks: Vec<DiskHandle>,
     pub vsock: Option<Arc<Mutex<Vsock>>>,
+    pub net: Option<Arc<Mutex<Net>>>,
 }
 
 /// Binds the socket (replacing a stale one left by a dead VMM).
@@ -261,7 +263,23 @@ fn devices_json(ctx: &ApiContext) -> Value {
             "malformed": counters.malformed,
         })
     });
-    json!({ "disks": disks, "vsock": vsock })
+    let net = ctx.net.as_ref().map(|net| {
+        let net = lock(net);
+        let c = net.counters();
+        json!({
+            "type": "net",
+            "tap": net.backend().name(),
+            "mac": net.mac().to_string(),
+            "active": net.is_active(),
+            "rx_frames": c.rx_frames,
+            "rx_bytes": c.rx_bytes,
+            "tx_frames": c.tx_frames,
+            "tx_bytes": c.tx_bytes,
+            "rx_dropped": c.rx_dropped,
+            "tx_dropped": c.tx_dropped,
+        })
+    });
+    json!({ "disks": disks, "vsock": vsock, "net": net })
 }
 
 fn disk_json(disk: &DiskHandle) -> Value {

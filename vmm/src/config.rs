@@ -114,6 +114,50 @@ impl std::str::FromStr for VsockConfig {
     }
 }
 
+/// The VM's network device: a tap created or attached by name, or one
+/// already open and inherited as a file descriptor (how frakti hands over a
+/// tap it made in the pod's network namespace), and the guest's MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// An inherited tap (opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).
+    #[serde(default)]
+    pub fd: Option<i32>,
+    /// `aa:bb:cc:dd:ee:ff`; a random locally administered one if absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    /// `tap=NAME|fd=N[,mac=MAC]`, as given to `--net`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut net = NetConfig {
+            tap: None,
+            fd: None,
+            mac: None,
+        };
+        for part in text.split(',') {
+            match part.split_once('=') {
+                Some(("tap", v)) => net.tap = Some(v.to_string()),
+                Some(("fd", v)) => {
+                    net.fd = Some(v.parse().map_err(|_| format!("fd {v:?} is not a number"))?)
+                }
+                Some(("mac", v)) => net.mac = Some(v.to_string()),
+                _ => {
+                    return Err(format!(
+                        "'{part}' in '{text}': expected tap=NAME|fd=N[,mac=MAC]"
+                    ));
+                }
+            }
+        }
+        Ok(net)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
@@ -145,6 +189,9 @@ pub struct VmConfig {
     /// The vsock device, if any.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// The network device, if any.
+    #[serde(default)]
+    pub net: Option<NetConfig>,
 }
 
 fn default_true() -> bool {
@@ -175,6 +222,14 @@ pub enum Error {
     DiskPath { serial: String, path: PathBuf },
     #[error("vsock CID {0} is reserved or too large (use 3 ..= 4294967294)")]
     VsockCid(u64),
+    #[error("net: give exactly one of tap=NAME and fd=N")]
+    NetBackend,
+    #[error("net: tap name {0:?} must be 1-15 bytes without '/', ':' or spaces")]
+    TapName(String),
+    #[error("net: fd {0} is not an open file descriptor")]
+    TapFd(i32),
+    #[error("net: MAC {0:?} is not a unicast aa:bb:cc:dd:ee:ff")]
+    Mac(String),
     #[error("cannot read config file {path}: {reason}")]
     ReadFile { path: PathBuf, reason: String },
     #[error("config file {path}: {reason}")]
@@ -197,6 +252,7 @@ impl VmConfig {
             seccomp: true,
             disks: Vec::new(),
             vsock: None,
+            net: None,
         }
     }
 
@@ -250,6 +306,9 @@ impl VmConfig {
             }
             parent_exists("vsock socket", &vsock.uds)?;
         }
+        if let Some(net) = &self.net {
+            validate_net(net)?;
+        }
         self.validate_disks()
     }
 
@@ -287,6 +346,31 @@ impl VmConfig {
     pub fn memory_bytes(&self) -> u64 {
         u64::from(self.memory_mib) << 20
     }
+}
+
+fn validate_net(net: &NetConfig) -> Result<(), Error> {
+    match (&net.tap, net.fd) {
+        (Some(name), None) => {
+            let plain = !name.is_empty()
+                && name.len() < libc::IFNAMSIZ
+                && !name.contains(['/', ':', ' ', '\0']);
+            if !plain {
+                return Err(Error::TapName(name.clone()));
+            }
+        }
+        (None, Some(fd)) => {
+            // SAFETY: F_GETFD only asks whether `fd` is open.
+            if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(Error::TapFd(fd));
+            }
+        }
+        _ => return Err(Error::NetBackend),
+    }
+    if let Some(mac) = &net.mac {
+        mac.parse::<crate::devices::virtio::net::mac::MacAddr>()
+            .map_err(|_| Error::Mac(mac.clone()))?;
+    }
+    Ok(())
 }
 
 fn readable_file(what: &'static str, path: &Path) -> Result<(), Error> {
@@ -378,6 +462,36 @@ mod tests {
             check(&|c| c.api_socket = Some("/nonexistent/dir/api.sock".into())),
             Error::NoParentDir { .. }
         ));
+    }
+
+    #[test]
+    fn net_from_flags_and_its_checks() {
+        let net: NetConfig = "tap=tap0,mac=52:54:00:12:34:56".parse().unwrap();
+        assert_eq!(net.tap.as_deref(), Some("tap0"));
+        assert_eq!(net.mac.as_deref(), Some("52:54:00:12:34:56"));
+        assert!("tap=x,bogus".parse::<NetConfig>().is_err());
+        assert!("fd=x".parse::<NetConfig>().is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = valid(dir.path());
+        let mut check = |net: &str| {
+            c.net = Some(net.parse().unwrap());
+            c.validate()
+        };
+        assert_eq!(check("tap=tap0"), Ok(()));
+        assert_eq!(check("fd=2"), Ok(()));
+        assert_eq!(check("mac=52:54:00:12:34:56"), Err(Error::NetBackend));
+        assert_eq!(check("tap=a,fd=2"), Err(Error::NetBackend));
+        assert_eq!(
+            check("tap=averyveryverylongname"),
+            Err(Error::TapName("averyveryverylongname".into()))
+        );
+        assert_eq!(check("tap=a/b"), Err(Error::TapName("a/b".into())));
+        assert_eq!(check("fd=999999"), Err(Error::TapFd(999999)));
+        assert_eq!(
+            check("tap=t,mac=01:00:00:00:00:01"),
+            Err(Error::Mac("01:00:00:00:00:01".into()))
+        );
+        assert_eq!(check("tap=t,mac=zz"), Err(Error::Mac("zz".into())));
     }
 
     #[test]

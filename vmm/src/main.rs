@@ -56,6 +56,11 @@ struct Cli {
     /// guest connections to host port P go to the unix socket PATH_P.
     #[arg(long, value_name = "SPEC")]
     vsock: Option<frakti_vmm::config::VsockConfig>,
+    /// A virtio-net device: tap=NAME (created if absent, as root) or fd=N (an
+    /// inherited tap opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR), and
+    /// optionally mac=aa:bb:cc:dd:ee:ff (else a random local one).
+    #[arg(long, value_name = "SPEC")]
+    net: Option<frakti_vmm::config::NetConfig>,
     /// Serve the control API on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -103,6 +108,9 @@ impl Cli {
         config.disks.extend(self.disks);
         if self.vsock.is_some() {
             config.vsock = self.vsock;
+        }
+        if self.net.is_some() {
+            config.net = self.net;
         }
         if self.api_socket.is_some() {
             config.api_socket = self.api_socket;
@@ -188,6 +196,7 @@ fn boot_and_run(
             stop: vm.stop_request.clone(),
             disks: vm.disks.clone(),
             vsock: vm.vsock.clone(),
+            net: vm.net.clone(),
         };
         api::spawn(listener, ctx, seccomp, vm.start_barrier())?;
     }

@@ -26,6 +26,7 @@ use crate::devices::EventFdTrigger;
 use crate::devices::bus::{self, Bus, lock};
 use crate::devices::legacy::{BootDone, ConsoleOutput, I8042, SerialDevice, i8042, serial};
 use crate::devices::manager::{self, DeviceThread, DiskHandle, VirtioDevices};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::metrics::ExitCounters;
 use crate::vcpu::{self, ExitReason, ExitSink, VcpuContext, VcpuControl, Vcpus};
@@ -125,6 +126,8 @@ pub struct Vm {
     pub disks: Vec<DiskHandle>,
     /// The vsock device, for the API.
     pub vsock: Option<Arc<Mutex<Vsock>>>,
+    /// The network device, for the API.
+    pub net: Option<Arc<Mutex<Net>>>,
     device_thread: Option<DeviceThread>,
 }
 
@@ -226,6 +229,7 @@ pub fn build_with_loader(
         &mut mmio_bus,
         &config.disks,
         config.vsock.as_ref(),
+        config.net.as_ref(),
     )?;
     // The guest learns of virtio-mmio devices from its command line.
     let mut boot_config = config.clone();
@@ -287,6 +291,7 @@ pub fn build_with_loader(
         start_barrier,
         disks: virtio.disks,
         vsock: virtio.vsock,
+        net: virtio.net,
         device_thread,
     })
 }

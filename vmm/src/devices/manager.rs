@@ -2,6 +2,7 @@
 //! wiring (irqfd, ioeventfds), how the guest learns of it (kernel command
 //! line), and the device thread that runs their I/O off the vCPU threads.
 
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -16,9 +17,12 @@ use vmm_sys_util::eventfd::EventFd;
 use super::bus::{self, Bus, lock};
 use super::virtio::block::{self, Block};
 use super::virtio::mmio::{self, MmioTransport};
+use super::virtio::net::mac::MacAddr;
+use super::virtio::net::tap::{self, Tap};
+use super::virtio::net::{self, Net};
 use super::virtio::vsock::{self, Vsock};
 use super::virtio::{MMIO_WINDOW_SIZE, MmioSlot, VirtioDevice};
-use crate::config::{DiskConfig, VsockConfig};
+use crate::config::{DiskConfig, NetConfig, VsockConfig};
 use crate::seccomp::{self, ThreadKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,14 @@ pub enum Error {
     },
     #[error("vsock device")]
     Vsock(#[from] vsock::Error),
+    #[error("network device")]
+    Net(#[from] net::Error),
+    #[error("network device: tap")]
+    Tap(#[from] tap::Error),
+    #[error("network device: bad MAC {0:?}")]
+    Mac(String),
+    #[error("network device: give tap=NAME or fd=N")]
+    NoTap,
     #[error("virtio-mmio transport")]
     Transport(#[from] mmio::Error),
     #[error(transparent)]
@@ -81,20 +93,22 @@ impl DiskHandle {
 pub struct VirtioDevices {
     pub disks: Vec<DiskHandle>,
     pub vsock: Option<Arc<Mutex<Vsock>>>,
+    pub net: Option<Arc<Mutex<Net>>>,
     /// `virtio_mmio.device=...` parameters for the kernel command line.
     pub cmdline: Vec<String>,
     subscribers: Vec<Subscriber>,
 }
 
 impl VirtioDevices {
-    /// Creates the disks (slots 0..), then the vsock device, places them on
-    /// the MMIO bus and wires them to KVM.
+    /// Creates the disks (slots 0..), then the vsock and network devices,
+    /// places them on the MMIO bus and wires them to KVM.
     pub fn attach_all(
         vm_fd: &VmFd,
         memory: &GuestMemoryMmap,
         mmio_bus: &mut Bus,
         disks: &[DiskConfig],
         vsock: Option<&VsockConfig>,
+        net: Option<&NetConfig>,
     ) -> Result<VirtioDevices, Error> {
         let mut devices = VirtioDevices::default();
         for config in disks {
@@ -119,6 +133,13 @@ impl VirtioDevices {
             devices.attach(vm_fd, memory, mmio_bus, slot, vsock.clone())?;
             devices.subscribers.push(vsock.clone());
             devices.vsock = Some(vsock);
+        }
+        if let Some(config) = net {
+            let slot = devices.next_slot()?;
+            let net = Arc::new(Mutex::new(Net::new(open_tap(config)?, mac(config)?)?));
+            devices.attach(vm_fd, memory, mmio_bus, slot, net.clone())?;
+            devices.subscribers.push(net.clone());
+            devices.net = Some(net);
         }
         Ok(devices)
     }
@@ -180,6 +201,27 @@ impl VirtioDevices {
             .spawn(move || device_loop(subscribers, &stopped, with_seccomp, &start))
             .map_err(Error::Thread)?;
         Ok(DeviceThread { stop_event, handle })
+    }
+}
+
+/// Opens the tap on the VMM thread, before its seccomp filter forbids it.
+fn open_tap(config: &NetConfig) -> Result<Tap, Error> {
+    match (&config.tap, config.fd) {
+        (Some(name), None) => Ok(Tap::open(name)?),
+        (None, Some(fd)) if fd >= 0 => {
+            // SAFETY: the configuration hands this inherited descriptor to
+            // the VMM; nothing else in the process owns or closes it.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            Ok(Tap::from_fd(fd)?)
+        }
+        _ => Err(Error::NoTap),
+    }
+}
+
+fn mac(config: &NetConfig) -> Result<MacAddr, Error> {
+    match &config.mac {
+        Some(text) => text.parse().map_err(|_| Error::Mac(text.clone())),
+        None => Ok(MacAddr::random_local()),
     }
 }
 

@@ -3,6 +3,7 @@
 //! whole selection), so `cargo test --test e2e [FILTER]` works everywhere.
 
 mod disks;
+mod net;
 mod qemu_baseline;
 mod vmm;
 mod vsock;
@@ -49,5 +50,6 @@ fn tests() -> Vec<Trial> {
     tests.extend(vmm::tests());
     tests.extend(disks::tests());
     tests.extend(vsock::tests());
+    tests.extend(net::tests());
     tests
 }

@@ -8,6 +8,8 @@ packages=(
     linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev xz-utils
     # the lab and the QEMU baseline
     qemu-system-x86 busybox-static
+    # agent.proto (tonic-build) and the agent's host-mode tests (busybox-static above, unshare)
+    protobuf-compiler util-linux
 )
 
 missing=()

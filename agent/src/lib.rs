@@ -1,8 +1,19 @@
-//! frakti-agent: PID 1 of a Frakti pod VM.
+//! frakti-agent: PID 1 of a Frakti pod VM, and the agent API server.
 //!
-//! For now the agent does the PID 1 basics: it mounts the kernel filesystems,
-//! announces readiness on the console with a `frakti_proto::ready::ReadyLine`, and resets
-//! the VM. The container runtime parts arrive with the agent API.
+//! As PID 1 (`pid1`) the agent mounts the kernel filesystems, reaps every
+//! zombie, announces readiness on the console and to the VMM, serves the
+//! agent API (`frakti-proto`, `server`) on vsock and on shutdown stops the
+//! containers and resets the VM. In host mode (`frakti-agent serve`) it
+//! serves the same API on a unix socket as an ordinary root process, for
+//! tests. Containers (`container`) are cloned by `process` and set up by
+//! the re-executed agent binary (`init`).
 
+pub mod cgroup;
+pub mod container;
+pub mod init;
+pub mod io;
 pub mod pid1;
+pub mod process;
+pub mod server;
+pub mod storage;
 pub mod sysinfo;

@@ -1,101 +1,224 @@
 //! `frakti-agent`: PID 1 of a Frakti pod VM (see the library docs).
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use frakti_agent::{pid1, sysinfo};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use frakti_agent::container::Containers;
+use frakti_agent::server::{self, Agent, Listener};
+use frakti_agent::{cgroup, init, pid1, process, sysinfo};
 use frakti_proto::ready::ReadyLine;
 
-const HELP: &str = "\
-frakti-agent: PID 1 of a Frakti pod VM.
-
-It runs as /init of the guest initrd: mounts /proc, /sys and /dev, prints
-a ready line on the console (uptime, vCPUs, memory), tells the VMM it is
-ready (boot-done port), then either resets the VM at once
-(frakti_after_ready=reset on the kernel command line) or serves as init
-until Ctrl-Alt-Del, SIGTERM or SIGPWR asks it to shut down
-(frakti_after_ready=wait, the default). It refuses to run as any other
-process.
-
-Options:
-  -h, --help     show this help
-  -V, --version  show the version";
-
-fn main() -> ExitCode {
-    match std::env::args().nth(1).as_deref() {
-        Some("-h" | "--help") => {
-            println!("{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Some("-V" | "--version") => {
-            println!("frakti-agent {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Some(other) if std::process::id() != 1 => {
-            eprintln!("frakti-agent: unknown argument '{other}' (try --help)");
-            return ExitCode::from(2);
-        }
-        _ => {}
-    }
-    if std::process::id() != 1 {
-        eprintln!("frakti-agent: must run as PID 1 (the init of a Frakti guest VM); see --help");
-        return ExitCode::from(2);
-    }
-    if let Err(e) = boot().and_then(|()| after_ready()) {
-        eprintln!("frakti-agent: {}", error_chain(e.as_ref()));
-    }
-    pid1::reset_vm()
+/// frakti-agent: PID 1 of a Frakti pod VM.
+///
+/// As /init of the guest initrd (PID 1, no arguments) it mounts /proc, /sys,
+/// /dev and friends, serves the agent API on vsock port 1024, prints a ready
+/// line on the console (uptime, vCPUs, memory) and tells the VMM it is ready
+/// (boot-done port). Then it either resets the VM at once
+/// (frakti_after_ready=reset on the kernel command line) or serves until
+/// Ctrl-Alt-Del, SIGTERM, SIGPWR or the Shutdown RPC asks it to stop
+/// (frakti_after_ready=wait, the default): it stops the containers and
+/// resets the VM.
+///
+/// `frakti-agent serve` runs the same API as an ordinary root process on a
+/// unix socket (host mode, for tests).
+#[derive(Parser)]
+#[command(name = "frakti-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-type BoxError = Box<dyn std::error::Error>;
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the agent API as an ordinary root process (host mode).
+    Serve {
+        /// Where to listen: unix:/path/to.sock, or vsock (port 1024).
+        #[arg(long)]
+        listen: String,
+        /// Where container state, disks and copied files live.
+        #[arg(long, default_value = "/run/frakti")]
+        state_dir: PathBuf,
+    },
+}
 
-fn boot() -> Result<(), BoxError> {
+/// Grace period for containers when a signal asks the guest to stop.
+const SIGNAL_GRACE: Duration = Duration::from_secs(10);
+const GUEST_STATE_DIR: &str = "/run/frakti";
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == process::HELPER_ARG)
+    {
+        init::main();
+    }
+    // As PID 1, arguments come from the kernel command line: never refuse
+    // to boot because of them.
+    if std::process::id() == 1 && std::env::args().nth(1).as_deref() != Some("serve") {
+        init_logging();
+        if let Err(e) = guest_main(started) {
+            eprintln!("frakti-agent: {e:#}");
+        }
+        pid1::reset_vm()
+    }
+    let cli = Cli::parse();
+    let Some(Command::Serve { listen, state_dir }) = cli.command else {
+        eprintln!("frakti-agent: must run as PID 1 (the init of a Frakti guest VM); see --help");
+        return ExitCode::from(2);
+    };
+    init_logging();
+    match host_main(started, &listen, &state_dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("frakti-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn guest_main(started: Instant) -> anyhow::Result<()> {
     pid1::mount_kernel_filesystems()?;
     pid1::block_init_signals()?;
     pid1::hand_ctrl_alt_del_to_init()?;
-    let ready = ReadyLine {
-        uptime_secs: sysinfo::uptime_secs()?,
-        cpus: sysinfo::online_cpus()?,
-        mem_total_kib: sysinfo::mem_total_kib()?,
+    if let Err(e) = pid1::loopback_up() {
+        tracing::warn!("{:#}", anyhow::Error::from(e));
+    }
+    let after_ready = std::env::var(frakti_proto::AFTER_READY_PARAM);
+    let reset_at_once = match after_ready.as_deref() {
+        Ok("reset") => true,
+        Ok("wait") | Err(_) => false,
+        Ok(other) => anyhow::bail!(
+            "{}={other} is not 'reset' or 'wait'",
+            frakti_proto::AFTER_READY_PARAM
+        ),
     };
-    println!("{ready}");
-    if std::env::var(frakti_proto::DUMP_KMSG_PARAM).is_ok_and(|v| v == "1") {
-        for line in sysinfo::kernel_log()? {
-            println!("{line}");
+    run_agent(started, Path::new(GUEST_STATE_DIR), Bind::Vsock, || {
+        let ready = ReadyLine {
+            uptime_secs: sysinfo::uptime_secs()?,
+            cpus: sysinfo::online_cpus()?,
+            mem_total_kib: sysinfo::mem_total_kib()?,
+        };
+        println!("{ready}");
+        if std::env::var(frakti_proto::DUMP_KMSG_PARAM).is_ok_and(|v| v == "1") {
+            for line in sysinfo::kernel_log()? {
+                println!("{line}");
+            }
         }
+        // Only a metric for the VMM: a guest that cannot signal still serves.
+        if let Err(e) =
+            pid1::signal_boot_done(frakti_proto::BOOT_DONE_PORT, frakti_proto::BOOT_DONE_VALUE)
+        {
+            tracing::warn!("{:#}", anyhow::Error::from(e));
+        }
+        Ok(!reset_at_once)
+    })
+}
+
+fn host_main(started: Instant, listen: &str, state_dir: &Path) -> anyhow::Result<()> {
+    let bind = match listen {
+        "vsock" => Bind::Vsock,
+        _ => match listen.strip_prefix("unix:") {
+            Some(path) if !path.is_empty() => Bind::Unix(PathBuf::from(path)),
+            _ => anyhow::bail!("--listen {listen}: expected unix:/path or vsock"),
+        },
+    };
+    run_agent(started, state_dir, bind, || Ok(true))
+}
+
+enum Bind {
+    Unix(PathBuf),
+    Vsock,
+}
+
+/// Starts the reaper and the API server, calls `serving` once the server
+/// listens (it returns whether to keep serving), then waits until a signal
+/// or the Shutdown RPC ends the agent and the containers are stopped.
+fn run_agent(
+    started: Instant,
+    state_dir: &Path,
+    bind: Bind,
+    serving: impl FnOnce() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    // Before any thread exists: every thread inherits the blocked mask.
+    pid1::block_init_signals()?;
+    let reaper = process::Reaper::new();
+    pid1::spawn_reaper(reaper.clone())?;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let containers = Containers::new(reaper, state_dir.to_path_buf(), PathBuf::from(cgroup::ROOT))?;
+    let agent = Agent::new(containers);
+    let listeners = runtime.block_on(async { bind_listeners(&bind) })?;
+    let served = agent.clone();
+    runtime.spawn(async move {
+        server::serve(served, listeners).await;
+        pid1::notify_shutdown_done();
+    });
+    tracing::info!(
+        "serving after {:.1} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    if !serving()? {
+        return Ok(());
     }
-    // Only a metric for the VMM: a guest that cannot signal still serves.
-    if let Err(e) =
-        pid1::signal_boot_done(frakti_proto::BOOT_DONE_PORT, frakti_proto::BOOT_DONE_VALUE)
-    {
-        eprintln!("frakti-agent: warning: {}", error_chain(&e));
+    loop {
+        let signal = pid1::wait_for_shutdown()?;
+        if signal == pid1::SHUTDOWN_DONE {
+            break;
+        }
+        println!("frakti-agent: {signal}: shutting down");
+        agent.request_shutdown(SIGNAL_GRACE);
     }
+    runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }
 
-/// What the kernel command line asks for after the ready line.
-fn after_ready() -> Result<(), BoxError> {
-    match std::env::var(frakti_proto::AFTER_READY_PARAM).as_deref() {
-        Ok("reset") => Ok(()),
-        Ok("wait") | Err(_) => {
-            let signal = pid1::wait_for_shutdown()?;
-            println!("frakti-agent: {signal}: shutting down");
-            Ok(())
+fn bind_listeners(bind: &Bind) -> anyhow::Result<Vec<Listener>> {
+    match bind {
+        Bind::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            tracing::info!("listening on unix:{}", path.display());
+            Ok(vec![Listener::Unix(listener)])
         }
-        Ok(other) => Err(format!(
-            "{}={other} is not 'reset' or 'wait'",
-            frakti_proto::AFTER_READY_PARAM
-        )
-        .into()),
+        Bind::Vsock => {
+            let addr = tokio_vsock::VsockAddr::new(
+                tokio_vsock::VMADDR_CID_ANY,
+                frakti_proto::AGENT_VSOCK_PORT,
+            );
+            match tokio_vsock::VsockListener::bind(addr) {
+                Ok(listener) => {
+                    tracing::info!("listening on vsock port {}", frakti_proto::AGENT_VSOCK_PORT);
+                    Ok(vec![Listener::Vsock(listener)])
+                }
+                // No vsock device (yet): still boot, serve nothing.
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot listen on vsock port {}: {e}; serving no API",
+                        frakti_proto::AGENT_VSOCK_PORT
+                    );
+                    Ok(vec![])
+                }
+            }
+        }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

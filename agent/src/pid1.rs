@@ -1,13 +1,18 @@
-//! The duties of PID 1 in the guest: kernel filesystems and VM reset.
+//! The duties of PID 1 in the guest: kernel filesystems, loopback, signals
+//! (the reaper thread and the shutdown wait) and VM reset. Synchronous and
+//! small on purpose; the agent API runs on tokio beside it.
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use crate::process::Reaper;
 
 use nix::errno::Errno;
 use nix::mount::{MsFlags, mount};
 use nix::sys::reboot::{RebootMode, reboot, set_cad_enabled};
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::sync;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +27,10 @@ pub enum Error {
     CtrlAltDel(#[source] Errno),
     #[error("cannot block signals")]
     Signals(#[source] Errno),
+    #[error("cannot start the reaper thread")]
+    Thread(#[source] io::Error),
+    #[error("cannot bring the loopback interface up")]
+    Loopback(#[source] io::Error),
     #[error("cannot create mount point {path}")]
     MountPoint {
         path: &'static str,
@@ -41,6 +50,7 @@ struct KernelFs {
     fstype: &'static str,
     path: &'static str,
     flags: MsFlags,
+    data: Option<&'static str>,
 }
 
 const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
@@ -52,34 +62,56 @@ const KERNEL_FILESYSTEMS: &[KernelFs] = &[
         fstype: "proc",
         path: "/proc",
         flags: NOSUID_NODEV_NOEXEC,
+        data: None,
     },
     KernelFs {
         fstype: "sysfs",
         path: "/sys",
         flags: NOSUID_NODEV_NOEXEC,
+        data: None,
     },
     KernelFs {
         fstype: "devtmpfs",
         path: "/dev",
         flags: MsFlags::MS_NOSUID,
+        data: None,
+    },
+    KernelFs {
+        fstype: "devpts",
+        path: "/dev/pts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: Some("mode=0620,ptmxmode=0666,gid=5"),
+    },
+    KernelFs {
+        fstype: "tmpfs",
+        path: "/dev/shm",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: Some("mode=1777"),
+    },
+    KernelFs {
+        fstype: "tmpfs",
+        path: "/run",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=0755"),
+    },
+    KernelFs {
+        fstype: "cgroup2",
+        path: "/sys/fs/cgroup",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
     },
 ];
 
-/// Mounts /proc, /sys and /dev. A filesystem that is already mounted
-/// (the kernel may mount devtmpfs itself) is left as it is.
+/// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run and the cgroup2
+/// hierarchy. A filesystem that is already mounted (the kernel may mount
+/// devtmpfs itself) is left as it is.
 pub fn mount_kernel_filesystems() -> Result<(), Error> {
     for fs in KERNEL_FILESYSTEMS {
         fs::create_dir_all(fs.path).map_err(|source| Error::MountPoint {
             path: fs.path,
             source,
         })?;
-        match mount(
-            Some(fs.fstype),
-            fs.path,
-            Some(fs.fstype),
-            fs.flags,
-            None::<&str>,
-        ) {
+        match mount(Some(fs.fstype), fs.path, Some(fs.fstype), fs.flags, fs.data) {
             Ok(()) | Err(Errno::EBUSY) => {}
             Err(source) => {
                 return Err(Error::Mount {
@@ -133,30 +165,64 @@ pub fn hand_ctrl_alt_del_to_init() -> Result<(), Error> {
 /// Signals that end the guest: Ctrl-Alt-Del (SIGINT), SIGTERM, SIGPWR.
 const SHUTDOWN_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGPWR];
 
-fn init_signals() -> SigSet {
+/// What the agent raises on itself once its shutdown work is done.
+pub const SHUTDOWN_DONE: Signal = Signal::SIGUSR1;
+
+fn shutdown_signals() -> SigSet {
     let mut set = SigSet::empty();
-    set.add(Signal::SIGCHLD);
     for signal in SHUTDOWN_SIGNALS {
         set.add(signal);
     }
+    set.add(SHUTDOWN_DONE);
     set
 }
 
-/// Blocks the signals init waits for, so that one arriving before
-/// [`wait_for_shutdown`] stays pending instead of being dropped (PID 1
-/// ignores signals it has no handler for). Call before announcing readiness.
-pub fn block_init_signals() -> Result<(), Error> {
-    init_signals().thread_block().map_err(Error::Signals)
+fn child_signal() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGCHLD);
+    set
 }
 
-/// Serves as init until asked to shut down: reaps every orphan that dies
-/// and returns the signal that asked for the shutdown. The signals must
-/// have been blocked with [`block_init_signals`].
+/// Blocks the signals init waits for, so that one arriving before it waits
+/// stays pending instead of being dropped (PID 1 ignores signals it has no
+/// handler for). Call before announcing readiness and before starting any
+/// thread: threads inherit the mask, so only the waiting threads ever take
+/// these signals.
+pub fn block_init_signals() -> Result<(), Error> {
+    let mut set = shutdown_signals();
+    set.add(Signal::SIGCHLD);
+    set.thread_block().map_err(Error::Signals)
+}
+
+/// Starts the thread that reaps every child (and, as PID 1, every orphan)
+/// on SIGCHLD and hands exit statuses to their waiters.
+pub fn spawn_reaper(reaper: Arc<Reaper>) -> Result<(), Error> {
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || {
+            let set = child_signal();
+            loop {
+                // Reap first: children may have exited before we waited.
+                reaper.reap();
+                match set.wait() {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => {
+                        eprintln!("frakti-agent: sigwait: {e}");
+                        return;
+                    }
+                }
+            }
+        })
+        .map(drop)
+        .map_err(Error::Thread)
+}
+
+/// Waits until a shutdown signal or [`SHUTDOWN_DONE`] arrives and returns
+/// it. The signals must have been blocked with [`block_init_signals`].
 pub fn wait_for_shutdown() -> Result<Signal, Error> {
-    let set = init_signals();
+    let set = shutdown_signals();
     loop {
         match set.wait() {
-            Ok(Signal::SIGCHLD) => reap_children(),
             Ok(signal) => return Ok(signal),
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(Error::Signals(e)),
@@ -164,12 +230,36 @@ pub fn wait_for_shutdown() -> Result<Signal, Error> {
     }
 }
 
-/// Collects every exited child without blocking.
-pub fn reap_children() {
-    loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(_) => continue,
+/// Tells the thread in [`wait_for_shutdown`] that the shutdown work is done.
+pub fn notify_shutdown_done() {
+    // To the process, not this thread (raise would pend it on a thread
+    // that blocks it and never waits for it).
+    let _ = nix::sys::signal::kill(nix::unistd::getpid(), SHUTDOWN_DONE);
+}
+
+/// Brings the loopback interface up (the guest kernel leaves it down).
+pub fn loopback_up() -> Result<(), Error> {
+    // SAFETY: a plain socket() call; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(Error::Loopback(io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(Error::Loopback(io::Error::last_os_error()));
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(Error::Loopback(io::Error::last_os_error()));
         }
     }
+    Ok(())
 }

@@ -1,8 +1,29 @@
 //! The protocol between Frakti's host side (VMM, daemon, tests) and the
-//! in-guest agent. Today: how the agent announces readiness, on the console
-//! (the ready line) and to the VMM (the boot-done I/O port).
+//! in-guest agent: how the agent announces readiness, on the console (the
+//! ready line) and to the VMM (the boot-done I/O port), and the agent's gRPC
+//! API (`proto/agent.proto`, package `frakti.agent.v1`), served on vsock port
+//! [`AGENT_VSOCK_PORT`].
 
 pub mod ready;
+
+/// The agent API, generated from `proto/agent.proto`: the client
+/// (`agent_client::AgentClient`), the server trait (`agent_server::Agent`)
+/// and the messages.
+pub mod agent {
+    /// Version 1 of the API; see the comments in `agent.proto`.
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        tonic::include_proto!("frakti.agent.v1");
+    }
+}
+
+/// The vsock port the agent serves its API on (the guest's CID is the one
+/// the VMM gives the vsock device).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The minor version of the v1 agent API this crate defines; bumped when an
+/// RPC or a field is added (reported by `GetVersion`).
+pub const AGENT_API_VERSION: u32 = 1;
 
 /// The agent writes [`BOOT_DONE_VALUE`] to this x86 I/O port once it is ready;
 /// the VMM records the time since its own start. Elsewhere (QEMU) the write
@@ -21,3 +42,34 @@ pub const AFTER_READY_PARAM: &str = "frakti_after_ready";
 /// the kernel log (with timestamps) after its ready line, for boot profiling
 /// with `quiet`, where the console prints nothing while booting.
 pub const DUMP_KMSG_PARAM: &str = "frakti_dump_kmsg";
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::agent::v1::{CreateContainerRequest, Rootfs, rootfs};
+
+    #[test]
+    fn messages_round_trip() {
+        let request = CreateContainerRequest {
+            container_id: "c1".into(),
+            oci_spec_json: b"{}".to_vec(),
+            rootfs: Some(Rootfs {
+                source: Some(rootfs::Source::DiskId("image0".into())),
+                writable_overlay: true,
+                ..Default::default()
+            }),
+            devices: vec![],
+        };
+        let bytes = request.encode_to_vec();
+        assert_eq!(CreateContainerRequest::decode(&*bytes).unwrap(), request);
+    }
+
+    #[test]
+    fn service_path_is_versioned() {
+        assert_eq!(
+            <super::agent::v1::agent_server::AgentServer<()> as tonic::server::NamedService>::NAME,
+            "frakti.agent.v1.Agent"
+        );
+    }
+}

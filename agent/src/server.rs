@@ -1,0 +1,627 @@
+//! The gRPC service: each RPC checks its request, calls the module that
+//! does the work and maps that module's error to a status code.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use frakti_proto::agent::v1 as pb;
+use frakti_proto::agent::v1::agent_server::{Agent as AgentApi, AgentServer};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::container::{self, Containers, CreateRequest, EventKind, Exit};
+use crate::storage::{self, RootfsSource};
+use crate::sysinfo;
+
+/// Everything the service works on.
+pub struct Agent {
+    pub containers: Containers,
+    /// Set to the grace period when a shutdown is requested.
+    shutdown: watch::Sender<Option<Duration>>,
+}
+
+impl Agent {
+    pub fn new(containers: Containers) -> Arc<Self> {
+        let (shutdown, _) = watch::channel(None);
+        Arc::new(Self {
+            containers,
+            shutdown,
+        })
+    }
+
+    /// Asks the server to stop; [`serve`] then stops the containers.
+    pub fn request_shutdown(&self, grace: Duration) {
+        self.shutdown.send_replace(Some(grace));
+    }
+
+    fn shutdown_requested(&self) -> watch::Receiver<Option<Duration>> {
+        self.shutdown.subscribe()
+    }
+}
+
+/// Where the server listens.
+pub enum Listener {
+    Unix(tokio::net::UnixListener),
+    Vsock(tokio_vsock::VsockListener),
+}
+
+/// Serves `listeners` until a shutdown is requested (Shutdown RPC or
+/// [`Agent::request_shutdown`]), then stops every container.
+pub async fn serve(agent: Arc<Agent>, listeners: Vec<Listener>) {
+    let mut servers = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let service = AgentServer::new(Service {
+            agent: agent.clone(),
+        });
+        let mut stop = agent.shutdown_requested();
+        let stopped = async move {
+            let _ = stop.wait_for(|s| s.is_some()).await;
+        };
+        let router = tonic::transport::Server::builder().add_service(service);
+        match listener {
+            Listener::Unix(l) => {
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
+                servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+            }
+            Listener::Vsock(l) => {
+                servers.spawn(router.serve_with_incoming_shutdown(l.incoming(), stopped));
+            }
+        }
+    }
+    let mut stop = agent.shutdown_requested();
+    let grace = match stop.wait_for(|s| s.is_some()).await {
+        Ok(grace) => grace.unwrap_or_default(),
+        Err(_) => Duration::ZERO,
+    };
+    tracing::info!("shutting down: stopping containers (grace {grace:?})");
+    agent.containers.remove_all(grace).await;
+    // Servers end once their open streams are done; do not wait forever.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+struct Service {
+    agent: Arc<Agent>,
+}
+
+impl Service {
+    fn containers(&self) -> &Containers {
+        &self.agent.containers
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl From<container::Error> for Status {
+    fn from(e: container::Error) -> Status {
+        use container::Error as E;
+        let message = chain(&e);
+        match e {
+            E::NotFound(_) | E::ProcessNotFound { .. } => Status::not_found(message),
+            E::Exists(_) | E::ProcessExists { .. } => Status::already_exists(message),
+            E::Invalid(_) | E::Cgroup(crate::cgroup::Error::Invalid(_)) => {
+                Status::invalid_argument(message)
+            }
+            E::Storage(storage::Error::Invalid(_)) => Status::invalid_argument(message),
+            E::Storage(storage::Error::NotFound(_)) => Status::not_found(message),
+            E::Precondition(_) | E::Storage(storage::Error::Precondition(_)) => {
+                Status::failed_precondition(message)
+            }
+            _ => Status::internal(message),
+        }
+    }
+}
+
+impl From<storage::Error> for Status {
+    fn from(e: storage::Error) -> Status {
+        let message = chain(&e);
+        match e {
+            storage::Error::Invalid(_) => Status::invalid_argument(message),
+            storage::Error::NotFound(_) => Status::not_found(message),
+            storage::Error::Precondition(_) => Status::failed_precondition(message),
+            _ => Status::internal(message),
+        }
+    }
+}
+
+fn unix_ns(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn exit_status(exit: Exit, oom_killed: bool) -> pb::ExitStatus {
+    pb::ExitStatus {
+        exit_code: exit.code,
+        signal: exit.signal,
+        oom_killed,
+        exited_at_ns: unix_ns(exit.at),
+    }
+}
+
+fn require_id(what: &str, id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument(format!("{what} is empty")));
+    }
+    Ok(())
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Largest output chunk sent in one message.
+const OUTPUT_CHUNK: usize = 32 * 1024;
+
+#[tonic::async_trait]
+impl AgentApi for Service {
+    async fn check(
+        &self,
+        _: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        Ok(Response::new(pb::CheckResponse { serving: true }))
+    }
+
+    async fn get_version(
+        &self,
+        _: Request<pb::GetVersionRequest>,
+    ) -> Result<Response<pb::GetVersionResponse>, Status> {
+        Ok(Response::new(pb::GetVersionResponse {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            api_version: frakti_proto::AGENT_API_VERSION,
+            cpus: sysinfo::online_cpus().unwrap_or(0),
+            mem_total_kib: sysinfo::mem_total_kib().unwrap_or(0),
+            uptime_secs: sysinfo::uptime_secs().unwrap_or(0.0),
+        }))
+    }
+
+    async fn setup_sandbox(
+        &self,
+        _: Request<pb::SetupSandboxRequest>,
+    ) -> Result<Response<pb::SetupSandboxResponse>, Status> {
+        Err(Status::unimplemented("SetupSandbox is not implemented yet"))
+    }
+
+    async fn stats_sandbox(
+        &self,
+        _: Request<pb::StatsSandboxRequest>,
+    ) -> Result<Response<pb::StatsSandboxResponse>, Status> {
+        Err(Status::unimplemented("StatsSandbox is not implemented yet"))
+    }
+
+    async fn mount_disk(
+        &self,
+        _: Request<pb::MountDiskRequest>,
+    ) -> Result<Response<pb::MountDiskResponse>, Status> {
+        Err(Status::unimplemented("MountDisk is not implemented yet"))
+    }
+
+    async fn unmount_disk(
+        &self,
+        _: Request<pb::UnmountDiskRequest>,
+    ) -> Result<Response<pb::UnmountDiskResponse>, Status> {
+        Err(Status::unimplemented("UnmountDisk is not implemented yet"))
+    }
+
+    async fn copy_file(
+        &self,
+        _: Request<pb::CopyFileRequest>,
+    ) -> Result<Response<pb::CopyFileResponse>, Status> {
+        Err(Status::unimplemented("CopyFile is not implemented yet"))
+    }
+
+    async fn remove_file(
+        &self,
+        _: Request<pb::RemoveFileRequest>,
+    ) -> Result<Response<pb::RemoveFileResponse>, Status> {
+        Err(Status::unimplemented("RemoveFile is not implemented yet"))
+    }
+
+    async fn create_container(
+        &self,
+        request: Request<pb::CreateContainerRequest>,
+    ) -> Result<Response<pb::CreateContainerResponse>, Status> {
+        let r = request.into_inner();
+        let Some(rootfs) = r.rootfs else {
+            return Err(Status::invalid_argument("rootfs is missing"));
+        };
+        let state_dir = self.containers().state_dir();
+        let base = match rootfs.source {
+            Some(pb::rootfs::Source::GuestPath(path)) => {
+                let path = PathBuf::from(path);
+                if !path.is_absolute() {
+                    return Err(Status::invalid_argument(
+                        "rootfs.guest_path must be absolute",
+                    ));
+                }
+                path
+            }
+            Some(pb::rootfs::Source::DiskId(disk)) => {
+                if !storage::valid_id(&disk) {
+                    return Err(Status::invalid_argument(format!("bad disk id '{disk}'")));
+                }
+                state_dir.join("disks").join(disk)
+            }
+            None => return Err(Status::invalid_argument("rootfs has no source")),
+        };
+        let lower = if rootfs.subpath.is_empty() {
+            base
+        } else {
+            base.join(storage::relative_path(&rootfs.subpath)?)
+        };
+        let upper_base = if rootfs.upper_disk_id.is_empty() {
+            None
+        } else if storage::valid_id(&rootfs.upper_disk_id) {
+            Some(
+                state_dir
+                    .join("disks")
+                    .join(&rootfs.upper_disk_id)
+                    .join("containers")
+                    .join(&r.container_id),
+            )
+        } else {
+            return Err(Status::invalid_argument("bad upper_disk_id"));
+        };
+        if !r.devices.is_empty() {
+            return Err(Status::unimplemented(
+                "block devices are not implemented yet",
+            ));
+        }
+        let pid = self
+            .containers()
+            .create(CreateRequest {
+                id: r.container_id,
+                spec_json: r.oci_spec_json,
+                rootfs: RootfsSource {
+                    lower,
+                    writable_overlay: rootfs.writable_overlay,
+                    upper_base,
+                },
+            })
+            .await?;
+        Ok(Response::new(pb::CreateContainerResponse {
+            pid: pid as u32,
+        }))
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<pb::StartContainerRequest>,
+    ) -> Result<Response<pb::StartContainerResponse>, Status> {
+        let r = request.into_inner();
+        require_id("container_id", &r.container_id)?;
+        self.containers().start(&r.container_id).await?;
+        Ok(Response::new(pb::StartContainerResponse {}))
+    }
+
+    async fn exec_process(
+        &self,
+        request: Request<pb::ExecProcessRequest>,
+    ) -> Result<Response<pb::ExecProcessResponse>, Status> {
+        let r = request.into_inner();
+        require_id("container_id", &r.container_id)?;
+        let pid = self
+            .containers()
+            .exec(&r.container_id, &r.exec_id, &r.process_json)
+            .await?;
+        Ok(Response::new(pb::ExecProcessResponse { pid: pid as u32 }))
+    }
+
+    async fn wait_process(
+        &self,
+        request: Request<pb::WaitProcessRequest>,
+    ) -> Result<Response<pb::WaitProcessResponse>, Status> {
+        let r = request.into_inner();
+        require_id("container_id", &r.container_id)?;
+        let (container, process) = self
+            .containers()
+            .process(&r.container_id, &r.exec_id)
+            .await?;
+        let exit = process.wait().await;
+        let (exit, oom) = container.report(exit);
+        Ok(Response::new(pb::WaitProcessResponse {
+            status: Some(exit_status(exit, oom)),
+        }))
+    }
+
+    async fn signal_process(
+        &self,
+        request: Request<pb::SignalProcessRequest>,
+    ) -> Result<Response<pb::SignalProcessResponse>, Status> {
+        let r = request.into_inner();
+        require_id("container_id", &r.container_id)?;
+        self.containers()
+            .signal(&r.container_id, &r.exec_id, r.signal, r.all)
+            .await?;
+        Ok(Response::new(pb::SignalProcessResponse {}))
+    }
+
+    async fn write_stdin(
+        &self,
+        request: Request<pb::WriteStdinRequest>,
+    ) -> Result<Response<pb::WriteStdinResponse>, Status> {
+        let r = request.into_inner();
+        require_id("container_id", &r.container_id)?;
+        self.containers()
+            .write_stdin(&r.container_id, &r.exec_id, &r.data)
+            .await?;
+        Ok(Response::new(pb::WriteStdinResponse {
+            written: r.data.len() as u64,
+        }))
+    }
+
+    async fn close_stdin(
+        &self,
+        request: Request<pb::CloseStdinRequest>,
+    ) -> Result<Response<pb::CloseStdinResponse>, Status> {
+        let r = request.into_inner();
+        require_id("container_id", &r.container_id)?;
+        self.containers()
+            .close_stdin(&r.container_id, &r.exec_id)
+            .await?;
+        Ok(Response::new(pb::CloseStdinResponse {}))
+    }
+
+    type ReadOutputStream = BoxStream<pb::OutputChunk>;
+
+    async fn read_output(
+        &self,
+        request: Request<pb::ReadOutputRequest>,
+    ) -> Result<Response<Self::ReadOutputStream>, Status> {
+        let r = request.into_inner();
+        require_id("container_id", &r.container_id)?;
+        let stream = match pb::OutputStream::try_from(r.stream) {
+            Ok(pb::OutputStream::Stdout) => container::Stream::Stdout,
+            Ok(pb::OutputStream::Stderr) => container::Stream::Stderr,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown stream {}",
+                    r.stream
+                )));
+            }
+        };
+        let output = self
+            .containers()
+            .output(&r.container_id, &r.exec_id, stream)
+            .await?;
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
+        container::drain(output, OUTPUT_CHUNK, tx).await?;
+        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |data| {
+            Ok(pb::OutputChunk { data })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn resize_tty(
+        &self,
+        request: Request<pb::ResizeTtyRequest>,
+    ) -> Result<Response<pb::ResizeTtyResponse>, Status> {
+        let r = request.into_inner();
+        require_id("container_id", &r.container_id)?;
+        self.containers()
+            .resize(&r.container_id, &r.exec_id, r.rows, r.cols)
+            .await?;
+        Ok(Response::new(pb::ResizeTtyResponse {}))
+    }
+
+    async fn list_processes(
+        &self,
+        request: Request<pb::ListProcessesRequest>,
+    ) -> Result<Response<pb::ListProcessesResponse>, Status> {
+        let r = request.into_inner();
+        require_id("container_id", &r.container_id)?;
+        let container = self.containers().get(&r.container_id)?;
+        let processes = self
+            .containers()
+            .processes(&container)
+            .await
+            .into_iter()
+            .map(|p| pb::ProcessInfo {
+                pid: p.pid as u32,
+                ppid: p.ppid as u32,
+                uid: p.uid,
+                args: p.args,
+                state: p.state,
+            })
+            .collect();
+        Ok(Response::new(pb::ListProcessesResponse { processes }))
+    }
+
+    async fn list_containers(
+        &self,
+        _: Request<pb::ListContainersRequest>,
+    ) -> Result<Response<pb::ListContainersResponse>, Status> {
+        let mut containers = Vec::new();
+        for c in self.containers().list() {
+            let state = match c.state().await {
+                container::State::Created => pb::ContainerState::Created,
+                container::State::Running => pb::ContainerState::Running,
+                container::State::Stopped => pb::ContainerState::Stopped,
+            };
+            let exit_status = c.init.exited().map(|e| {
+                let (e, oom) = c.report(e);
+                exit_status(e, oom)
+            });
+            containers.push(pb::ContainerInfo {
+                container_id: c.id.clone(),
+                state: state as i32,
+                pid: c.init.pid as u32,
+                exit_status,
+                exec_ids: c.exec_ids().await,
+            });
+        }
+        Ok(Response::new(pb::ListContainersResponse { containers }))
+    }
+
+    async fn update_container(
+        &self,
+        request: Request<pb::UpdateContainerRequest>,
+    ) -> Result<Response<pb::UpdateContainerResponse>, Status> {
+        let r = request.into_inner();
+        require_id("container_id", &r.container_id)?;
+        self.containers()
+            .update(&r.container_id, &r.resources_json)
+            .await?;
+        Ok(Response::new(pb::UpdateContainerResponse {}))
+    }
+
+    async fn stats_container(
+        &self,
+        request: Request<pb::StatsContainerRequest>,
+    ) -> Result<Response<pb::StatsContainerResponse>, Status> {
+        let r = request.into_inner();
+        require_id("container_id", &r.container_id)?;
+        let s = self.containers().stats(&r.container_id).await?;
+        Ok(Response::new(pb::StatsContainerResponse {
+            timestamp_ns: unix_ns(SystemTime::now()),
+            cpu: Some(pb::CpuStats {
+                usage_ns: s.cpu_usage_ns,
+                user_ns: s.cpu_user_ns,
+                system_ns: s.cpu_system_ns,
+                nr_periods: s.nr_periods,
+                nr_throttled: s.nr_throttled,
+                throttled_ns: s.throttled_ns,
+            }),
+            memory: Some(pb::MemoryStats {
+                usage_bytes: s.memory_usage,
+                working_set_bytes: s.working_set,
+                rss_bytes: s.rss,
+                page_faults: s.page_faults,
+                major_page_faults: s.major_page_faults,
+                limit_bytes: s.memory_limit,
+                oom_kills: s.oom_kills,
+            }),
+            pids: Some(pb::PidsStats {
+                current: s.pids,
+                limit: s.pids_limit,
+            }),
+        }))
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<pb::RemoveContainerRequest>,
+    ) -> Result<Response<pb::RemoveContainerResponse>, Status> {
+        let r = request.into_inner();
+        require_id("container_id", &r.container_id)?;
+        self.containers()
+            .remove(
+                &r.container_id,
+                Duration::from_secs(r.grace_period_secs.into()),
+            )
+            .await?;
+        Ok(Response::new(pb::RemoveContainerResponse {}))
+    }
+
+    type EventsStream = BoxStream<pb::Event>;
+
+    async fn events(
+        &self,
+        _: Request<pb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let mut events = self.containers().subscribe();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let event = match events.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("events stream lagged by {n}");
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                let kind = match event.kind {
+                    EventKind::Exited(exit) => pb::event::Kind::Exited(exit_status(exit, false)),
+                    EventKind::Oom { oom_kills } => {
+                        pb::event::Kind::Oom(pb::OomEvent { oom_kills })
+                    }
+                };
+                let message = pb::Event {
+                    container_id: event.container_id,
+                    exec_id: event.exec_id,
+                    kind: Some(kind),
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn update_interface(
+        &self,
+        _: Request<pb::UpdateInterfaceRequest>,
+    ) -> Result<Response<pb::UpdateInterfaceResponse>, Status> {
+        Err(Status::unimplemented(
+            "UpdateInterface is not implemented yet",
+        ))
+    }
+
+    async fn list_interfaces(
+        &self,
+        _: Request<pb::ListInterfacesRequest>,
+    ) -> Result<Response<pb::ListInterfacesResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListInterfaces is not implemented yet",
+        ))
+    }
+
+    async fn update_routes(
+        &self,
+        _: Request<pb::UpdateRoutesRequest>,
+    ) -> Result<Response<pb::UpdateRoutesResponse>, Status> {
+        Err(Status::unimplemented("UpdateRoutes is not implemented yet"))
+    }
+
+    async fn list_routes(
+        &self,
+        _: Request<pb::ListRoutesRequest>,
+    ) -> Result<Response<pb::ListRoutesResponse>, Status> {
+        Err(Status::unimplemented("ListRoutes is not implemented yet"))
+    }
+
+    async fn add_neighbors(
+        &self,
+        _: Request<pb::AddNeighborsRequest>,
+    ) -> Result<Response<pb::AddNeighborsResponse>, Status> {
+        Err(Status::unimplemented("AddNeighbors is not implemented yet"))
+    }
+
+    type PortForwardStream = BoxStream<pb::PortForwardData>;
+
+    async fn port_forward(
+        &self,
+        _: Request<tonic::Streaming<pb::PortForwardData>>,
+    ) -> Result<Response<Self::PortForwardStream>, Status> {
+        Err(Status::unimplemented("PortForward is not implemented yet"))
+    }
+
+    async fn shutdown(
+        &self,
+        request: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::ShutdownResponse>, Status> {
+        let grace = Duration::from_secs(request.into_inner().grace_period_secs.into());
+        let agent = self.agent.clone();
+        // Answer first; the shutdown starts once the reply is on its way.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            agent.request_shutdown(grace);
+        });
+        Ok(Response::new(pb::ShutdownResponse {}))
+    }
+}

@@ -303,10 +303,17 @@ const NEW_ROOT: &str = "/.frakti-root";
 /// is set up with pivot_root. So PID 1 first moves the initramfs content
 /// onto a tmpfs and makes that the root, as switch_root(8) does: copy,
 /// delete the originals (frees their memory), move the tmpfs onto `/`,
-/// chroot. Call before mounting anything. A root that is not a RAM
-/// filesystem is left alone.
+/// chroot. Call before mounting anything. Unless the agent runs as `/init`
+/// from a RAM filesystem, nothing happens.
 pub fn leave_initramfs() -> Result<(), Error> {
     use nix::sys::statfs::{FsType, TMPFS_MAGIC, statfs};
+    // Only the kernel's /init of an initramfs: never copy a real root.
+    if std::env::args_os()
+        .next()
+        .is_none_or(|arg0| arg0 != "/init")
+    {
+        return Ok(());
+    }
     // linux/magic.h; libc does not name it.
     const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
     let root_type = statfs("/")

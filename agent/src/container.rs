@@ -198,6 +198,8 @@ pub struct Containers {
     events: broadcast::Sender<Event>,
     /// The sandbox's PID namespace when containers share one.
     shared_pid_ns: Mutex<Option<Arc<OwnedFd>>>,
+    /// The process holding that namespace.
+    pause: Mutex<Option<Arc<Process>>>,
 }
 
 /// How long the agent waits for the setup helper to answer.
@@ -221,6 +223,7 @@ impl Containers {
             create_lock: tokio::sync::Mutex::new(()),
             events,
             shared_pid_ns: Mutex::new(None),
+            pause: Mutex::new(None),
         })
     }
 
@@ -232,9 +235,66 @@ impl Containers {
         self.events.subscribe()
     }
 
-    /// Makes every container created from now on join this PID namespace.
-    pub fn set_shared_pid_ns(&self, ns: OwnedFd) {
+    /// Creates the sandbox's PID namespace (held by a pause process) that
+    /// every container created from now on joins.
+    pub async fn share_pid_namespace(&self) -> Result<(), Error> {
+        if self
+            .pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            return Ok(());
+        }
+        let (ours, theirs) = UnixStream::pair().map_err(Error::Helper)?;
+        let null = || -> Result<OwnedFd, Error> {
+            fs::File::options()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(Error::Helper)
+        };
+        let spawned = self
+            .spawn(SpawnSpec {
+                new_namespaces: CloneFlags::CLONE_NEWPID,
+                join: vec![],
+                child_fds: vec![null()?, null()?, null()?, theirs.into()],
+            })
+            .await?;
+        let pause = Arc::new(Process {
+            pid: spawned.pid,
+            pidfd: spawned.pidfd,
+            exit: spawned.exit,
+            stdio: Stdio {
+                stdin: tokio::sync::Mutex::new(None),
+                stdout: Arc::new(tokio::sync::Mutex::new(None)),
+                stderr: Arc::new(tokio::sync::Mutex::new(None)),
+                tty: None,
+            },
+        });
+        let sent =
+            tokio::task::spawn_blocking(move || exchange(&ours, Some(&ToHelper::Pause))).await?;
+        let ns = match sent {
+            Ok(None) => fs::File::open(format!("/proc/{}/ns/pid", pause.pid))
+                .map(OwnedFd::from)
+                .map_err(|source| Error::Namespaces {
+                    pid: pause.pid,
+                    source,
+                }),
+            Ok(Some(_)) => Err(Error::Setup("unexpected answer from the helper".into())),
+            Err(e) => Err(e),
+        };
+        let ns = match ns {
+            Ok(ns) => ns,
+            Err(e) => {
+                let _ = pause.signal(libc::SIGKILL);
+                return Err(e);
+            }
+        };
         *self.shared_pid_ns.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(ns));
+        *self.pause.lock().unwrap_or_else(|e| e.into_inner()) = Some(pause);
+        Ok(())
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {
@@ -839,6 +899,11 @@ impl Containers {
             if let Err(e) = self.remove(&c.id, Duration::ZERO).await {
                 tracing::warn!(container = %c.id, "cannot remove: {e}");
             }
+        }
+        let pause = self.pause.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(pause) = pause {
+            let _ = pause.signal(libc::SIGKILL);
+            let _ = tokio::time::timeout(KILL_TIMEOUT, pause.wait()).await;
         }
     }
 }

@@ -42,6 +42,9 @@ pub enum ToHelper {
     Exec(Box<Process>),
     /// Let the prepared init execute its process.
     Start,
+    /// Hold a PID namespace for the sandbox (containers share it): reap
+    /// orphans forever.
+    Pause,
 }
 
 /// The helper's answers.
@@ -141,6 +144,10 @@ pub fn main() -> ! {
     )) {
         Ok(Some(ToHelper::Init(config))) => run_init(&sync, *config),
         Ok(Some(ToHelper::Exec(process))) => run_exec(*process),
+        Ok(Some(ToHelper::Pause)) => {
+            drop(sync);
+            run_pause()
+        }
         Ok(_) => std::process::exit(125),
         Err(e) => Err(Error::io("cannot read the configuration")(e)),
     };
@@ -195,6 +202,17 @@ fn run_init(sync: &OwnedFd, config: InitConfig) -> Result<Infallible, Error> {
         Ok(Some(ToHelper::Start)) => prepared.exec(),
         // The agent removed the container before starting it.
         _ => std::process::exit(0),
+    }
+}
+
+/// PID 1 of the sandbox's shared PID namespace: orphans of every
+/// container end up here and are reaped.
+fn run_pause() -> ! {
+    reset_signals();
+    loop {
+        if let Err(Errno::ECHILD) = nix::sys::wait::waitpid(None, None) {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod init;
 pub mod io;
 pub mod pid1;
 pub mod process;
+pub mod sandbox;
 pub mod server;
 pub mod storage;
 pub mod sysinfo;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use frakti_agent::container::Containers;
+use frakti_agent::sandbox::Sandbox;
 use frakti_agent::server::{self, Agent, Listener};
+use frakti_agent::storage::Storage;
 use frakti_agent::{cgroup, init, pid1, process, sysinfo};
 use frakti_proto::ready::ReadyLine;
 
@@ -86,11 +88,17 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::process::id() != 1)
         .with_target(false)
         .init();
 }
 
 fn guest_main(started: Instant) -> anyhow::Result<()> {
+    // Containers need a root that pivot_root can leave; a guest that
+    // cannot move still boots and serves.
+    if let Err(e) = pid1::leave_initramfs() {
+        eprintln!("frakti-agent: warning: {:#}", anyhow::Error::from(e));
+    }
     pid1::mount_kernel_filesystems()?;
     pid1::block_init_signals()?;
     pid1::hand_ctrl_alt_del_to_init()?;
@@ -106,26 +114,32 @@ fn guest_main(started: Instant) -> anyhow::Result<()> {
             frakti_proto::AFTER_READY_PARAM
         ),
     };
-    run_agent(started, Path::new(GUEST_STATE_DIR), Bind::Vsock, || {
-        let ready = ReadyLine {
-            uptime_secs: sysinfo::uptime_secs()?,
-            cpus: sysinfo::online_cpus()?,
-            mem_total_kib: sysinfo::mem_total_kib()?,
-        };
-        println!("{ready}");
-        if std::env::var(frakti_proto::DUMP_KMSG_PARAM).is_ok_and(|v| v == "1") {
-            for line in sysinfo::kernel_log()? {
-                println!("{line}");
+    run_agent(
+        started,
+        Path::new(GUEST_STATE_DIR),
+        Bind::Vsock,
+        true,
+        || {
+            let ready = ReadyLine {
+                uptime_secs: sysinfo::uptime_secs()?,
+                cpus: sysinfo::online_cpus()?,
+                mem_total_kib: sysinfo::mem_total_kib()?,
+            };
+            println!("{ready}");
+            if std::env::var(frakti_proto::DUMP_KMSG_PARAM).is_ok_and(|v| v == "1") {
+                for line in sysinfo::kernel_log()? {
+                    println!("{line}");
+                }
             }
-        }
-        // Only a metric for the VMM: a guest that cannot signal still serves.
-        if let Err(e) =
-            pid1::signal_boot_done(frakti_proto::BOOT_DONE_PORT, frakti_proto::BOOT_DONE_VALUE)
-        {
-            tracing::warn!("{:#}", anyhow::Error::from(e));
-        }
-        Ok(!reset_at_once)
-    })
+            // Only a metric for the VMM: a guest that cannot signal still serves.
+            if let Err(e) =
+                pid1::signal_boot_done(frakti_proto::BOOT_DONE_PORT, frakti_proto::BOOT_DONE_VALUE)
+            {
+                tracing::warn!("{:#}", anyhow::Error::from(e));
+            }
+            Ok(!reset_at_once)
+        },
+    )
 }
 
 fn host_main(started: Instant, listen: &str, state_dir: &Path) -> anyhow::Result<()> {
@@ -136,7 +150,7 @@ fn host_main(started: Instant, listen: &str, state_dir: &Path) -> anyhow::Result
             _ => anyhow::bail!("--listen {listen}: expected unix:/path or vsock"),
         },
     };
-    run_agent(started, state_dir, bind, || Ok(true))
+    run_agent(started, state_dir, bind, false, || Ok(true))
 }
 
 enum Bind {
@@ -144,13 +158,15 @@ enum Bind {
     Vsock,
 }
 
-/// Starts the reaper and the API server, calls `serving` once the server
+/// Starts the reaper and the API server (`guest`: as the VM's PID 1,
+/// allowed to change guest-wide files such as /etc/resolv.conf), calls `serving` once the server
 /// listens (it returns whether to keep serving), then waits until a signal
 /// or the Shutdown RPC ends the agent and the containers are stopped.
 fn run_agent(
     started: Instant,
     state_dir: &Path,
     bind: Bind,
+    guest: bool,
     serving: impl FnOnce() -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
     // Before any thread exists: every thread inherits the blocked mask.
@@ -165,7 +181,9 @@ fn run_agent(
         .build()
         .context("cannot start the tokio runtime")?;
     let containers = Containers::new(reaper, state_dir.to_path_buf(), PathBuf::from(cgroup::ROOT))?;
-    let agent = Agent::new(containers);
+    let storage = Storage::new(state_dir.to_path_buf());
+    let sandbox = Sandbox::new(state_dir.to_path_buf(), PathBuf::from(cgroup::ROOT), guest);
+    let agent = Agent::new(containers, storage, sandbox);
     let listeners = runtime.block_on(async { bind_listeners(&bind) })?;
     let served = agent.clone();
     runtime.spawn(async move {

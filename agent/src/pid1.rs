@@ -5,6 +5,7 @@
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use crate::process::Reaper;
@@ -31,6 +32,10 @@ pub enum Error {
     Thread(#[source] io::Error),
     #[error("cannot bring the loopback interface up")]
     Loopback(#[source] io::Error),
+    #[error("cannot move the initramfs onto a tmpfs")]
+    LeaveInitramfs(#[source] Errno),
+    #[error("cannot copy the initramfs")]
+    Copy(#[source] io::Error),
     #[error("cannot create mount point {path}")]
     MountPoint {
         path: &'static str,
@@ -51,6 +56,8 @@ struct KernelFs {
     path: &'static str,
     flags: MsFlags,
     data: Option<&'static str>,
+    /// Boot fails without it; the others only cost features (logged).
+    required: bool,
 }
 
 const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
@@ -62,42 +69,49 @@ const KERNEL_FILESYSTEMS: &[KernelFs] = &[
         fstype: "proc",
         path: "/proc",
         flags: NOSUID_NODEV_NOEXEC,
+        required: true,
         data: None,
     },
     KernelFs {
         fstype: "sysfs",
         path: "/sys",
         flags: NOSUID_NODEV_NOEXEC,
+        required: true,
         data: None,
     },
     KernelFs {
         fstype: "devtmpfs",
         path: "/dev",
         flags: MsFlags::MS_NOSUID,
+        required: true,
         data: None,
     },
     KernelFs {
         fstype: "devpts",
         path: "/dev/pts",
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        required: false,
         data: Some("mode=0620,ptmxmode=0666,gid=5"),
     },
     KernelFs {
         fstype: "tmpfs",
         path: "/dev/shm",
         flags: NOSUID_NODEV_NOEXEC,
+        required: false,
         data: Some("mode=1777"),
     },
     KernelFs {
         fstype: "tmpfs",
         path: "/run",
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        required: false,
         data: Some("mode=0755"),
     },
     KernelFs {
         fstype: "cgroup2",
         path: "/sys/fs/cgroup",
         flags: NOSUID_NODEV_NOEXEC,
+        required: false,
         data: None,
     },
 ];
@@ -107,19 +121,25 @@ const KERNEL_FILESYSTEMS: &[KernelFs] = &[
 /// devtmpfs itself) is left as it is.
 pub fn mount_kernel_filesystems() -> Result<(), Error> {
     for fs in KERNEL_FILESYSTEMS {
-        fs::create_dir_all(fs.path).map_err(|source| Error::MountPoint {
-            path: fs.path,
-            source,
-        })?;
-        match mount(Some(fs.fstype), fs.path, Some(fs.fstype), fs.flags, fs.data) {
-            Ok(()) | Err(Errno::EBUSY) => {}
-            Err(source) => {
-                return Err(Error::Mount {
-                    fstype: fs.fstype,
-                    path: fs.path,
-                    source,
-                });
-            }
+        let result = fs::create_dir_all(fs.path)
+            .map_err(|source| Error::MountPoint {
+                path: fs.path,
+                source,
+            })
+            .and_then(|()| {
+                match mount(Some(fs.fstype), fs.path, Some(fs.fstype), fs.flags, fs.data) {
+                    Ok(()) | Err(Errno::EBUSY) => Ok(()),
+                    Err(source) => Err(Error::Mount {
+                        fstype: fs.fstype,
+                        path: fs.path,
+                        source,
+                    }),
+                }
+            });
+        match result {
+            Ok(()) => {}
+            Err(e) if fs.required => return Err(e),
+            Err(e) => eprintln!("frakti-agent: warning: {}", error_chain(&e)),
         }
     }
     Ok(())
@@ -262,4 +282,151 @@ pub fn loopback_up() -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Where the initramfs content moves to before it becomes the root.
+const NEW_ROOT: &str = "/.frakti-root";
+
+/// pivot_root(2) fails with EINVAL when the current root is the initramfs
+/// (the kernel's rootfs, which has no parent mount), and every container
+/// is set up with pivot_root. So PID 1 first moves the initramfs content
+/// onto a tmpfs and makes that the root, as switch_root(8) does: copy,
+/// delete the originals (frees their memory), move the tmpfs onto `/`,
+/// chroot. Call before mounting anything. Unless the agent runs as `/init`
+/// from a RAM filesystem, nothing happens.
+pub fn leave_initramfs() -> Result<(), Error> {
+    use nix::sys::statfs::{FsType, TMPFS_MAGIC, statfs};
+    // Only the kernel's /init of an initramfs: never copy a real root.
+    if std::env::args_os()
+        .next()
+        .is_none_or(|arg0| arg0 != "/init")
+    {
+        return Ok(());
+    }
+    // linux/magic.h; libc does not name it.
+    const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+    let root_type = statfs("/")
+        .map_err(Error::LeaveInitramfs)?
+        .filesystem_type();
+    if root_type != RAMFS_MAGIC && root_type != TMPFS_MAGIC {
+        return Ok(());
+    }
+    let root_dev = fs::metadata("/").map_err(Error::Copy)?.dev();
+    fs::create_dir_all(NEW_ROOT).map_err(Error::Copy)?;
+    mount(
+        Some("tmpfs"),
+        NEW_ROOT,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(Error::LeaveInitramfs)?;
+    for entry in fs::read_dir("/").map_err(Error::Copy)? {
+        let entry = entry.map_err(Error::Copy)?;
+        let path = entry.path();
+        if path == std::path::Path::new(NEW_ROOT) {
+            continue;
+        }
+        copy_tree(
+            &path,
+            &std::path::Path::new(NEW_ROOT).join(entry.file_name()),
+            root_dev,
+        )?;
+        let meta = fs::symlink_metadata(&path).map_err(Error::Copy)?;
+        // Free the initramfs copy (never across a mount).
+        if meta.dev() == root_dev {
+            let _ = if meta.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+        }
+    }
+    nix::unistd::chdir(NEW_ROOT).map_err(Error::LeaveInitramfs)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(Error::LeaveInitramfs)?;
+    nix::unistd::chroot(".").map_err(Error::LeaveInitramfs)?;
+    nix::unistd::chdir("/").map_err(Error::LeaveInitramfs)
+}
+
+/// Copies a file tree with modes, owners, symlinks and device nodes,
+/// staying on the device `dev`.
+pub fn copy_tree(from: &std::path::Path, to: &std::path::Path, dev: u64) -> Result<(), Error> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = fs::symlink_metadata(from).map_err(Error::Copy)?;
+    if meta.dev() != dev {
+        return Ok(());
+    }
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        let target = fs::read_link(from).map_err(Error::Copy)?;
+        std::os::unix::fs::symlink(target, to).map_err(Error::Copy)?;
+    } else if kind.is_dir() {
+        fs::create_dir_all(to).map_err(Error::Copy)?;
+        for entry in fs::read_dir(from).map_err(Error::Copy)? {
+            let entry = entry.map_err(Error::Copy)?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()), dev)?;
+        }
+    } else if kind.is_file() {
+        fs::copy(from, to).map_err(Error::Copy)?;
+    } else {
+        nix::sys::stat::mknod(
+            to,
+            nix::sys::stat::SFlag::from_bits_truncate(meta.mode()),
+            nix::sys::stat::Mode::from_bits_truncate(meta.mode()),
+            meta.rdev(),
+        )
+        .map_err(Error::LeaveInitramfs)?;
+    }
+    if !kind.is_symlink() {
+        fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(Error::Copy)?;
+    }
+    let _ = std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    #[test]
+    fn copy_tree_keeps_modes_links_and_content() {
+        let src = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        let s = src.path();
+        fs::create_dir_all(s.join("a/b")).unwrap();
+        fs::write(s.join("a/b/init"), b"binary").unwrap();
+        fs::set_permissions(s.join("a/b/init"), fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("b/init", s.join("a/link")).unwrap();
+        let dev = fs::metadata(s).unwrap().dev();
+        copy_tree(s, &dst.path().join("copy"), dev).unwrap();
+        let d = dst.path().join("copy");
+        assert_eq!(fs::read(d.join("a/b/init")).unwrap(), b"binary");
+        assert_eq!(
+            fs::metadata(d.join("a/b/init"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o755
+        );
+        assert_eq!(
+            fs::read_link(d.join("a/link")).unwrap().to_str(),
+            Some("b/init")
+        );
+    }
 }

@@ -14,21 +14,26 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::container::{self, Containers, CreateRequest, EventKind, Exit};
-use crate::storage::{self, RootfsSource};
+use crate::sandbox::{self, Sandbox, SandboxConfig};
+use crate::storage::{self, RootfsSource, Storage};
 use crate::sysinfo;
 
 /// Everything the service works on.
 pub struct Agent {
     pub containers: Containers,
+    pub storage: Storage,
+    pub sandbox: Sandbox,
     /// Set to the grace period when a shutdown is requested.
     shutdown: watch::Sender<Option<Duration>>,
 }
 
 impl Agent {
-    pub fn new(containers: Containers) -> Arc<Self> {
+    pub fn new(containers: Containers, storage: Storage, sandbox: Sandbox) -> Arc<Self> {
         let (shutdown, _) = watch::channel(None);
         Arc::new(Self {
             containers,
+            storage,
+            sandbox,
             shutdown,
         })
     }
@@ -94,6 +99,63 @@ impl Service {
     fn containers(&self) -> &Containers {
         &self.agent.containers
     }
+
+    /// Adds the block devices of disks registered with MountDisk to the
+    /// spec's linux.devices.
+    fn with_devices(
+        &self,
+        spec_json: &[u8],
+        devices: &[pb::BlockDevice],
+    ) -> Result<Vec<u8>, Status> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let mut spec: serde_json::Value = serde_json::from_slice(spec_json)
+            .map_err(|e| Status::invalid_argument(format!("malformed OCI spec JSON: {e}")))?;
+        let mut nodes = Vec::new();
+        for device in devices {
+            let path = device.container_path.as_str();
+            if !path.starts_with("/dev/") || path.contains("..") {
+                return Err(Status::invalid_argument(format!(
+                    "device path '{path}' must be below /dev"
+                )));
+            }
+            let node = self.agent.storage.device(&device.disk_id)?;
+            let meta = std::fs::metadata(&node)
+                .map_err(|e| Status::internal(format!("cannot stat {}: {e}", node.display())))?;
+            if !meta.file_type().is_block_device() {
+                return Err(Status::failed_precondition(format!(
+                    "{} is not a block device",
+                    node.display()
+                )));
+            }
+            let rdev = meta.rdev();
+            nodes.push(serde_json::json!({
+                "path": path,
+                "type": "b",
+                "major": nix::sys::stat::major(rdev),
+                "minor": nix::sys::stat::minor(rdev),
+                "fileMode": 0o660,
+                "uid": 0,
+                "gid": 0,
+            }));
+        }
+        let Some(root) = spec.as_object_mut() else {
+            return Err(Status::invalid_argument(
+                "the OCI spec is not a JSON object",
+            ));
+        };
+        let linux = root.entry("linux").or_insert_with(|| serde_json::json!({}));
+        let Some(linux) = linux.as_object_mut() else {
+            return Err(Status::invalid_argument("linux is not an object"));
+        };
+        let list = linux
+            .entry("devices")
+            .or_insert_with(|| serde_json::json!([]));
+        let Some(list) = list.as_array_mut() else {
+            return Err(Status::invalid_argument("linux.devices is not a list"));
+        };
+        list.extend(nodes);
+        serde_json::to_vec(&spec).map_err(|e| Status::internal(e.to_string()))
+    }
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -134,8 +196,72 @@ impl From<storage::Error> for Status {
             storage::Error::Invalid(_) => Status::invalid_argument(message),
             storage::Error::NotFound(_) => Status::not_found(message),
             storage::Error::Precondition(_) => Status::failed_precondition(message),
+            storage::Error::Exists(_) => Status::already_exists(message),
             _ => Status::internal(message),
         }
+    }
+}
+
+impl From<sandbox::Error> for Status {
+    fn from(e: sandbox::Error) -> Status {
+        let message = chain(&e);
+        match e {
+            sandbox::Error::Invalid(_)
+            | sandbox::Error::Cgroup(crate::cgroup::Error::Invalid(_)) => {
+                Status::invalid_argument(message)
+            }
+            sandbox::Error::AlreadySetUp => Status::failed_precondition(message),
+            _ => Status::internal(message),
+        }
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("a blocking task failed: {e}"))
+}
+
+/// Guest memory and per-interface counters, from /proc.
+fn sandbox_stats() -> pb::StatsSandboxResponse {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |key: &str| -> u64 {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let netdev = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+    let interfaces = netdev
+        .lines()
+        .skip(2)
+        .filter_map(|line| {
+            let (name, counters) = line.split_once(':')?;
+            let name = name.trim();
+            if name == "lo" {
+                return None;
+            }
+            let v: Vec<u64> = counters
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect();
+            (v.len() >= 12).then(|| pb::InterfaceStats {
+                name: name.into(),
+                rx_bytes: v[0],
+                rx_packets: v[1],
+                rx_errors: v[2],
+                rx_dropped: v[3],
+                tx_bytes: v[8],
+                tx_packets: v[9],
+                tx_errors: v[10],
+                tx_dropped: v[11],
+            })
+        })
+        .collect();
+    pb::StatsSandboxResponse {
+        mem_total_bytes: kib("MemTotal") * 1024,
+        mem_available_bytes: kib("MemAvailable") * 1024,
+        interfaces,
+        timestamp_ns: unix_ns(SystemTime::now()),
     }
 }
 
@@ -190,44 +316,116 @@ impl AgentApi for Service {
 
     async fn setup_sandbox(
         &self,
-        _: Request<pb::SetupSandboxRequest>,
+        request: Request<pb::SetupSandboxRequest>,
     ) -> Result<Response<pb::SetupSandboxResponse>, Status> {
-        Err(Status::unimplemented("SetupSandbox is not implemented yet"))
+        let r = request.into_inner();
+        let config = SandboxConfig {
+            hostname: r.hostname,
+            resolv_conf: r.resolv_conf,
+            sysctls: r.sysctls,
+            resources_json: r.resources_json,
+        };
+        let agent = self.agent.clone();
+        tokio::task::spawn_blocking(move || agent.sandbox.setup(&config))
+            .await
+            .map_err(join_error)??;
+        if r.shared_pid_namespace {
+            self.containers().share_pid_namespace().await?;
+        }
+        Ok(Response::new(pb::SetupSandboxResponse {}))
     }
 
     async fn stats_sandbox(
         &self,
         _: Request<pb::StatsSandboxRequest>,
     ) -> Result<Response<pb::StatsSandboxResponse>, Status> {
-        Err(Status::unimplemented("StatsSandbox is not implemented yet"))
+        Ok(Response::new(sandbox_stats()))
     }
 
     async fn mount_disk(
         &self,
-        _: Request<pb::MountDiskRequest>,
+        request: Request<pb::MountDiskRequest>,
     ) -> Result<Response<pb::MountDiskResponse>, Status> {
-        Err(Status::unimplemented("MountDisk is not implemented yet"))
+        let r = request.into_inner();
+        let timeout = match r.timeout_ms {
+            0 => Duration::from_secs(5),
+            ms => Duration::from_millis(ms.into()),
+        };
+        let disk = storage::DiskRequest {
+            id: r.disk_id,
+            serial: r.serial,
+            fs_type: r.fs_type,
+            options: r.options,
+            read_only: r.read_only,
+            timeout,
+        };
+        let agent = self.agent.clone();
+        let (path, device) = tokio::task::spawn_blocking(move || agent.storage.mount_disk(&disk))
+            .await
+            .map_err(join_error)??;
+        Ok(Response::new(pb::MountDiskResponse {
+            guest_path: path.display().to_string(),
+            device: device.display().to_string(),
+        }))
     }
 
     async fn unmount_disk(
         &self,
-        _: Request<pb::UnmountDiskRequest>,
+        request: Request<pb::UnmountDiskRequest>,
     ) -> Result<Response<pb::UnmountDiskResponse>, Status> {
-        Err(Status::unimplemented("UnmountDisk is not implemented yet"))
+        let id = request.into_inner().disk_id;
+        let agent = self.agent.clone();
+        tokio::task::spawn_blocking(move || agent.storage.unmount_disk(&id))
+            .await
+            .map_err(join_error)??;
+        Ok(Response::new(pb::UnmountDiskResponse {}))
     }
 
     async fn copy_file(
         &self,
-        _: Request<pb::CopyFileRequest>,
+        request: Request<pb::CopyFileRequest>,
     ) -> Result<Response<pb::CopyFileResponse>, Status> {
-        Err(Status::unimplemented("CopyFile is not implemented yet"))
+        let r = request.into_inner();
+        let kind = match pb::FileKind::try_from(r.kind) {
+            Ok(pb::FileKind::File) => storage::FileKind::File,
+            Ok(pb::FileKind::Directory) => storage::FileKind::Directory,
+            Ok(pb::FileKind::Symlink) => storage::FileKind::Symlink,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown file kind {}",
+                    r.kind
+                )));
+            }
+        };
+        let file = storage::CopyFile {
+            path: r.path,
+            kind,
+            data: r.data,
+            mode: r.mode,
+            uid: r.uid,
+            gid: r.gid,
+            version: r.version,
+        };
+        let agent = self.agent.clone();
+        let (path, written) = tokio::task::spawn_blocking(move || agent.storage.copy_file(&file))
+            .await
+            .map_err(join_error)??;
+        Ok(Response::new(pb::CopyFileResponse {
+            guest_path: path.display().to_string(),
+            written,
+        }))
     }
 
     async fn remove_file(
         &self,
-        _: Request<pb::RemoveFileRequest>,
+        request: Request<pb::RemoveFileRequest>,
     ) -> Result<Response<pb::RemoveFileResponse>, Status> {
-        Err(Status::unimplemented("RemoveFile is not implemented yet"))
+        let path = request.into_inner().path;
+        let agent = self.agent.clone();
+        tokio::task::spawn_blocking(move || agent.storage.remove_file(&path))
+            .await
+            .map_err(join_error)??;
+        Ok(Response::new(pb::RemoveFileResponse {}))
     }
 
     async fn create_container(
@@ -275,16 +473,16 @@ impl AgentApi for Service {
         } else {
             return Err(Status::invalid_argument("bad upper_disk_id"));
         };
-        if !r.devices.is_empty() {
-            return Err(Status::unimplemented(
-                "block devices are not implemented yet",
-            ));
-        }
+        let spec_json = if r.devices.is_empty() {
+            r.oci_spec_json
+        } else {
+            self.with_devices(&r.oci_spec_json, &r.devices)?
+        };
         let pid = self
             .containers()
             .create(CreateRequest {
                 id: r.container_id,
-                spec_json: r.oci_spec_json,
+                spec_json,
                 rootfs: RootfsSource {
                     lower,
                     writable_overlay: rootfs.writable_overlay,

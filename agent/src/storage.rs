@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
@@ -17,6 +18,8 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Precondition(String),
+    #[error("{0} already exists")]
+    Exists(String),
     #[error("cannot mount {what} on {target}")]
     Mount {
         what: String,
@@ -175,6 +178,253 @@ pub fn unmount_all(mounts: &[PathBuf]) {
     }
 }
 
+/// Finds the block device whose virtio serial is `serial` under
+/// `sys_block` (normally /sys/block); returns its name, e.g. "vdb".
+pub fn find_by_serial(sys_block: &Path, serial: &str) -> Option<String> {
+    let entries = fs::read_dir(sys_block).ok()?;
+    entries.flatten().find_map(|entry| {
+        let found = fs::read_to_string(entry.path().join("serial")).ok()?;
+        (found.trim_end_matches(['\n', '\0']) == serial)
+            .then(|| entry.file_name().to_string_lossy().into_owned())
+    })
+}
+
+/// A request to mount a disk.
+pub struct DiskRequest {
+    pub id: String,
+    pub serial: String,
+    pub fs_type: String,
+    pub options: Vec<String>,
+    pub read_only: bool,
+    pub timeout: std::time::Duration,
+}
+
+struct Disk {
+    device: PathBuf,
+    /// Where it is mounted; `None` for a raw block device.
+    mount: Option<PathBuf>,
+}
+
+/// Disks and copied files of the guest.
+pub struct Storage {
+    state_dir: PathBuf,
+    sys_block: PathBuf,
+    dev: PathBuf,
+    disks: std::sync::Mutex<std::collections::HashMap<String, Disk>>,
+    /// Version last written per copied path.
+    versions: std::sync::Mutex<std::collections::HashMap<PathBuf, u64>>,
+}
+
+impl Storage {
+    pub fn new(state_dir: PathBuf) -> Self {
+        Self {
+            state_dir,
+            sys_block: PathBuf::from("/sys/block"),
+            dev: PathBuf::from("/dev"),
+            disks: Default::default(),
+            versions: Default::default(),
+        }
+    }
+
+    pub fn disks_dir(&self) -> PathBuf {
+        self.state_dir.join("disks")
+    }
+
+    pub fn files_dir(&self) -> PathBuf {
+        self.state_dir.join("files")
+    }
+
+    /// The device node of a disk mounted (or registered raw) earlier.
+    pub fn device(&self, id: &str) -> Result<PathBuf, Error> {
+        let disks = self.disks.lock().unwrap_or_else(|e| e.into_inner());
+        disks
+            .get(id)
+            .map(|d| d.device.clone())
+            .ok_or_else(|| Error::NotFound(format!("disk {id}")))
+    }
+
+    /// Finds the disk by serial (waiting up to the timeout for it to
+    /// appear) and mounts it; returns (guest path, device).
+    pub fn mount_disk(&self, request: &DiskRequest) -> Result<(PathBuf, PathBuf), Error> {
+        if !valid_id(&request.id) {
+            return Err(Error::Invalid(format!("bad disk id '{}'", request.id)));
+        }
+        if request.serial.is_empty() || request.serial.contains(['/', '\0']) {
+            return Err(Error::Invalid(format!("bad serial '{}'", request.serial)));
+        }
+        let mut disks = self.disks.lock().unwrap_or_else(|e| e.into_inner());
+        if disks.contains_key(&request.id) {
+            return Err(Error::Exists(format!("disk {}", request.id)));
+        }
+        let deadline = std::time::Instant::now() + request.timeout;
+        let name = loop {
+            if let Some(name) = find_by_serial(&self.sys_block, &request.serial) {
+                break name;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::NotFound(format!(
+                    "virtio-blk disk with serial '{}' (waited {:?})",
+                    request.serial, request.timeout
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let device = self.dev.join(&name);
+        if request.fs_type.is_empty() {
+            disks.insert(
+                request.id.clone(),
+                Disk {
+                    device: device.clone(),
+                    mount: None,
+                },
+            );
+            return Ok((device.clone(), device));
+        }
+        let options = crate::init::parse_mount_options(&request.options);
+        let mut flags = options.flags;
+        if request.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        let target = self.disks_dir().join(&request.id);
+        fs::create_dir_all(&target).map_err(io_error("cannot create", &target))?;
+        let data = options.data.join(",");
+        mount(
+            Some(&device),
+            &target,
+            Some(request.fs_type.as_str()),
+            flags,
+            (!data.is_empty()).then_some(data.as_str()),
+        )
+        .map_err(|source| Error::Mount {
+            what: device.display().to_string(),
+            target: target.clone(),
+            source,
+        })?;
+        disks.insert(
+            request.id.clone(),
+            Disk {
+                device: device.clone(),
+                mount: Some(target.clone()),
+            },
+        );
+        Ok((target, device))
+    }
+
+    pub fn unmount_disk(&self, id: &str) -> Result<(), Error> {
+        let mut disks = self.disks.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(disk) = disks.get(id) else {
+            return Err(Error::NotFound(format!("disk {id}")));
+        };
+        if let Some(target) = &disk.mount {
+            match umount2(target, MntFlags::empty()) {
+                Ok(()) | Err(Errno::EINVAL) => {}
+                Err(Errno::EBUSY) => {
+                    return Err(Error::Precondition(format!("disk {id} is in use")));
+                }
+                Err(source) => {
+                    return Err(Error::Mount {
+                        what: "(unmount)".into(),
+                        target: target.clone(),
+                        source,
+                    });
+                }
+            }
+            let _ = fs::remove_dir(target);
+        }
+        disks.remove(id);
+        Ok(())
+    }
+
+    /// Writes a file, directory or symlink below the files directory
+    /// unless a newer version is there; returns (guest path, written).
+    pub fn copy_file(&self, file: &CopyFile) -> Result<(PathBuf, bool), Error> {
+        let relative = relative_path(&file.path)?;
+        let target = self.files_dir().join(&relative);
+        let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        if file.version != 0 && versions.get(&relative).is_some_and(|v| *v >= file.version) {
+            return Ok((target, false));
+        }
+        if file.mode & !0o7777 != 0 {
+            return Err(Error::Invalid(format!("bad mode {:o}", file.mode)));
+        }
+        let parent = target.parent().unwrap_or(&target).to_path_buf();
+        fs::create_dir_all(&parent).map_err(io_error("cannot create", &parent))?;
+        let owner = |path: &Path| {
+            std::os::unix::fs::lchown(path, Some(file.uid), Some(file.gid))
+                .map_err(io_error("cannot chown", path))
+        };
+        let chmod = |path: &Path| {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(path, fs::Permissions::from_mode(file.mode))
+                .map_err(io_error("cannot chmod", path))
+        };
+        match file.kind {
+            FileKind::Directory => {
+                fs::create_dir_all(&target).map_err(io_error("cannot create", &target))?;
+                chmod(&target)?;
+                owner(&target)?;
+            }
+            FileKind::File | FileKind::Symlink => {
+                // Written beside the target and renamed over it: a reader
+                // sees the old or the new content, never a mix.
+                let name = relative
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+                let temp = parent.join(format!(".{}.frakti-tmp", name.unwrap_or_default()));
+                let _ = fs::remove_file(&temp);
+                if file.kind == FileKind::File {
+                    fs::write(&temp, &file.data).map_err(io_error("cannot write", &temp))?;
+                    chmod(&temp)?;
+                } else {
+                    let link = std::ffi::OsStr::from_bytes(&file.data);
+                    std::os::unix::fs::symlink(link, &temp)
+                        .map_err(io_error("cannot create symlink", &temp))?;
+                }
+                owner(&temp)?;
+                if target.is_dir() && !target.is_symlink() {
+                    return Err(Error::Precondition(format!("{} is a directory", file.path)));
+                }
+                fs::rename(&temp, &target).map_err(io_error("cannot rename to", &target))?;
+            }
+        }
+        versions.insert(relative, file.version);
+        Ok((target, true))
+    }
+
+    pub fn remove_file(&self, path: &str) -> Result<(), Error> {
+        let relative = relative_path(path)?;
+        let target = self.files_dir().join(&relative);
+        let meta =
+            fs::symlink_metadata(&target).map_err(|_| Error::NotFound(format!("file {path}")))?;
+        if meta.is_dir() {
+            fs::remove_dir_all(&target).map_err(io_error("cannot remove", &target))?;
+        } else {
+            fs::remove_file(&target).map_err(io_error("cannot remove", &target))?;
+        }
+        let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        versions.retain(|p, _| !p.starts_with(&relative));
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Directory,
+    Symlink,
+}
+
+/// A validated-on-use CopyFile request.
+pub struct CopyFile {
+    pub path: String,
+    pub kind: FileKind,
+    pub data: Vec<u8>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub version: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +445,106 @@ mod tests {
         assert!(relative_path("/a").is_err());
         assert!(relative_path("a/../b").is_err());
         assert!(relative_path("").is_err());
+    }
+
+    #[test]
+    fn finds_disks_by_serial() {
+        let sys = tempfile::tempdir().unwrap();
+        for (name, serial) in [("vda", "boot\n"), ("vdb", "image-abc"), ("loop0", "")] {
+            fs::create_dir_all(sys.path().join(name)).unwrap();
+            if !serial.is_empty() {
+                fs::write(sys.path().join(name).join("serial"), serial).unwrap();
+            }
+        }
+        assert_eq!(
+            find_by_serial(sys.path(), "image-abc").as_deref(),
+            Some("vdb")
+        );
+        assert_eq!(find_by_serial(sys.path(), "boot").as_deref(), Some("vda"));
+        assert_eq!(find_by_serial(sys.path(), "nope"), None);
+    }
+
+    fn copy(path: &str, data: &str, version: u64) -> CopyFile {
+        CopyFile {
+            path: path.into(),
+            kind: FileKind::File,
+            data: data.as_bytes().to_vec(),
+            mode: 0o640,
+            uid: 0,
+            gid: 0,
+            version,
+        }
+    }
+
+    #[test]
+    fn copy_file_versions_modes_and_removal() {
+        use std::os::unix::fs::PermissionsExt;
+        let state = tempfile::tempdir().unwrap();
+        let storage = Storage::new(state.path().to_path_buf());
+        let (path, written) = storage.copy_file(&copy("cm/app.conf", "v1", 5)).unwrap();
+        assert!(written);
+        assert_eq!(path, state.path().join("files/cm/app.conf"));
+        assert_eq!(fs::read_to_string(&path).unwrap(), "v1");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        // Older or equal versions are ignored; newer ones replace.
+        assert!(!storage.copy_file(&copy("cm/app.conf", "old", 4)).unwrap().1);
+        assert!(
+            !storage
+                .copy_file(&copy("cm/app.conf", "same", 5))
+                .unwrap()
+                .1
+        );
+        assert!(storage.copy_file(&copy("cm/app.conf", "v2", 6)).unwrap().1);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "v2");
+        let link = CopyFile {
+            kind: FileKind::Symlink,
+            data: b"app.conf".to_vec(),
+            ..copy("cm/link", "", 0)
+        };
+        storage.copy_file(&link).unwrap();
+        assert_eq!(
+            fs::read_to_string(state.path().join("files/cm/link")).unwrap(),
+            "v2"
+        );
+        assert!(matches!(
+            storage.copy_file(&copy("../x", "", 0)),
+            Err(Error::Invalid(_))
+        ));
+        storage.remove_file("cm").unwrap();
+        assert!(!state.path().join("files/cm").exists());
+        assert!(matches!(storage.remove_file("cm"), Err(Error::NotFound(_))));
+        // After removal, any version writes again.
+        assert!(storage.copy_file(&copy("cm/app.conf", "v1", 1)).unwrap().1);
+    }
+
+    #[test]
+    fn unknown_disks() {
+        let state = tempfile::tempdir().unwrap();
+        let storage = Storage::new(state.path().to_path_buf());
+        let request = DiskRequest {
+            id: "d1".into(),
+            serial: "no-such-serial".into(),
+            fs_type: "ext4".into(),
+            options: vec![],
+            read_only: true,
+            timeout: std::time::Duration::from_millis(50),
+        };
+        assert!(matches!(
+            storage.mount_disk(&request),
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            storage.unmount_disk("d1"),
+            Err(Error::NotFound(_))
+        ));
+        let bad = DiskRequest {
+            id: "../d".into(),
+            ..request
+        };
+        assert!(matches!(storage.mount_disk(&bad), Err(Error::Invalid(_))));
     }
 
     #[test]

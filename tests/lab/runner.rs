@@ -88,6 +88,8 @@ pub enum Error {
         message: String,
         console_tail: String,
     },
+    #[error("L1's kernel is stuck (QEMU killed); last lines of the L1 console:\n{console_tail}")]
+    L1Stalled { console_tail: String },
     #[error(
         "L1 QEMU exited ({status}) before the batch finished: {qemu_log}\n\
          last lines of the L1 console:\n{console_tail}"
@@ -138,14 +140,14 @@ pub fn run(
         // Whatever happened, L1 is finished: do not wait for its poweroff.
         let _ = qemu.kill();
         match outcome {
-            Err(Error::QemuExited { console_tail, .. })
+            Err(Error::QemuExited { console_tail, .. } | Error::L1Stalled { console_tail })
                 if !retried && l1_kernel_crashed(&console_tail) =>
             {
                 // Seen about once in 20 boots: the L1 kernel overflows a
                 // stack handling nested page faults under TCG. Not the
                 // batch's fault, so it gets one more boot.
                 eprintln!(
-                    "lab: the L1 kernel crashed (a flake of nested SVM under TCG); \
+                    "lab: the L1 kernel crashed or stalled (a flake of nested SVM under TCG); \
                      booting L1 once more. Its console ended with:\n{}",
                     tail_lines(&console_tail, 5)
                 );
@@ -156,9 +158,18 @@ pub fn run(
     }
 }
 
-/// Whether L1's console shows its own kernel dying.
+/// Whether L1's console shows its own kernel dying or stuck.
 fn l1_kernel_crashed(console: &str) -> bool {
-    console.contains("Kernel panic - not syncing") || console.contains("BUG: ")
+    console.contains("Kernel panic - not syncing")
+        || console.contains("BUG: ")
+        || l1_stalled(console)
+}
+
+/// Whether L1's kernel reports a CPU stuck: seen once in a long batch, a
+/// vCPU thread and a kworker locked up under nested SVM in TCG. Nothing
+/// recovers from it, so waiting for the timeout only wastes the run.
+fn l1_stalled(console: &str) -> bool {
+    console.contains("soft lockup") || console.contains("self-detected stall")
 }
 
 fn start_l1(config: &LabConfig, kernel: &L1Kernel, work: &Path) -> Result<ChildGuard, Error> {
@@ -214,7 +225,17 @@ fn collect(
     let console_tail = || tail_lines(&read_log(&work.join("console.log")), 30);
     let mut tail = FileTail::new(&results_path);
     let mut batch = Batch::new(config.echo);
+    let mut next_stall_check = Instant::now();
     loop {
+        if Instant::now() >= next_stall_check {
+            next_stall_check = Instant::now() + Duration::from_secs(2);
+            if l1_stalled(&read_log(&work.join("console.log"))) {
+                let _ = qemu.kill();
+                return Err(Error::L1Stalled {
+                    console_tail: console_tail(),
+                });
+            }
+        }
         let exited = qemu.try_wait().map_err(Error::Logs)?;
         // Read after checking the exit so no line written before it is lost.
         for line in tail.new_lines().map_err(Error::Logs)? {
@@ -364,6 +385,17 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn l1_stalls_are_recognised() {
+        assert!(l1_kernel_crashed(
+            "[ 780.9] watchdog: BUG: soft lockup - CPU#0 stuck for 704s! [kworker/0:1:17]"
+        ));
+        assert!(l1_stalled(
+            "rcu: INFO: rcu_preempt self-detected stall on CPU"
+        ));
+        assert!(!l1_stalled("[ 1.0] Run /init as init process"));
     }
 
     #[test]

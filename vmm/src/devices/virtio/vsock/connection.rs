@@ -21,6 +21,9 @@ use super::packet::{Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
 
 /// Receive buffer we advertise to the guest per connection.
 pub const BUF_ALLOC: u32 = 256 * 1024;
+/// Most host data read ahead for the guest: one socket read fills several
+/// of the guest's (4 KiB) rx buffers. Never more than the guest's credit.
+const STAGE_MAX: usize = 64 * 1024;
 /// Send a credit update once this many bytes were forwarded since the last
 /// packet that told the guest our `fwd_cnt`.
 const CREDIT_UPDATE_THRESHOLD: u32 = BUF_ALLOC / 4;
@@ -80,6 +83,10 @@ pub struct Connection {
     fwd_cnt_told: u32,
     /// Bytes of host data sent to the guest (wrapping).
     rx_cnt: u32,
+    /// Host data read ahead for the guest (`staged[staged_at..]`), within
+    /// its credit when read.
+    staged: Vec<u8>,
+    staged_at: usize,
     peer_buf_alloc: u32,
     peer_fwd_cnt: u32,
     /// The socket had data (or EOF) when we last looked (edge-triggered).
@@ -108,6 +115,8 @@ impl Connection {
             fwd_cnt: 0,
             fwd_cnt_told: 0,
             rx_cnt: 0,
+            staged: Vec::new(),
+            staged_at: 0,
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
             // Edge-triggered: data that arrived before we watched the
@@ -161,9 +170,10 @@ impl Connection {
 
     /// Whether we could send the guest a data packet now.
     pub fn can_send_data(&self) -> bool {
+        let has_data =
+            self.staged_at < self.staged.len() || (self.readable && !self.host_done_sending);
         self.state == State::Established
-            && self.readable
-            && !self.host_done_sending
+            && has_data
             && !self.peer_done_receiving
             && self.peer_credit() > 0
     }
@@ -173,32 +183,58 @@ impl Connection {
         self.owed != Owed::default() || self.can_send_data()
     }
 
-    /// Reads host data for the guest into `buf` (already limited to the rx
-    /// buffer's room). `Ok(0)` means nothing now; EOF becomes an owed
-    /// SHUTDOWN.
+    /// Gives the guest host data in `buf` (already limited to the rx
+    /// buffer's room), from what was read ahead or else from one socket
+    /// read of up to [`STAGE_MAX`] within its credit. `Ok(0)` means nothing
+    /// now; EOF becomes an owed SHUTDOWN.
     pub fn read_for_guest(&mut self, buf: &mut [u8]) -> Result<usize, Error> {
         let limit = buf.len().min(self.peer_credit() as usize);
         if limit == 0 {
             return Ok(0);
         }
-        match self.stream.read(&mut buf[..limit]) {
+        if self.staged_at == self.staged.len() && !self.fill_stage()? {
+            return Ok(0);
+        }
+        let staged = &self.staged[self.staged_at..];
+        let n = staged.len().min(limit);
+        buf[..n].copy_from_slice(&staged[..n]);
+        self.staged_at += n;
+        self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
+        Ok(n)
+    }
+
+    /// Reads ahead as much as the guest has room for; false when the socket
+    /// had nothing (or ended).
+    fn fill_stage(&mut self) -> Result<bool, Error> {
+        let want = STAGE_MAX.min(self.peer_credit() as usize);
+        self.staged.resize(want, 0);
+        self.staged_at = 0;
+        let result = self.stream.read(&mut self.staged);
+        let got = match result {
             Ok(0) => {
                 self.readable = false;
                 self.host_done_sending = true;
                 self.owed.shutdown |= SHUTDOWN_SEND;
-                Ok(0)
+                0
             }
-            Ok(n) => {
-                self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
-                Ok(n)
-            }
+            Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.readable = false;
-                Ok(0)
+                0
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
-            Err(e) => Err(Error::Socket(e)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => {
+                self.staged.clear();
+                return Err(Error::Socket(e));
+            }
+        };
+        if got == 0 {
+            // An idle connection holds no read-ahead memory.
+            self.staged = Vec::new();
+        } else {
+            self.staged.truncate(got);
         }
+        Ok(got > 0)
     }
 
     /// Takes guest data: straight to the socket when it can, the rest into
@@ -353,6 +389,37 @@ mod tests {
         // The guest consumed 4 bytes.
         conn.update_peer_credit(&credit_header(10, 4));
         assert_eq!(conn.read_for_guest(&mut buf).unwrap(), 4);
+    }
+
+    #[test]
+    fn read_ahead_fills_several_small_buffers_from_one_read_within_credit() {
+        let (mut conn, mut host) = pair();
+        let data: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
+        host.write_all(&data).unwrap();
+        host.shutdown(Shutdown::Write).unwrap();
+        conn.update_peer_credit(&credit_header(10_000, 0));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = conn.read_for_guest(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, data[..10_000], "no more than the credit");
+        assert_eq!(conn.owed.shutdown, 0, "EOF is not reached before the data");
+        // Room for the rest and then some: EOF is only seen by a read.
+        conn.update_peer_credit(&credit_header(20_000, 10_000));
+        loop {
+            let n = conn.read_for_guest(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, data);
+        assert_eq!(conn.owed.shutdown, SHUTDOWN_SEND, "EOF after all data");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use frakti_lab::guest::{self, GuestAssets};
-use frakti_lab::process::{ChildGuard, read_log};
+use frakti_lab::process::{ChildGuard, FileTail, read_log};
 use frakti_lab::rerun::{Placement, run_here_or_in_lab};
 
 /// Sequential disk read in the guest: frakti-vmm vs QEMU microvm (ratio).
@@ -156,9 +156,12 @@ fn read_once(command: &mut Command, console: &Path, size_mib: u64) -> anyhow::Re
         .stderr(vmm_log);
     let mut vmm = ChildGuard::spawn(command).context("starting the VMM")?;
     let deadline = Instant::now() + Duration::from_secs(300);
+    // Complete lines only: the console may hold half of the result line.
+    let mut tail = FileTail::new(console);
     loop {
+        let lines = tail.new_lines()?;
         let log = read_log(console);
-        if let Some(line) = log.lines().find(|l| l.starts_with("@@ read_seconds")) {
+        if let Some(line) = lines.iter().find(|l| l.starts_with("@@ read_seconds")) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let seconds: f64 = fields
                 .get(2)

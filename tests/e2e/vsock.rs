@@ -135,6 +135,9 @@ fn echo_64_streams_both_ways() -> Result<(), Failed> {
         frakti_guest_tool::join(client)
             .map_err(|e| format!("host stream {i}: {e}\n{}", diagnostics()))?;
     }
+    if uds.exists() {
+        return Err(format!("{} outlived the VMM", uds.display()).into());
+    }
     let echoed = frakti_guest_tool::join(host_server)?;
     if echoed != STREAMS_EACH_WAY * BYTES_PER_STREAM {
         return Err(format!("host echo server moved {echoed} bytes\n{}", diagnostics()).into());

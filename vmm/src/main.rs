@@ -160,9 +160,15 @@ fn main() -> ExitCode {
 fn run(cli: Cli, start: Instant) -> anyhow::Result<ExitCode> {
     let config = cli.into_config()?;
     let socket = config.api_socket.clone();
+    let vsock_socket = config.vsock.as_ref().map(|v| v.uds.clone());
     let listener = socket.as_ref().map(api::bind).transpose()?;
     let result = boot_and_run(config, listener, start);
     if let Some(path) = &socket {
+        let _ = std::fs::remove_file(path);
+    }
+    // The VM ran, so the vsock socket was ours (a live one of another VM
+    // fails the build instead).
+    if let (Some(path), Ok(_)) = (&vsock_socket, &result) {
         let _ = std::fs::remove_file(path);
     }
     let outcome = result?;

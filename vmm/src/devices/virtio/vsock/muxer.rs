@@ -51,6 +51,8 @@ pub enum Error {
     },
     #[error("{0} exists and is not a socket")]
     NotASocket(PathBuf),
+    #[error("{0} is in use: another process listens on it")]
+    InUse(PathBuf),
 }
 
 /// A host client that has not sent its full `CONNECT` line yet.
@@ -540,6 +542,10 @@ fn remove_stale_socket(path: &Path) -> Result<(), Error> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
+            // A live listener is another VM's: never take its socket.
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::InUse(path.to_path_buf()));
+            }
             let _ = std::fs::remove_file(path);
             Ok(())
         }

@@ -271,6 +271,19 @@ fn a_path_that_is_not_a_socket_is_refused() {
 }
 
 #[test]
+fn a_stale_socket_is_replaced_but_a_live_one_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("v.sock");
+    drop(UnixListener::bind(&path).unwrap());
+    let first = Vsock::new(CID, &path).expect("a stale socket file is replaced");
+    assert!(matches!(
+        Vsock::new(CID + 1, &path),
+        Err(Error::Muxer(muxer::Error::InUse(_)))
+    ));
+    drop(first);
+}
+
+#[test]
 fn host_client_connects_and_data_flows_both_ways() {
     let mem = guest_memory(MEM_SIZE);
     let mut guest = Guest::new(&mem);

@@ -22,7 +22,8 @@ use std::thread;
 
 use frakti_guest_tool::{join, send_and_check, send_pattern};
 use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, VsockAddr, accept, bind, connect, listen, socket,
+    AddressFamily, Backlog, SockFlag, SockType, VsockAddr, accept, bind, connect, listen,
+    setsockopt, socket, sockopt,
 };
 
 const VMADDR_CID_ANY: u32 = u32::MAX;
@@ -78,12 +79,19 @@ fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Accepts a stream whose close waits (up to 30 s) until the host end
+/// has taken every byte: the test guest resets the VM right after, and
+/// data still queued in the guest kernel would be lost.
 fn vsock_accept(listener: &OwnedFd) -> io::Result<UnixStream> {
     let fd = accept(listener.as_raw_fd())?;
     // SAFETY: accept just returned this descriptor; we are its only owner.
-    Ok(vsock_stream(unsafe {
-        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
-    }))
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 30,
+    };
+    setsockopt(&fd, sockopt::Linger, &linger)?;
+    Ok(vsock_stream(fd))
 }
 
 fn vsock_connect(cid: u32, port: u32) -> io::Result<UnixStream> {

@@ -90,7 +90,7 @@ fn echo_64_streams_both_ways() -> Result<(), Failed> {
         .arg(&assets.kernel)
         .arg("--initrd")
         .arg(&initrd)
-        .args(["--memory", "256", "--cmdline", "quiet"])
+        .args(["--memory", "256", "--cmdline", "quiet", "--log", "debug"])
         .arg("--vsock")
         .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
         .arg("--serial")

@@ -10,6 +10,8 @@ packages=(
     qemu-system-x86 busybox-static
     # agent.proto (tonic-build) and the agent's host-mode tests (busybox-static above, unshare)
     protobuf-compiler util-linux
+    # ext4 image disks for the end-to-end tests (mke2fs -d)
+    e2fsprogs
 )
 
 missing=()

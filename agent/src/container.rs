@@ -108,8 +108,14 @@ pub struct Event {
 
 #[derive(Debug, Clone)]
 pub enum EventKind {
-    Exited(Exit),
-    Oom { oom_kills: u64 },
+    /// `oom_killed` as in [`Container::report`].
+    Exited {
+        exit: Exit,
+        oom_killed: bool,
+    },
+    Oom {
+        oom_kills: u64,
+    },
 }
 
 /// A process of a container (its init or an exec).
@@ -660,11 +666,11 @@ impl Containers {
         let container = container.clone();
         let process = process.clone();
         tokio::spawn(async move {
-            let exit = process.wait().await;
+            let (exit, oom_killed) = container.report(process.wait().await);
             let _ = events.send(Event {
                 container_id: container.id.clone(),
                 exec_id,
-                kind: EventKind::Exited(exit),
+                kind: EventKind::Exited { exit, oom_killed },
             });
         });
     }

@@ -743,7 +743,9 @@ impl AgentApi for Service {
                     Err(_) => return,
                 };
                 let kind = match event.kind {
-                    EventKind::Exited(exit) => pb::event::Kind::Exited(exit_status(exit, false)),
+                    EventKind::Exited { exit, oom_killed } => {
+                        pb::event::Kind::Exited(exit_status(exit, oom_killed))
+                    }
                     EventKind::Oom { oom_kills } => {
                         pb::event::Kind::Oom(pb::OomEvent { oom_kills })
                     }

@@ -2,6 +2,7 @@
 //! else this binary re-runs itself inside the lab's L1 (one boot for the
 //! whole selection), so `cargo test --test e2e [FILTER]` works everywhere.
 
+mod agent;
 mod disks;
 mod net;
 mod qemu_baseline;
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
         Ok([
             (guest::VMM_ENV, vmm),
             (guest::GUEST_TOOL_ENV, guest::guest_tool_binary()?),
+            (guest::MKE2FS_ENV, guest::mke2fs_binary()?),
         ])
     });
     let placement = programs
@@ -51,5 +53,6 @@ fn tests() -> Vec<Trial> {
     tests.extend(disks::tests());
     tests.extend(vsock::tests());
     tests.extend(net::tests());
+    tests.extend(agent::tests());
     tests
 }

@@ -18,6 +18,8 @@ pub const VMM_ENV: &str = "FRAKTI_VMM";
 pub const INITRD_ENV: &str = "FRAKTI_GUEST_INITRD";
 /// The static frakti-guest-tool binary that test guests run.
 pub const GUEST_TOOL_ENV: &str = "FRAKTI_GUEST_TOOL";
+/// mke2fs, which tests run to build ext4 images (L1 has no mkfs of its own).
+pub const MKE2FS_ENV: &str = "FRAKTI_MKE2FS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -25,6 +27,12 @@ pub enum Error {
     Missing {
         what: &'static str,
         path: PathBuf,
+        env: &'static str,
+    },
+    #[error("{} not found (apt-get install {package}, or set {env})", path.display())]
+    MissingTool {
+        path: PathBuf,
+        package: &'static str,
         env: &'static str,
     },
     #[error("cannot start the VMM (for QEMU: apt-get install qemu-system-x86)")]
@@ -103,6 +111,22 @@ pub fn vmm_binary() -> Result<PathBuf, Error> {
 /// The guest tool: `$FRAKTI_GUEST_TOOL`, else where `make guest-tool` puts it.
 pub fn guest_tool_binary() -> Result<PathBuf, Error> {
     static_binary(GUEST_TOOL_ENV, "frakti-guest-tool", "guest tool binary")
+}
+
+/// mke2fs: `$FRAKTI_MKE2FS`, else Debian's /sbin/mke2fs (e2fsprogs). It is
+/// linked dynamically: the lab copies it with its libraries.
+pub fn mke2fs_binary() -> Result<PathBuf, Error> {
+    let path =
+        std::env::var_os(MKE2FS_ENV).map_or_else(|| PathBuf::from("/sbin/mke2fs"), PathBuf::from);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::MissingTool {
+            path,
+            package: "e2fsprogs",
+            env: MKE2FS_ENV,
+        })
+    }
 }
 
 fn static_binary(env: &'static str, name: &str, what: &'static str) -> Result<PathBuf, Error> {

@@ -86,14 +86,18 @@ pub async fn serve(agent: Arc<Agent>, listeners: Vec<Listener>) {
         let stopped = async move {
             let _ = stop.wait_for(|s| s.is_some()).await;
         };
-        let router = tonic::transport::Server::builder().add_service(service);
+        // One service: no router needed, AgentServer answers unknown
+        // methods itself.
+        let server = tonic::transport::Server::builder();
         match listener {
             Listener::Unix(l) => {
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
-                servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+                servers.spawn(server.serve_with_incoming_shutdown(service, incoming, stopped));
             }
             Listener::Vsock(l) => {
-                servers.spawn(router.serve_with_incoming_shutdown(l.incoming(), stopped));
+                let incoming =
+                    tokio_stream::StreamExt::map(l.incoming(), |c| c.map(VsockConnection));
+                servers.spawn(server.serve_with_incoming_shutdown(service, incoming, stopped));
             }
         }
     }
@@ -113,6 +117,50 @@ pub async fn serve(agent: Arc<Agent>, listeners: Vec<Listener>) {
 
 struct Service {
     agent: Arc<Agent>,
+}
+
+/// A vsock connection for tonic (tokio-vsock's own tonic support would turn
+/// on tonic's default features: router, client transport).
+struct VsockConnection(tokio_vsock::VsockStream);
+
+impl tonic::transport::server::Connected for VsockConnection {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for VsockConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for VsockConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 impl Service {

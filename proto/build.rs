@@ -3,6 +3,10 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/agent.proto");
-    tonic_prost_build::configure().compile_protos(&["proto/agent.proto"], &["proto"])?;
+    // No `AgentClient::connect`: it would need tonic's client transport in
+    // the agent too; clients build a Channel and call `AgentClient::new`.
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .compile_protos(&["proto/agent.proto"], &["proto"])?;
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod container;
 pub mod init;
 pub mod io;
+pub mod network;
 pub mod pid1;
 pub mod process;
 pub mod sandbox;

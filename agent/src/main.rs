@@ -82,13 +82,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr at the level RUST_LOG names ("debug", "warn"...; info
+/// by default). A plain level, not an EnvFilter: its regex engine would
+/// grow the agent, and every pod boots it.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::process::id() != 1)
+        .with_ansi(false)
         .with_target(false)
         .init();
 }

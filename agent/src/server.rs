@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::container::{self, Containers, CreateRequest, EventKind, Exit};
+use crate::network::{self, Netlink};
 use crate::sandbox::{self, Sandbox, SandboxConfig};
 use crate::storage::{self, RootfsSource, Storage};
 use crate::sysinfo;
@@ -23,6 +24,8 @@ pub struct Agent {
     pub containers: Containers,
     pub storage: Storage,
     pub sandbox: Sandbox,
+    /// Held while the network is changed: one change at a time.
+    network: std::sync::Mutex<()>,
     /// Set to the grace period when a shutdown is requested.
     shutdown: watch::Sender<Option<Duration>>,
 }
@@ -34,6 +37,7 @@ impl Agent {
             containers,
             storage,
             sandbox,
+            network: std::sync::Mutex::new(()),
             shutdown,
         })
     }
@@ -41,6 +45,22 @@ impl Agent {
     /// Asks the server to stop; [`serve`] then stops the containers.
     pub fn request_shutdown(&self, grace: Duration) {
         self.shutdown.send_replace(Some(grace));
+    }
+
+    /// Runs `work` on a netlink socket, on the blocking pool, one network
+    /// request at a time.
+    async fn network<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&mut Netlink) -> Result<T, network::Error> + Send + 'static,
+    ) -> Result<T, Status> {
+        let agent = self.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = agent.network.lock().unwrap_or_else(|e| e.into_inner());
+            work(&mut Netlink::open()?)
+        })
+        .await
+        .map_err(join_error)?;
+        Ok(result?)
     }
 
     fn shutdown_requested(&self) -> watch::Receiver<Option<Duration>> {
@@ -66,14 +86,18 @@ pub async fn serve(agent: Arc<Agent>, listeners: Vec<Listener>) {
         let stopped = async move {
             let _ = stop.wait_for(|s| s.is_some()).await;
         };
-        let router = tonic::transport::Server::builder().add_service(service);
+        // One service: no router needed, AgentServer answers unknown
+        // methods itself.
+        let server = tonic::transport::Server::builder();
         match listener {
             Listener::Unix(l) => {
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
-                servers.spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+                servers.spawn(server.serve_with_incoming_shutdown(service, incoming, stopped));
             }
             Listener::Vsock(l) => {
-                servers.spawn(router.serve_with_incoming_shutdown(l.incoming(), stopped));
+                let incoming =
+                    tokio_stream::StreamExt::map(l.incoming(), |c| c.map(VsockConnection));
+                servers.spawn(server.serve_with_incoming_shutdown(service, incoming, stopped));
             }
         }
     }
@@ -93,6 +117,50 @@ pub async fn serve(agent: Arc<Agent>, listeners: Vec<Listener>) {
 
 struct Service {
     agent: Arc<Agent>,
+}
+
+/// A vsock connection for tonic (tokio-vsock's own tonic support would turn
+/// on tonic's default features: router, client transport).
+struct VsockConnection(tokio_vsock::VsockStream);
+
+impl tonic::transport::server::Connected for VsockConnection {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for VsockConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for VsockConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 impl Service {
@@ -211,6 +279,19 @@ impl From<sandbox::Error> for Status {
                 Status::invalid_argument(message)
             }
             sandbox::Error::AlreadySetUp => Status::failed_precondition(message),
+            _ => Status::internal(message),
+        }
+    }
+}
+
+impl From<network::Error> for Status {
+    fn from(e: network::Error) -> Status {
+        let message = chain(&e);
+        match e {
+            network::Error::Invalid(_) => Status::invalid_argument(message),
+            network::Error::NotFound(_) => Status::not_found(message),
+            network::Error::Exists(_) => Status::already_exists(message),
+            _ if e.is_refused_argument() => Status::invalid_argument(message),
             _ => Status::internal(message),
         }
     }
@@ -765,41 +846,57 @@ impl AgentApi for Service {
 
     async fn update_interface(
         &self,
-        _: Request<pb::UpdateInterfaceRequest>,
+        request: Request<pb::UpdateInterfaceRequest>,
     ) -> Result<Response<pb::UpdateInterfaceResponse>, Status> {
-        Err(Status::unimplemented(
-            "UpdateInterface is not implemented yet",
-        ))
+        let Some(interface) = request.into_inner().interface else {
+            return Err(Status::invalid_argument("interface is missing"));
+        };
+        let interface = self
+            .agent
+            .network(move |nl| network::update_interface(nl, &interface))
+            .await?;
+        Ok(Response::new(pb::UpdateInterfaceResponse {
+            interface: Some(interface),
+        }))
     }
 
     async fn list_interfaces(
         &self,
         _: Request<pb::ListInterfacesRequest>,
     ) -> Result<Response<pb::ListInterfacesResponse>, Status> {
-        Err(Status::unimplemented(
-            "ListInterfaces is not implemented yet",
-        ))
+        let interfaces = self.agent.network(network::list_interfaces).await?;
+        Ok(Response::new(pb::ListInterfacesResponse { interfaces }))
     }
 
     async fn update_routes(
         &self,
-        _: Request<pb::UpdateRoutesRequest>,
+        request: Request<pb::UpdateRoutesRequest>,
     ) -> Result<Response<pb::UpdateRoutesResponse>, Status> {
-        Err(Status::unimplemented("UpdateRoutes is not implemented yet"))
+        let routes = request.into_inner().routes;
+        let routes = self
+            .agent
+            .network(move |nl| network::update_routes(nl, &routes))
+            .await?;
+        Ok(Response::new(pb::UpdateRoutesResponse { routes }))
     }
 
     async fn list_routes(
         &self,
         _: Request<pb::ListRoutesRequest>,
     ) -> Result<Response<pb::ListRoutesResponse>, Status> {
-        Err(Status::unimplemented("ListRoutes is not implemented yet"))
+        let routes = self.agent.network(network::list_routes).await?;
+        Ok(Response::new(pb::ListRoutesResponse { routes }))
     }
 
     async fn add_neighbors(
         &self,
-        _: Request<pb::AddNeighborsRequest>,
+        request: Request<pb::AddNeighborsRequest>,
     ) -> Result<Response<pb::AddNeighborsResponse>, Status> {
-        Err(Status::unimplemented("AddNeighbors is not implemented yet"))
+        let neighbors = request.into_inner().neighbors;
+        self.agent
+            .network(move |nl| network::add_neighbors(nl, &neighbors))
+            .await?;
+        Ok(Response::new(pb::AddNeighborsResponse {}))
     }
 
     type PortForwardStream = BoxStream<pb::PortForwardData>;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::process::Reaper;
 
+use frakti_proto::error_chain;
 use nix::errno::Errno;
 use nix::mount::{MsFlags, mount};
 use nix::sys::reboot::{RebootMode, reboot, set_cad_enabled};
@@ -282,17 +283,6 @@ pub fn loopback_up() -> Result<(), Error> {
         }
     }
     Ok(())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Where the initramfs content moves to before it becomes the root.

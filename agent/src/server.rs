@@ -18,6 +18,7 @@ use crate::network::{self, Netlink};
 use crate::sandbox::{self, Sandbox, SandboxConfig};
 use crate::storage::{self, RootfsSource, Storage};
 use crate::sysinfo;
+use frakti_proto::error_chain as chain;
 
 /// Everything the service works on.
 pub struct Agent {
@@ -224,17 +225,6 @@ impl Service {
         list.extend(nodes);
         serde_json::to_vec(&spec).map_err(|e| Status::internal(e.to_string()))
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 impl From<container::Error> for Status {

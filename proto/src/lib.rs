@@ -17,6 +17,20 @@ pub mod agent {
     }
 }
 
+/// An error with its sources, `: `-separated: what went wrong down to the
+/// root cause, in one line (tonic's transport error, for one, says only
+/// "transport error" by itself).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// The vsock port the agent serves its API on (the guest's CID is the one
 /// the VMM gives the vsock device).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -45,6 +59,29 @@ pub const DUMP_KMSG_PARAM: &str = "frakti_dump_kmsg";
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_names_every_cause() {
+        let inner = std::io::Error::other("disk on fire");
+        let outer = std::io::Error::new(std::io::ErrorKind::NotFound, inner);
+        assert_eq!(error_chain(&outer), "disk on fire");
+        #[derive(Debug)]
+        struct Wrapper(std::io::Error);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("cannot start")
+            }
+        }
+        impl std::error::Error for Wrapper {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let wrapped = Wrapper(std::io::Error::other("no space"));
+        assert_eq!(error_chain(&wrapped), "cannot start: no space");
+    }
+
     use prost::Message;
 
     use super::agent::v1::{CreateContainerRequest, Rootfs, rootfs};

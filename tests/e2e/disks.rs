@@ -6,12 +6,13 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use frakti_lab::guest::{self, GuestAssets};
-use frakti_lab::process::{ChildGuard, FileTail, read_log};
+use frakti_lab::guest;
+use frakti_lab::process::read_log;
 use libtest_mimic::{Failed, Trial};
+
+use crate::test_vm::TestVm;
 
 pub fn tests() -> Vec<Trial> {
     vec![Trial::test(
@@ -71,7 +72,6 @@ fn api(socket: &Path, method: &str, path: &str, body: &str) -> Result<String, Fa
 }
 
 fn read_write_read_only_and_slot_swaps() -> Result<(), Failed> {
-    let assets = GuestAssets::locate()?;
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("disk-test-initrd.gz");
     guest::build_script_initrd(GUEST_SCRIPT, &initrd)?;
@@ -79,68 +79,36 @@ fn read_write_read_only_and_slot_swaps() -> Result<(), Failed> {
     let scratch = disk_file(dir.path(), "scratch.raw", 1 << 20, b"")?;
     let second = disk_file(dir.path(), "b.raw", 2 << 20, b"frakti-disk-B")?;
     let third = disk_file(dir.path(), "c.raw", 3 << 20, b"frakti-disk-C")?;
-    let console = dir.path().join("console.log");
     let socket = dir.path().join("api.sock");
-
-    let mut command = Command::new(guest::vmm_binary()?);
-    command
-        .arg("--kernel")
-        .arg(&assets.kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--memory", "128", "--cmdline", "quiet"])
+    let mut vm = TestVm::new(dir.path(), &initrd, 128)?;
+    vm.command
         .args(["--disk", &format!("serial=image,path={image},ro")])
         .args(["--disk", &format!("serial=scratch,path={scratch}")])
         .args(["--disk", "serial=slot0"])
-        .arg("--serial")
-        .arg(&console)
         .arg("--api-socket")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("vmm.log"))?);
-    let mut vmm = ChildGuard::spawn(&mut command)?;
-    let diagnostics = || {
-        format!(
-            "console:\n{}\nvmm log:\n{}",
-            read_log(&console),
-            read_log(&dir.path().join("vmm.log"))
-        )
-    };
-
-    let mut tail = FileTail::new(&console);
-    let deadline = Instant::now() + Duration::from_secs(120);
+        .arg(&socket);
+    vm.start()?;
     let mut swaps = 0;
-    loop {
-        for line in tail.new_lines()? {
-            let request = match line.trim() {
-                "@@ ready for slot 1" => Some(("PUT", format!("{{\"path\": \"{second}\"}}"))),
-                "@@ ready for slot 2" => Some(("PUT", format!("{{\"path\": \"{third}\"}}"))),
-                "@@ ready for slot 3" => Some(("DELETE", String::new())),
-                _ => None,
-            };
-            if let Some((method, body)) = request {
-                api(&socket, method, "/disks/slot0", &body)?;
-                swaps += 1;
-            }
+    vm.run_to_exit(Duration::from_secs(120), |line| {
+        let request = match line.trim() {
+            "@@ ready for slot 1" => Some(("PUT", format!("{{\"path\": \"{second}\"}}"))),
+            "@@ ready for slot 2" => Some(("PUT", format!("{{\"path\": \"{third}\"}}"))),
+            "@@ ready for slot 3" => Some(("DELETE", String::new())),
+            _ => None,
+        };
+        if let Some((method, body)) = request {
+            api(&socket, method, "/disks/slot0", &body)?;
+            swaps += 1;
         }
-        if let Some(status) = vmm.try_wait()? {
-            if !status.success() {
-                return Err(format!("VMM exit {status}\n{}", diagnostics()).into());
-            }
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("guest did not finish\n{}", diagnostics()).into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        Ok(())
+    })?;
 
-    let out = read_log(&console);
+    let out = read_log(&vm.console);
     let expect = |needle: &str| -> Result<(), Failed> {
         if out.contains(needle) {
             Ok(())
         } else {
-            Err(format!("console lacks {needle:?}\n{}", diagnostics()).into())
+            Err(vm.failure(format!("console lacks {needle:?}")))
         }
     };
     expect("image ro=1 size=2048")?;
@@ -152,7 +120,7 @@ fn read_write_read_only_and_slot_swaps() -> Result<(), Failed> {
     expect("slot size 6144 says frakti-disk-C")?;
     expect("slot size 0 at the end")?;
     if swaps != 3 {
-        return Err(format!("{swaps} slot swaps, expected 3\n{}", diagnostics()).into());
+        return Err(vm.failure(format!("{swaps} slot swaps, expected 3")));
     }
     let written = std::fs::read(&scratch)?;
     if &written[512..528] != b"guest-wrote-this" {

@@ -6,6 +6,7 @@ mod agent;
 mod disks;
 mod net;
 mod qemu_baseline;
+mod test_vm;
 mod vmm;
 mod vsock;
 

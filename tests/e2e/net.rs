@@ -6,14 +6,16 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use frakti_guest_tool::Checker;
-use frakti_lab::guest::{self, GuestAssets};
-use frakti_lab::process::{ChildGuard, FileTail, read_log, seccomp_kills};
+use frakti_lab::guest;
+use frakti_lab::process::read_log;
 use libtest_mimic::{Failed, Trial};
+
+use crate::test_vm::TestVm;
 
 pub fn tests() -> Vec<Trial> {
     vec![Trial::test(
@@ -94,66 +96,28 @@ fn wait_for_tap(deadline: Instant) -> Result<(), String> {
 }
 
 fn ping_and_64_mib_over_tcp_to_a_tap() -> Result<(), Failed> {
-    let assets = GuestAssets::locate()?;
     let tool = guest::guest_tool_binary()?;
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("net-test-initrd.gz");
     guest::build_script_initrd_with(&guest_script(), &[(TOOL, &tool)], &initrd)?;
-    let console = dir.path().join("console.log");
-    let vmm_log = dir.path().join("vmm.log");
-
-    let mut command = Command::new(guest::vmm_binary()?);
-    command
-        .arg("--kernel")
-        .arg(&assets.kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--memory", "256", "--cmdline", "quiet"])
-        .arg("--net")
-        .arg(format!("tap={TAP},mac={MAC}"))
-        .arg("--serial")
-        .arg(&console)
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&vmm_log)?);
-    let mut vmm = ChildGuard::spawn(&mut command)?;
-    let diagnostics = || {
-        format!(
-            "console:\n{}\nvmm log:\n{}\nseccomp: {}",
-            read_log(&console),
-            read_log(&vmm_log),
-            seccomp_kills()
-        )
-    };
+    let mut vm = TestVm::new(dir.path(), &initrd, 256)?;
+    vm.command.arg("--net").arg(format!("tap={TAP},mac={MAC}"));
+    vm.start()?;
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(240);
-    wait_for_tap(deadline).map_err(|e| format!("{e}\n{}", diagnostics()))?;
+    wait_for_tap(started + Duration::from_secs(60)).map_err(|e| vm.failure(e))?;
     ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
     ip(&["link", "set", TAP, "up"])?;
     let server = tcp_checker(TcpListener::bind((HOST_IP, PORT))?);
-
-    let mut tail = FileTail::new(&console);
-    loop {
-        tail.new_lines()?;
-        if let Some(status) = vmm.try_wait()? {
-            if !status.success() {
-                return Err(format!("VMM exit {status}\n{}", diagnostics()).into());
-            }
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("guest did not finish\n{}", diagnostics()).into());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    vm.run_to_exit(Duration::from_secs(240), |_| Ok(()))?;
     let seconds = started.elapsed().as_secs_f64();
     if !server.is_finished() {
-        return Err(format!("the guest never connected\n{}", diagnostics()).into());
+        return Err(vm.failure("the guest never connected"));
     }
     let received = server
         .join()
         .map_err(|_| "the TCP checker panicked".to_string())?
-        .map_err(|e| format!("{e}\n{}", diagnostics()))?;
-    let out = read_log(&console);
+        .map_err(|e| vm.failure(e))?;
+    let out = read_log(&vm.console);
     for needle in [
         format!("guest mac {MAC}"),
         "@@ ping ok".to_string(),
@@ -161,7 +125,7 @@ fn ping_and_64_mib_over_tcp_to_a_tap() -> Result<(), Failed> {
         format!("peer says: ok {BYTES}"),
     ] {
         if !out.contains(&needle) {
-            return Err(format!("console lacks {needle:?}\n{}", diagnostics()).into());
+            return Err(vm.failure(format!("console lacks {needle:?}")));
         }
     }
     if Path::new(&format!("/sys/class/net/{TAP}")).exists() {

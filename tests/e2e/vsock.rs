@@ -5,15 +5,16 @@
 
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use frakti_guest_tool::send_and_check;
-use frakti_lab::guest::{self, GuestAssets};
-use frakti_lab::process::{ChildGuard, FileTail, read_log, seccomp_kills};
+use frakti_lab::guest;
+use frakti_lab::process::read_log;
 use frakti_lab::vsock::hybrid_connect;
 use libtest_mimic::{Failed, Trial};
+
+use crate::test_vm::TestVm;
 
 pub fn tests() -> Vec<Trial> {
     vec![Trial::test(
@@ -73,7 +74,6 @@ fn host_clients(uds: &Path) -> Vec<JoinHandle<std::io::Result<()>>> {
 }
 
 fn echo_64_streams_both_ways() -> Result<(), Failed> {
-    let assets = GuestAssets::locate()?;
     let tool = guest::guest_tool_binary()?;
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("vsock-test-initrd.gz");
@@ -81,74 +81,39 @@ fn echo_64_streams_both_ways() -> Result<(), Failed> {
     let uds = dir.path().join("vsock.sock");
     let listener = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display()))?;
     let host_server = host_echo_server(listener, STREAMS_EACH_WAY);
-    let console = dir.path().join("console.log");
-    let vmm_log = dir.path().join("vmm.log");
-
-    let mut command = Command::new(guest::vmm_binary()?);
-    command
-        .arg("--kernel")
-        .arg(&assets.kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--memory", "256", "--cmdline", "quiet", "--log", "debug"])
-        .arg("--vsock")
-        .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
-        .arg("--serial")
-        .arg(&console)
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&vmm_log)?);
-    let mut vmm = ChildGuard::spawn(&mut command)?;
-    let diagnostics = || {
-        format!(
-            "console:\n{}\nvmm log:\n{}\nseccomp: {}",
-            read_log(&console),
-            read_log(&vmm_log),
-            seccomp_kills()
-        )
-    };
-
+    let mut vm = TestVm::new(dir.path(), &initrd, 256)?;
+    vm.command
+        .args(["--log", "debug", "--vsock"])
+        .arg(format!("cid={GUEST_CID},uds={}", uds.display()));
+    vm.start()?;
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(240);
-    let mut tail = FileTail::new(&console);
     let mut clients = None;
-    loop {
-        for line in tail.new_lines()? {
-            if line.contains(&format!("vsock echo server listening on {GUEST_PORT}")) {
-                clients = Some(host_clients(&uds));
-            }
+    vm.run_to_exit(Duration::from_secs(240), |line| {
+        if line.contains(&format!("vsock echo server listening on {GUEST_PORT}")) {
+            clients = Some(host_clients(&uds));
         }
-        if let Some(status) = vmm.try_wait()? {
-            if !status.success() {
-                return Err(format!("VMM exit {status}\n{}", diagnostics()).into());
-            }
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("guest did not finish\n{}", diagnostics()).into());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+        Ok(())
+    })?;
     let seconds = started.elapsed().as_secs_f64();
 
-    let clients = clients.ok_or_else(|| format!("the guest never listened\n{}", diagnostics()))?;
+    let clients = clients.ok_or_else(|| vm.failure("the guest never listened"))?;
     for (i, client) in clients.into_iter().enumerate() {
-        frakti_guest_tool::join(client)
-            .map_err(|e| format!("host stream {i}: {e}\n{}", diagnostics()))?;
+        frakti_guest_tool::join(client).map_err(|e| vm.failure(format!("host stream {i}: {e}")))?;
     }
     if uds.exists() {
         return Err(format!("{} outlived the VMM", uds.display()).into());
     }
     let echoed = frakti_guest_tool::join(host_server)?;
     if echoed != STREAMS_EACH_WAY * BYTES_PER_STREAM {
-        return Err(format!("host echo server moved {echoed} bytes\n{}", diagnostics()).into());
+        return Err(vm.failure(format!("host echo server moved {echoed} bytes")));
     }
-    let out = read_log(&console);
+    let out = read_log(&vm.console);
     for needle in [
         format!("vsock-echo-client ok streams={STREAMS_EACH_WAY}"),
         format!("vsock-echo-server ok connections={STREAMS_EACH_WAY}"),
     ] {
         if !out.contains(&needle) {
-            return Err(format!("console lacks {needle:?}\n{}", diagnostics()).into());
+            return Err(vm.failure(format!("console lacks {needle:?}")));
         }
     }
     eprintln!(

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use frakti_proto::AGENT_VSOCK_PORT;
 use frakti_proto::agent::v1 as pb;
+use frakti_proto::error_chain;
 use hyper_util::rt::TokioIo;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, VsockAddr, connect, socket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -144,19 +145,6 @@ pub async fn wait_for_agent(
             Err(_) => tokio::time::sleep(RETRY_INTERVAL).await,
         }
     }
-}
-
-/// An error with its sources, `: `-separated (tonic's transport error says
-/// only "transport error" by itself).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Opens a stream to `port` of the VM with `cid` through AF_VSOCK (a

@@ -28,6 +28,7 @@ use crate::metrics::{self, ExitCounters};
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{VcpuRemote, VcpuState};
 use crate::vm::{DEFAULT_SHUTDOWN_GRACE, StopRequest};
+use frakti_proto::error_chain;
 
 const MAX_REQUEST: usize = 64 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -341,17 +342,6 @@ fn parse_backing(body: &[u8]) -> Result<PathBuf, String> {
         return Err(format!("path {path:?} must be absolute"));
     }
     Ok(PathBuf::from(path))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn metrics_json(ctx: &ApiContext) -> Value {

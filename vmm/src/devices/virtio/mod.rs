@@ -51,7 +51,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use event_manager::{EventOps, Events};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -76,6 +76,39 @@ pub const INTERRUPT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_
 /// Feature bit `bit` as a mask.
 pub const fn feature(bit: u32) -> u64 {
     1 << bit
+}
+
+/// Copies the part of a device's config space `config` at `offset` into
+/// `data`; bytes past its end read as zero.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(available) = usize::try_from(offset)
+        .ok()
+        .and_then(|offset| config.get(offset..))
+    else {
+        return;
+    };
+    let n = available.len().min(data.len());
+    data[..n].copy_from_slice(&available[..n]);
+}
+
+/// Checks what `VirtioDevice::activate` was given: exactly `N` queues,
+/// all ready, and their `N` eventfds.
+pub fn exact_queues<const N: usize>(
+    queues: Vec<Queue>,
+    queue_evts: Vec<Arc<EventFd>>,
+) -> Result<([Queue; N], [Arc<EventFd>; N]), ActivateError> {
+    let got = queues.len().max(queue_evts.len());
+    let (Ok(queues), Ok(queue_evts)) = (
+        <[Queue; N]>::try_from(queues),
+        <[Arc<EventFd>; N]>::try_from(queue_evts),
+    ) else {
+        return Err(ActivateError::QueueCount { expected: N, got });
+    };
+    if let Some(index) = queues.iter().position(|q| !q.ready()) {
+        return Err(ActivateError::QueueNotReady(index));
+    }
+    Ok((queues, queue_evts))
 }
 
 /// Where the `n`-th virtio-mmio device lives: its window and its IRQ.

@@ -36,7 +36,7 @@ use self::handler::RequestHandler;
 use self::request::MAX_REQUEST_BYTES;
 use super::{
     ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
-    VirtioInterrupt, feature,
+    VirtioInterrupt, exact_queues, feature, read_config_space,
 };
 
 /// Entries of the request queue.
@@ -307,16 +307,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.config_bytes();
-        let Some(available) = usize::try_from(offset)
-            .ok()
-            .and_then(|offset| config.get(offset..))
-        else {
-            return;
-        };
-        let n = available.len().min(data.len());
-        data[..n].copy_from_slice(&available[..n]);
+        read_config_space(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -341,16 +332,7 @@ impl VirtioDevice for Block {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = queues.len().max(queue_evts.len());
-        let (Ok([queue]), Ok([queue_evt])) = (
-            <[Queue; 1]>::try_from(queues),
-            <[Arc<EventFd>; 1]>::try_from(queue_evts),
-        ) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+        let ([queue], [queue_evt]) = exact_queues::<1>(queues, queue_evts)?;
         self.events.request_sync().map_err(ActivateError::EventFd)?;
         self.active = Some(Active {
             mem,

@@ -62,7 +62,7 @@ pub use self::tap::Tap;
 use self::tx::TxStop;
 use super::{
     ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
-    VirtioInterrupt, feature,
+    VirtioInterrupt, exact_queues, feature, read_config_space,
 };
 
 /// Index of the receive queue.
@@ -341,16 +341,7 @@ impl<B: Backend> VirtioDevice for Net<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.config_bytes();
-        let Some(available) = usize::try_from(offset)
-            .ok()
-            .and_then(|offset| config.get(offset..))
-        else {
-            return;
-        };
-        let n = available.len().min(data.len());
-        data[..n].copy_from_slice(&available[..n]);
+        read_config_space(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -372,13 +363,7 @@ impl<B: Backend> VirtioDevice for Net<B> {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = queues.len().max(queue_evts.len());
-        let (Ok([rx, tx]), 2) = (<[Queue; 2]>::try_from(queues), queue_evts.len()) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
-        if let Some(index) = [&rx, &tx].iter().position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady(index));
-        }
+        let ([rx, tx], queue_evts) = exact_queues::<2>(queues, queue_evts)?;
         self.events.request_sync().map_err(ActivateError::EventFd)?;
         self.backend_failed = false;
         self.active = Some(Active {
@@ -386,7 +371,7 @@ impl<B: Backend> VirtioDevice for Net<B> {
             interrupt,
             rx,
             tx,
-            queue_evts,
+            queue_evts: queue_evts.to_vec(),
             broken: false,
             rx_starved: false,
             tx_blocked: false,

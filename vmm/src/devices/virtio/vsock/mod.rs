@@ -25,7 +25,8 @@ use vmm_sys_util::eventfd::EventFd;
 use self::muxer::Muxer;
 use self::packet::{MAX_PAYLOAD, RxBuffer};
 use super::{
-    ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioInterrupt, feature,
+    ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioInterrupt,
+    exact_queues, feature, read_config_space,
 };
 
 /// Entries of each queue.
@@ -277,16 +278,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.guest_cid.to_le_bytes();
-        let Some(available) = usize::try_from(offset)
-            .ok()
-            .and_then(|offset| config.get(offset..))
-        else {
-            return;
-        };
-        let n = available.len().min(data.len());
-        data[..n].copy_from_slice(&available[..n]);
+        read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -307,16 +299,7 @@ impl VirtioDevice for Vsock {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = queues.len().max(queue_evts.len());
-        let (Ok(queues), Ok(queue_evts)) = (
-            <[Queue; 3]>::try_from(queues),
-            <[Arc<EventFd>; 3]>::try_from(queue_evts),
-        ) else {
-            return Err(ActivateError::QueueCount { expected: 3, got });
-        };
-        if let Some(index) = queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady(index));
-        }
+        let (queues, queue_evts) = exact_queues::<3>(queues, queue_evts)?;
         self.events.request_sync().map_err(ActivateError::EventFd)?;
         self.active = Some(Active {
             mem,

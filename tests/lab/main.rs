@@ -71,8 +71,8 @@ struct LabArgs {
     /// Overall timeout of the lab run, in seconds.
     #[arg(long, env = runner::TIMEOUT_ENV, default_value_t = 1200)]
     timeout: u64,
-    /// L1 vCPUs.
-    #[arg(long, default_value_t = 2)]
+    /// L1 vCPUs (one is steadier than two: see runner::LabConfig).
+    #[arg(long, env = runner::CPUS_ENV, default_value_t = 1)]
     l1_cpus: u32,
     /// L1 memory in MiB.
     #[arg(long, default_value_t = 4096)]

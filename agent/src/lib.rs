@@ -14,6 +14,7 @@ pub mod init;
 pub mod io;
 pub mod network;
 pub mod pid1;
+pub mod port_forward;
 pub mod process;
 pub mod sandbox;
 pub mod server;

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::container::{self, Containers, CreateRequest, EventKind, Exit};
 use crate::network::{self, Netlink};
+use crate::port_forward;
 use crate::sandbox::{self, Sandbox, SandboxConfig};
 use crate::storage::{self, RootfsSource, Storage};
 use crate::sysinfo;
@@ -893,9 +894,10 @@ impl AgentApi for Service {
 
     async fn port_forward(
         &self,
-        _: Request<tonic::Streaming<pb::PortForwardData>>,
+        request: Request<tonic::Streaming<pb::PortForwardData>>,
     ) -> Result<Response<Self::PortForwardStream>, Status> {
-        Err(Status::unimplemented("PortForward is not implemented yet"))
+        let responses = port_forward::open(request.into_inner()).await?;
+        Ok(Response::new(Box::pin(responses)))
     }
 
     async fn shutdown(

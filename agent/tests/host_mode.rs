@@ -1575,3 +1575,140 @@ async fn bad_network_requests_are_refused() {
         assert!(err.message().contains(text), "{request:?}: {err:?}");
     }
 }
+
+/// Opens a PortForward stream to `port`; the sender carries the data
+/// chunks that follow the first message.
+async fn port_forward(
+    client: &mut Client,
+    port: u32,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<pb::PortForwardData>,
+        tonic::Streaming<pb::PortForwardData>,
+    ),
+    tonic::Status,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::PortForwardData { port, data: vec![] })
+        .await
+        .unwrap();
+    let responses = client
+        .port_forward(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, responses))
+}
+
+fn data(data: &[u8]) -> pb::PortForwardData {
+    pb::PortForwardData {
+        port: 0,
+        data: data.to_vec(),
+    }
+}
+
+/// The agent shares this test's network namespace (`Agent::start`), so a
+/// listener on 127.0.0.1 here is one in the "sandbox".
+#[tokio::test]
+async fn port_forward_echoes_a_mebibyte_and_half_closes() {
+    let mut agent = Agent::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Echoes until the client half-closes, then closes its own side.
+    let echo = tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let (mut rd, mut wr) = socket.into_split();
+        let n = tokio::io::copy(&mut rd, &mut wr).await.unwrap();
+        tokio::io::AsyncWriteExt::shutdown(&mut wr).await.unwrap();
+        n
+    });
+    let (tx, mut responses) = port_forward(&mut agent.client, port.into()).await.unwrap();
+
+    let sent: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
+        .collect();
+    let to_send = sent.clone();
+    // Odd chunk sizes, so message and read boundaries never line up.
+    let writer = tokio::spawn(async move {
+        for chunk in to_send.chunks(10_007) {
+            tx.send(data(chunk)).await.unwrap();
+        }
+        tx.send(data(&[])).await.unwrap();
+        // Keep the request stream open: the half-close must come from the
+        // empty chunk, and the server's stream must end on its own.
+        tx
+    });
+
+    let mut received = Vec::with_capacity(sent.len());
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = responses.message().await.unwrap() {
+            assert!(!message.data.is_empty());
+            assert!(message.data.len() <= 32 * 1024);
+            received.extend_from_slice(&message.data);
+        }
+    });
+    read.await.expect("the forwarded stream did not end");
+    let _tx = writer.await.unwrap();
+    assert_eq!(received.len(), sent.len());
+    assert!(received == sent, "the echoed bytes differ from those sent");
+    assert_eq!(echo.await.unwrap(), sent.len() as u64);
+}
+
+#[tokio::test]
+async fn port_forward_refusals() {
+    // Own network namespace with loopback up: nothing listens anywhere.
+    let mut agent = Agent::start_in_netns("ip link set lo up").await;
+    let c = &mut agent.client;
+
+    let e = port_forward(c, 8080).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message()
+            .contains("nothing listens on 127.0.0.1:8080 in the sandbox"),
+        "{e:?}"
+    );
+
+    for port in [0, 65536, u32::MAX] {
+        let e = port_forward(c, port).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "port {port}: {e:?}");
+        assert!(e.message().contains(&port.to_string()), "{e:?}");
+    }
+
+    let e = c
+        .port_forward(tokio_stream::empty::<pb::PortForwardData>())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("first message"), "{e:?}");
+}
+
+#[tokio::test]
+async fn port_forward_ends_when_the_guest_side_closes() {
+    let mut agent = Agent::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Greets, reads one line and closes, whatever the client still sends.
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut socket = tokio::io::BufReader::new(socket);
+        socket.get_mut().write_all(b"hello\n").await.unwrap();
+        let mut line = String::new();
+        socket.read_line(&mut line).await.unwrap();
+        socket.get_mut().write_all(b"bye\n").await.unwrap();
+        line
+    });
+    let (tx, mut responses) = port_forward(&mut agent.client, port.into()).await.unwrap();
+    tx.send(data(b"ping\n")).await.unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(message) = responses.message().await.unwrap() {
+            received.extend_from_slice(&message.data);
+        }
+    })
+    .await
+    .expect("the stream did not end when the guest side closed");
+    assert_eq!(received, b"hello\nbye\n");
+    assert_eq!(server.await.unwrap(), "ping\n");
+    // The request stream is still open: the agent ended the RPC.
+    drop(tx);
+}

@@ -5,10 +5,12 @@
 
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use frakti_bench::{alternate_medians, frakti_command, qemu_command};
 use frakti_lab::guest::{self, GuestAssets};
 use frakti_lab::process::{ChildGuard, FileTail, read_log};
 use frakti_lab::rerun::{Placement, run_here_or_in_lab};
@@ -58,28 +60,25 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     // Written, not sparse: both VMMs read real data from the page cache.
     std::fs::write(&disk, vec![0x5au8; (args.size << 20) as usize])?;
 
-    let (mut ours, mut qemu) = (Vec::new(), Vec::new());
-    for i in 0..args.runs {
-        for frakti in if i % 2 == 0 {
-            [true, false]
+    let (ours, qemu) = alternate_medians(args.runs, |i, frakti| {
+        let console = dir.path().join(format!("console-{i}-{frakti}.log"));
+        let mut command = if frakti {
+            let mut c = frakti_command(&vmm, &guest.kernel, &initrd, &console);
+            c.arg("--disk")
+                .arg(format!("serial=bench,path={},ro", disk.display()));
+            c
         } else {
-            [false, true]
-        } {
-            let console = dir.path().join(format!("console-{i}-{frakti}.log"));
-            let mut command = if frakti {
-                frakti_command(&vmm, &guest.kernel, &initrd, &disk, &console)
-            } else {
-                qemu_command(&guest.kernel, &initrd, &disk, &console)
-            };
-            let mib_per_s = read_once(&mut command, &console, args.size)?;
-            if frakti { &mut ours } else { &mut qemu }.push(mib_per_s);
-        }
-    }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (ours, qemu) = (median(&mut ours), median(&mut qemu));
+            let mut c = qemu_command(&guest.kernel, &initrd, &console);
+            c.arg("-drive")
+                .arg(format!(
+                    "file={},if=none,id=d0,format=raw,readonly=on,cache=writeback",
+                    disk.display()
+                ))
+                .args(["-device", "virtio-blk-device,drive=d0"]);
+            c
+        };
+        read_once(&mut command, &console, args.size)
+    })?;
     println!(
         "sequential read of a {} MiB virtio-blk disk in the guest (dd bs=1M), median of {}:",
         args.size, args.runs
@@ -88,62 +87,6 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     println!("  qemu -M microvm  {qemu:8.1} MiB/s");
     println!("ratio frakti/qemu: {:.2}x (target >= 1.0x)", ours / qemu);
     Ok(ExitCode::SUCCESS)
-}
-
-fn frakti_command(
-    vmm: &Path,
-    kernel: &Path,
-    initrd: &Path,
-    disk: &Path,
-    console: &Path,
-) -> Command {
-    let mut c = Command::new(vmm);
-    c.arg("--kernel")
-        .arg(kernel)
-        .arg("--initrd")
-        .arg(initrd)
-        .args(["--memory", "256", "--cmdline", "quiet"])
-        .arg("--disk")
-        .arg(format!("serial=bench,path={},ro", disk.display()))
-        .arg("--serial")
-        .arg(console);
-    c
-}
-
-fn qemu_command(kernel: &Path, initrd: &Path, disk: &Path, console: &Path) -> Command {
-    let mut c = Command::new("qemu-system-x86_64");
-    // acpi=off: our guest has no ACPI, so QEMU announces virtio-mmio devices
-    // on the kernel command line, as frakti-vmm does.
-    c.args([
-        "-M",
-        "microvm,acpi=off",
-        "-enable-kvm",
-        "-cpu",
-        "host",
-        "-m",
-        "256",
-    ])
-    .args([
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-    ])
-    .arg("-serial")
-    .arg(format!("file:{}", console.display()))
-    .arg("-kernel")
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
-    .arg("-drive")
-    .arg(format!(
-        "file={},if=none,id=d0,format=raw,readonly=on,cache=writeback",
-        disk.display()
-    ))
-    .args(["-device", "virtio-blk-device,drive=d0"]);
-    c
 }
 
 /// Boots, waits for the guest's result line, returns MiB/s.

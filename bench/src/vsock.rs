@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use frakti_bench::{alternate_medians, frakti_command, qemu_command};
 use frakti_lab::guest::{self, GuestAssets};
 use frakti_lab::process::{ChildGuard, read_log};
 use frakti_lab::rerun::{Placement, run_here_or_in_lab};
@@ -64,36 +65,28 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let script = format!("{TOOL} vsock-sink {PORT} 1\n");
     guest::build_script_initrd_with(&script, &[(TOOL, &tool)], &initrd)?;
 
-    let (mut ours, mut qemu) = (Vec::new(), Vec::new());
-    for i in 0..args.runs {
-        for frakti in if i % 2 == 0 {
-            [true, false]
+    let (ours, qemu) = alternate_medians(args.runs, |i, frakti| {
+        let console = dir.path().join(format!("console-{i}-{frakti}.log"));
+        let uds = dir.path().join(format!("vsock-{i}.sock"));
+        let mut command = if frakti {
+            let mut c = frakti_command(&vmm, &guest.kernel, &initrd, &console);
+            c.arg("--vsock")
+                .arg(format!("cid={CID},uds={}", uds.display()));
+            c
         } else {
-            [false, true]
-        } {
-            let console = dir.path().join(format!("console-{i}-{frakti}.log"));
-            let uds = dir.path().join(format!("vsock-{i}.sock"));
-            let mut command = if frakti {
-                frakti_command(&vmm, &guest.kernel, &initrd, &uds, &console)
+            let mut c = qemu_command(&guest.kernel, &initrd, &console);
+            c.args(["-device", &format!("vhost-vsock-device,guest-cid={CID}")]);
+            c
+        };
+        let connect = || {
+            if frakti {
+                hybrid_connect(&uds, PORT)
             } else {
-                qemu_command(&guest.kernel, &initrd, &console)
-            };
-            let connect = || {
-                if frakti {
-                    hybrid_connect(&uds, PORT)
-                } else {
-                    kernel_connect(CID, PORT)
-                }
-            };
-            let mib_per_s = transfer_once(&mut command, &console, connect, args.size)?;
-            if frakti { &mut ours } else { &mut qemu }.push(mib_per_s);
-        }
-    }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (ours, qemu) = (median(&mut ours), median(&mut qemu));
+                kernel_connect(CID, PORT)
+            }
+        };
+        transfer_once(&mut command, &console, connect, args.size)
+    })?;
     println!(
         "host -> guest vsock stream of {} MiB (guest reads and discards), median of {}:",
         args.size, args.runs
@@ -102,51 +95,6 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     println!("  qemu -M microvm (vhost-vsock, AF_VSOCK)        {qemu:8.1} MiB/s");
     println!("ratio frakti/qemu: {:.2}x (target >= 1.0x)", ours / qemu);
     Ok(ExitCode::SUCCESS)
-}
-
-fn frakti_command(vmm: &Path, kernel: &Path, initrd: &Path, uds: &Path, console: &Path) -> Command {
-    let mut c = Command::new(vmm);
-    c.arg("--kernel")
-        .arg(kernel)
-        .arg("--initrd")
-        .arg(initrd)
-        .args(["--memory", "256", "--cmdline", "quiet"])
-        .arg("--vsock")
-        .arg(format!("cid={CID},uds={}", uds.display()))
-        .arg("--serial")
-        .arg(console);
-    c
-}
-
-fn qemu_command(kernel: &Path, initrd: &Path, console: &Path) -> Command {
-    let mut c = Command::new("qemu-system-x86_64");
-    // acpi=off: virtio-mmio devices go on the kernel command line, as with
-    // frakti-vmm.
-    c.args([
-        "-M",
-        "microvm,acpi=off",
-        "-enable-kvm",
-        "-cpu",
-        "host",
-        "-m",
-        "256",
-    ])
-    .args([
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-    ])
-    .arg("-serial")
-    .arg(format!("file:{}", console.display()))
-    .arg("-kernel")
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
-    .args(["-device", &format!("vhost-vsock-device,guest-cid={CID}")]);
-    c
 }
 
 /// Boots, waits for the sink, sends `size_mib`, returns MiB/s from the

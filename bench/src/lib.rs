@@ -1,0 +1,95 @@
+//! What the throughput benchmarks share: the two VMMs' command lines for
+//! the same test guest, and alternating runs reduced to medians.
+
+use std::path::Path;
+use std::process::Command;
+
+/// frakti-vmm booting `kernel` + `initrd` with 256 MiB, console to
+/// `console`; the caller adds its device.
+pub fn frakti_command(vmm: &Path, kernel: &Path, initrd: &Path, console: &Path) -> Command {
+    let mut c = Command::new(vmm);
+    c.arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--memory", "256", "--cmdline", "quiet"])
+        .arg("--serial")
+        .arg(console);
+    c
+}
+
+/// `qemu-system-x86_64 -M microvm` booting the same guest the same way;
+/// the caller adds its device.
+pub fn qemu_command(kernel: &Path, initrd: &Path, console: &Path) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    // acpi=off: virtio-mmio devices go on the kernel command line, as with
+    // frakti-vmm.
+    c.args([
+        "-M",
+        "microvm,acpi=off",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+    ])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .arg("-serial")
+    .arg(format!("file:{}", console.display()))
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"]);
+    c
+}
+
+/// Runs `measure(run, frakti)` `runs` times for each VMM, alternating which
+/// goes first; returns the medians (frakti-vmm, QEMU).
+pub fn alternate_medians(
+    runs: usize,
+    mut measure: impl FnMut(usize, bool) -> anyhow::Result<f64>,
+) -> anyhow::Result<(f64, f64)> {
+    let (mut ours, mut qemu) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let order = if i % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for frakti in order {
+            let value = measure(i, frakti)?;
+            if frakti { &mut ours } else { &mut qemu }.push(value);
+        }
+    }
+    Ok((median(&mut ours), median(&mut qemu)))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alternates_and_takes_medians() {
+        let mut order = Vec::new();
+        let (ours, qemu) = alternate_medians(3, |i, frakti| {
+            order.push(frakti);
+            Ok(if frakti { 10.0 + i as f64 } else { 1.0 })
+        })
+        .unwrap();
+        assert_eq!(order, [true, false, false, true, true, false]);
+        assert_eq!((ours, qemu), (11.0, 1.0));
+        assert!(alternate_medians(0, |_, _| Ok(1.0)).unwrap().0.is_nan());
+    }
+}

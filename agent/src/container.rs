@@ -26,13 +26,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sched::CloneFlags;
-use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
+use oci_spec::runtime::{
+    LinuxNamespaceType, LinuxResources, LinuxSeccomp, Process as OciProcess, Spec,
+};
 use tokio::sync::broadcast;
 
 use crate::cgroup::{self, Cgroup};
-use crate::init::{self, FromHelper, InitConfig, ToHelper};
+use crate::init::{self, ExecConfig, FromHelper, InitConfig, ToHelper};
 use crate::io::{self as stdio, FdIo, Output, Stdio};
 use crate::process::{self, AgentExe, ExitWatch, Reaper, SpawnSpec};
+use crate::seccomp;
 use crate::storage::{self, RootfsSource};
 
 pub use crate::process::Exit;
@@ -158,6 +161,8 @@ pub struct Container {
     execs: tokio::sync::Mutex<HashMap<String, Arc<Process>>>,
     namespaces: Namespaces,
     cgroup: Cgroup,
+    /// The spec's seccomp profile, for exec'd processes too.
+    seccomp: Option<LinuxSeccomp>,
 }
 
 impl Container {
@@ -387,6 +392,7 @@ impl Containers {
                     execs: tokio::sync::Mutex::new(HashMap::new()),
                     namespaces,
                     cgroup,
+                    seccomp: spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
                 });
                 self.map().insert(id.clone(), container.clone());
                 self.watch_exit(&container, String::new(), &init);
@@ -544,12 +550,8 @@ impl Containers {
         if !plan.new.contains(CloneFlags::CLONE_NEWPID) {
             plan.new_pid_joined = false;
         }
-        if let Some(seccomp) = linux.seccomp()
-            && !seccomp.syscalls().as_ref().is_none_or(|s| s.is_empty())
-        {
-            return Err(Error::Invalid(
-                "seccomp profiles are not supported yet".into(),
-            ));
+        if let Some(profile) = linux.seccomp() {
+            seccomp::compile(profile).map_err(|e| Error::Invalid(frakti_proto::error_chain(&e)))?;
         }
         Ok(plan)
     }
@@ -637,7 +639,10 @@ impl Containers {
         });
         let run = async {
             container.cgroup.add_process(proc.pid)?;
-            let message = ToHelper::Exec(Box::new(process));
+            let message = ToHelper::Exec(Box::new(ExecConfig {
+                process,
+                seccomp: container.seccomp.clone(),
+            }));
             let reply =
                 tokio::task::spawn_blocking(move || exchange(&ours, Some(&message))).await??;
             match reply {

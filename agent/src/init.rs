@@ -2,8 +2,8 @@
 //! (`frakti-agent __frakti-helper`), single-threaded, before it becomes a
 //! container's process. For a container's init it builds the container's
 //! root (mounts, devices, pivot_root, masked and read-only paths), then for
-//! every process it applies cwd, rlimits, user, capabilities and
-//! no_new_privs and executes the process.
+//! every process it applies cwd, rlimits, user, capabilities,
+//! no_new_privs and the seccomp profile, and executes the process.
 //!
 //! It talks to the agent over a socket on descriptor 3 (length-prefixed
 //! JSON frames): the agent sends the configuration; the helper answers
@@ -26,8 +26,12 @@ use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::CloneFlags;
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
-use oci_spec::runtime::{LinuxDevice, LinuxDeviceType, Mount, PosixRlimitType, Process, Spec};
+use oci_spec::runtime::{
+    LinuxDevice, LinuxDeviceType, LinuxSeccomp, Mount, PosixRlimitType, Process, Spec,
+};
 use serde::{Deserialize, Serialize};
+
+use crate::seccomp;
 
 /// Descriptor of the socket to the agent in the helper.
 pub const SYNC_FD: RawFd = 3;
@@ -40,7 +44,7 @@ pub enum ToHelper {
     /// Build a container's root, then wait for `Start`.
     Init(Box<InitConfig>),
     /// Enter the container's mount namespace (descriptor 4) and execute.
-    Exec(Box<Process>),
+    Exec(Box<ExecConfig>),
     /// Let the prepared init execute its process.
     Start,
     /// Hold a PID namespace for the sandbox (containers share it): reap
@@ -58,6 +62,14 @@ pub enum FromHelper {
         invalid: bool,
         message: String,
     },
+}
+
+/// A process executed in a running container.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExecConfig {
+    pub process: Process,
+    /// The container's seccomp profile, which its every process gets.
+    pub seccomp: Option<LinuxSeccomp>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -88,6 +100,8 @@ pub enum Error {
     },
     #[error("bad frame from the agent")]
     Frame(#[source] serde_json::Error),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
 }
 
 impl Error {
@@ -144,7 +158,7 @@ pub fn main() -> ! {
         sync.try_clone().unwrap_or_else(|_| std::process::exit(125)),
     )) {
         Ok(Some(ToHelper::Init(config))) => run_init(&sync, *config),
-        Ok(Some(ToHelper::Exec(process))) => run_exec(*process),
+        Ok(Some(ToHelper::Exec(config))) => run_exec(*config),
         Ok(Some(ToHelper::Pause)) => {
             drop(sync);
             run_pause()
@@ -154,7 +168,11 @@ pub fn main() -> ! {
     };
     let Err(error) = result;
     let message = FromHelper::Failed {
-        invalid: matches!(error, Error::Invalid(_)),
+        invalid: matches!(
+            error,
+            Error::Invalid(_)
+                | Error::Seccomp(seccomp::Error::Invalid(_) | seccomp::Error::Filter(_))
+        ),
         message: error_chain(&error),
     };
     let _ = write_frame(fs::File::from(sync), &message);
@@ -185,7 +203,8 @@ fn run_init(sync: &OwnedFd, config: InitConfig) -> Result<Infallible, Error> {
             write_sysctl(key, value)?;
         }
     }
-    let prepared = prepare_process(process)?;
+    let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref());
+    let prepared = prepare_process(process, seccomp)?;
     let mut out = fs::File::from(sync.try_clone().map_err(Error::io("dup"))?);
     write_frame(&mut out, &FromHelper::Ready).map_err(Error::io("cannot tell the agent"))?;
     match read_frame::<ToHelper>(&mut out) {
@@ -206,14 +225,14 @@ fn run_pause() -> ! {
     }
 }
 
-fn run_exec(process: Process) -> Result<Infallible, Error> {
+fn run_exec(config: ExecConfig) -> Result<Infallible, Error> {
     // SAFETY: the agent put the container's mount namespace at MNT_NS_FD.
     let mnt = unsafe { OwnedFd::from_raw_fd(MNT_NS_FD) };
     nix::sched::setns(mnt.as_fd(), CloneFlags::CLONE_NEWNS)
         .map_err(Error::sys("cannot enter the container's mount namespace"))?;
     drop(mnt);
     nix::unistd::chdir("/").map_err(Error::sys("chdir /"))?;
-    prepare_process(&process)?.exec()
+    prepare_process(&config.process, config.seccomp.as_ref())?.exec()
 }
 
 fn write_sysctl(key: &str, value: &str) -> Result<(), Error> {
@@ -711,11 +730,16 @@ struct Prepared {
     path: CString,
     args: Vec<CString>,
     env: Vec<CString>,
+    /// A seccomp profile installed right before execve (no_new_privs).
+    seccomp: Option<seccomp::Profile>,
 }
 
 impl Prepared {
     fn exec(self) -> Result<Infallible, Error> {
         reset_signals();
+        if let Some(profile) = &self.seccomp {
+            seccomp::install(profile)?;
+        }
         let Err(e) = nix::unistd::execve(&self.path, &self.args, &self.env);
         Err(Error::sys(format!(
             "cannot execute {}",
@@ -809,7 +833,8 @@ fn caps_error(what: &'static str) -> impl FnOnce(caps::errors::CapsError) -> Err
     }
 }
 
-fn prepare_process(process: &Process) -> Result<Prepared, Error> {
+fn prepare_process(process: &Process, seccomp: Option<&LinuxSeccomp>) -> Result<Prepared, Error> {
+    let profile = seccomp.map(seccomp::compile).transpose()?;
     let args = process.args().clone().unwrap_or_default();
     let Some(arg0) = args.first() else {
         return Err(Error::Invalid("process.args is empty".into()));
@@ -842,6 +867,20 @@ fn prepare_process(process: &Process) -> Result<Prepared, Error> {
         nix::sys::stat::umask(Mode::from_bits_truncate(umask));
     }
     let path = find_executable(arg0, &env)?;
+
+    // The seccomp filter goes on as runc puts it: with no_new_privs last,
+    // right before execve; without, installing it takes CAP_SYS_ADMIN, so
+    // before the change of user and capabilities, whose syscalls (and the
+    // init's last words with the agent) the profile must then allow.
+    let no_new_privs = process.no_new_privileges() == Some(true);
+    let mut seccomp_at_exec = None;
+    if let Some(profile) = profile {
+        if no_new_privs {
+            seccomp_at_exec = Some(profile);
+        } else {
+            seccomp::install(&profile)?;
+        }
+    }
 
     // Capabilities around the change of user, as runc does: drop the
     // bounding set first, keep the permitted set across setuid, then set
@@ -917,7 +956,7 @@ fn prepare_process(process: &Process) -> Result<Prepared, Error> {
         caps::clear(None, caps::CapSet::Effective).map_err(caps_error("clear caps"))?;
         caps::clear(None, caps::CapSet::Permitted).map_err(caps_error("clear caps"))?;
     }
-    if process.no_new_privileges() == Some(true) {
+    if no_new_privs {
         // SAFETY: prctl with integer arguments only.
         Errno::result(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
             .map_err(Error::sys("PR_SET_NO_NEW_PRIVS"))?;
@@ -932,6 +971,7 @@ fn prepare_process(process: &Process) -> Result<Prepared, Error> {
             .iter()
             .map(|e| cstring("an environment variable", e))
             .collect::<Result<_, _>>()?,
+        seccomp: seccomp_at_exec,
     })
 }
 

@@ -17,6 +17,7 @@ pub mod pid1;
 pub mod port_forward;
 pub mod process;
 pub mod sandbox;
+pub mod seccomp;
 pub mod server;
 pub mod storage;
 pub mod sysinfo;

@@ -1712,3 +1712,98 @@ async fn port_forward_ends_when_the_guest_side_closes() {
     // The request stream is still open: the agent ended the RPC.
     drop(tx);
 }
+
+fn with_seccomp(mut spec: Value, profile: Value) -> Value {
+    spec["linux"]["seccomp"] = profile;
+    spec
+}
+
+#[tokio::test]
+async fn seccomp_profiles_apply_to_init_and_exec() {
+    let mut agent = Agent::start().await;
+    let c = &mut agent.client;
+    // With no_new_privs the filter goes on right before execve.
+    let deny_mkdir = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    let s = with_seccomp(
+        spec(&[
+            "sh",
+            "-c",
+            "mkdir /tmp/a 2>&1; echo rc=$?; touch /tmp/b && echo touched; sleep 1000",
+        ]),
+        deny_mkdir,
+    );
+    run(c, "filtered", &s).await;
+    let mut out = c
+        .read_output(pb::ReadOutputRequest {
+            container_id: "filtered".into(),
+            exec_id: String::new(),
+            stream: pb::OutputStream::Stdout as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let text = read_until(&mut out, "touched").await;
+    assert!(text.contains("Operation not permitted"), "{text}");
+    assert!(text.contains("rc=1"), "{text}");
+    // A process exec'd into the container gets the container's profile.
+    exec(c, "filtered", "mk", process(&["mkdir", "/tmp/c"]))
+        .await
+        .unwrap();
+    assert_eq!(wait(c, "filtered", "mk").await.exit_code, 1);
+    exec(c, "filtered", "ok", process(&["touch", "/tmp/d"]))
+        .await
+        .unwrap();
+    assert_eq!(wait(c, "filtered", "ok").await.exit_code, 0);
+
+    // Without no_new_privs the filter goes on before the change of user.
+    let kill_mkdir = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_KILL_PROCESS"}]
+    });
+    let mut s = with_seccomp(spec(&["mkdir", "/tmp/a"]), kill_mkdir);
+    s["process"]["noNewPrivileges"] = json!(false);
+    s["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    run(c, "killed", &s).await;
+    let status = wait(c, "killed", "").await;
+    assert_eq!(
+        (status.signal, status.exit_code),
+        (libc::SIGSYS, 128 + libc::SIGSYS),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_seccomp_profiles_are_refused() {
+    let mut agent = Agent::start().await;
+    let c = &mut agent.client;
+    for (name, profile, expected) in [
+        (
+            "notify",
+            json!({"defaultAction": "SCMP_ACT_NOTIFY"}),
+            "SCMP_ACT_NOTIFY",
+        ),
+        (
+            "badarg",
+            json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["read"],
+                   "action": "SCMP_ACT_ERRNO", "args": [{"index": 9, "value": 0, "op": "SCMP_CMP_EQ"}]}]}),
+            "argument 9",
+        ),
+        (
+            "badaction",
+            json!({"defaultAction": "SCMP_ACT_EXPLODE"}),
+            "malformed OCI spec",
+        ),
+    ] {
+        let err = create(c, name, &with_seccomp(spec(&["true"]), profile))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(expected), "{err:?}");
+    }
+    run(c, "fine", &spec(&["true"])).await;
+    assert_eq!(wait(c, "fine", "").await.exit_code, 0);
+}

@@ -63,13 +63,14 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             [false, true]
         };
         for ours in order {
-            let (secs, rss) = if ours {
+            let (secs, uptime, rss) = if ours {
                 boot_once(&frakti_command(&vmm, &guest, args), args)?
             } else {
                 boot_once(&qemu_command(&guest, args), args)?
             };
             let samples = if ours { &mut frakti } else { &mut qemu };
             samples.secs.push(secs);
+            samples.uptime.push(uptime);
             samples.rss_kib.push(rss);
         }
     }
@@ -80,6 +81,9 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
 #[derive(Default)]
 struct Samples {
     secs: Vec<f64>,
+    /// The guest kernel's uptime in the ready line: the rest of `secs` is
+    /// the VMM's own start and any firmware.
+    uptime: Vec<f64>,
     rss_kib: Vec<f64>,
 }
 
@@ -117,8 +121,9 @@ fn qemu_command(guest: &GuestAssets, args: &Args) -> CommandFor {
     Box::new(move |console| guest::qemu_microvm_command(&guest, cpus, memory, &cmdline, console))
 }
 
-/// One boot: seconds to the ready line, and the VMM's RSS outside guest RAM.
-fn boot_once(command_for: &CommandFor, args: &Args) -> anyhow::Result<(f64, f64)> {
+/// One boot: seconds to the ready line, the guest's uptime then, and the
+/// VMM's RSS outside guest RAM.
+fn boot_once(command_for: &CommandFor, args: &Args) -> anyhow::Result<(f64, f64, f64)> {
     let dir = tempfile::tempdir()?;
     let console = dir.path().join("console.log");
     let mut command = command_for(&console);
@@ -137,6 +142,7 @@ fn boot_once(command_for: &CommandFor, args: &Args) -> anyhow::Result<(f64, f64)
     let guest_ram_kib = u64::from(args.memory) * 1024;
     Ok((
         booted.time_to_ready.as_secs_f64(),
+        booted.ready.uptime_secs,
         rss_outside_guest_ram(&smaps, guest_ram_kib) as f64,
     ))
 }
@@ -162,15 +168,16 @@ fn report(args: &Args, frakti: &Samples, qemu: &Samples) {
         args.runs, args.cpus, args.memory
     );
     println!(
-        "{:<22} {:>10} {:>10} {:>14}",
-        "", "median s", "p90 s", "own RSS MiB"
+        "{:<22} {:>10} {:>10} {:>16} {:>14}",
+        "", "median s", "p90 s", "guest uptime s", "own RSS MiB"
     );
     for (name, s) in [("frakti-vmm", frakti), ("qemu -M microvm", qemu)] {
         println!(
-            "{:<22} {:>10.3} {:>10.3} {:>14.2}",
+            "{:<22} {:>10.3} {:>10.3} {:>16.3} {:>14.2}",
             name,
             median(&s.secs),
             p90(&s.secs),
+            median(&s.uptime),
             median(&s.rss_kib) / 1024.0
         );
     }

@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
+use std::ops::Range;
 use std::os::unix::net::UnixStream;
 
 use super::packet::{Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
@@ -183,24 +184,30 @@ impl Connection {
         self.owed != Owed::default() || self.can_send_data()
     }
 
-    /// Gives the guest host data in `buf` (already limited to the rx
-    /// buffer's room), from what was read ahead or else from one socket
-    /// read of up to [`STAGE_MAX`] within its credit. `Ok(0)` means nothing
-    /// now; EOF becomes an owed SHUTDOWN.
-    pub fn read_for_guest(&mut self, buf: &mut [u8]) -> Result<usize, Error> {
-        let limit = buf.len().min(self.peer_credit() as usize);
+    /// Takes up to `room` bytes (an rx buffer's room) of host data for
+    /// the guest, from what was read ahead or else from one socket read of
+    /// up to [`STAGE_MAX`] within its credit; the guest's rx buffer is
+    /// filled from [`Connection::staged`] with that range, with no copy in
+    /// between. An empty range means nothing now; EOF becomes an owed
+    /// SHUTDOWN.
+    pub fn read_for_guest(&mut self, room: usize) -> Result<Range<usize>, Error> {
+        let limit = room.min(self.peer_credit() as usize);
         if limit == 0 {
-            return Ok(0);
+            return Ok(0..0);
         }
         if self.staged_at == self.staged.len() && !self.fill_stage()? {
-            return Ok(0);
+            return Ok(0..0);
         }
-        let staged = &self.staged[self.staged_at..];
-        let n = staged.len().min(limit);
-        buf[..n].copy_from_slice(&staged[..n]);
+        let start = self.staged_at;
+        let n = (self.staged.len() - start).min(limit);
         self.staged_at += n;
         self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
-        Ok(n)
+        Ok(start..start + n)
+    }
+
+    /// Read-ahead data that [`Connection::read_for_guest`] handed out.
+    pub fn staged(&self, range: Range<usize>) -> &[u8] {
+        self.staged.get(range).unwrap_or_default()
     }
 
     /// Reads ahead as much as the guest has room for; false when the socket
@@ -379,16 +386,16 @@ mod tests {
         let (mut conn, mut host) = pair();
         host.write_all(&[7u8; 100]).unwrap();
         conn.readable = true;
-        let mut buf = [0u8; 64];
-        assert_eq!(conn.read_for_guest(&mut buf).unwrap(), 0, "no credit yet");
+        assert_eq!(conn.read_for_guest(64).unwrap().len(), 0, "no credit yet");
         conn.update_peer_credit(&credit_header(10, 0));
         assert!(conn.can_send_data());
-        assert_eq!(conn.read_for_guest(&mut buf).unwrap(), 10);
+        let range = conn.read_for_guest(64).unwrap();
+        assert_eq!(conn.staged(range), [7u8; 10]);
         assert_eq!(conn.peer_credit(), 0);
         assert!(!conn.can_send_data());
         // The guest consumed 4 bytes.
         conn.update_peer_credit(&credit_header(10, 4));
-        assert_eq!(conn.read_for_guest(&mut buf).unwrap(), 4);
+        assert_eq!(conn.read_for_guest(64).unwrap().len(), 4);
     }
 
     #[test]
@@ -399,24 +406,24 @@ mod tests {
         host.shutdown(Shutdown::Write).unwrap();
         conn.update_peer_credit(&credit_header(10_000, 0));
         let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
         loop {
-            let n = conn.read_for_guest(&mut buf).unwrap();
-            if n == 0 {
+            let range = conn.read_for_guest(4096).unwrap();
+            if range.is_empty() {
                 break;
             }
-            got.extend_from_slice(&buf[..n]);
+            assert!(range.len() <= 4096);
+            got.extend_from_slice(conn.staged(range));
         }
         assert_eq!(got, data[..10_000], "no more than the credit");
         assert_eq!(conn.owed.shutdown, 0, "EOF is not reached before the data");
         // Room for the rest and then some: EOF is only seen by a read.
         conn.update_peer_credit(&credit_header(20_000, 10_000));
         loop {
-            let n = conn.read_for_guest(&mut buf).unwrap();
-            if n == 0 {
+            let range = conn.read_for_guest(4096).unwrap();
+            if range.is_empty() {
                 break;
             }
-            got.extend_from_slice(&buf[..n]);
+            got.extend_from_slice(conn.staged(range));
         }
         assert_eq!(got, data);
         assert_eq!(conn.owed.shutdown, SHUTDOWN_SEND, "EOF after all data");
@@ -428,8 +435,7 @@ mod tests {
         conn.update_peer_credit(&credit_header(1000, 0));
         conn.readable = true;
         host.shutdown(Shutdown::Write).unwrap();
-        let mut buf = [0u8; 64];
-        assert_eq!(conn.read_for_guest(&mut buf).unwrap(), 0);
+        assert!(conn.read_for_guest(64).unwrap().is_empty());
         assert_eq!(conn.owed.shutdown, SHUTDOWN_SEND);
         assert!(!conn.can_send_data());
     }

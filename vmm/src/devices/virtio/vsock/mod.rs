@@ -23,7 +23,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::muxer::Muxer;
-use self::packet::{MAX_PAYLOAD, RxBuffer};
+use self::packet::{Header, MAX_PAYLOAD, RxBuffer};
 use super::{
     ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioInterrupt,
     exact_queues, feature, read_config_space,
@@ -82,7 +82,6 @@ pub struct Vsock {
     events: QueueEvents,
     counters: VsockCounters,
     tx_payload: Vec<u8>,
-    rx_payload: Vec<u8>,
 }
 
 impl Vsock {
@@ -99,7 +98,6 @@ impl Vsock {
             events: QueueEvents::new().map_err(Error::EventFd)?,
             counters: VsockCounters::default(),
             tx_payload: Vec::with_capacity(MAX_PAYLOAD),
-            rx_payload: vec![0; MAX_PAYLOAD],
         })
     }
 
@@ -195,24 +193,27 @@ impl Vsock {
                 let head = chain.head_index();
                 let len = match RxBuffer::new(mem, chain) {
                     Ok(buffer) => {
-                        let room = buffer.payload_capacity().min(self.rx_payload.len());
-                        let Some((header, n)) =
-                            self.muxer.next_rx(&mut self.rx_payload[..room], ops)
-                        else {
+                        let room = buffer.payload_capacity().min(MAX_PAYLOAD);
+                        let mut written = None;
+                        let mut deliver = |header: &Header, payload: &[u8]| {
+                            written = Some((buffer.write(mem, header, payload), payload.len()));
+                        };
+                        if !self.muxer.next_rx(room, ops, &mut deliver) {
                             active.queues[RX].go_to_previous_position();
                             return Ok(false);
-                        };
-                        match buffer.write(mem, &header, &self.rx_payload[..n]) {
-                            Ok(len) => {
+                        }
+                        match written {
+                            Some((Ok(len), n)) => {
                                 self.counters.rx_packets += 1;
                                 self.counters.rx_bytes += n as u64;
                                 len
                             }
-                            Err(e) => {
+                            Some((Err(e), _)) => {
                                 tracing::debug!("vsock: cannot write an rx packet: {e}");
                                 self.counters.malformed += 1;
                                 0
                             }
+                            None => 0,
                         }
                     }
                     Err(e) => {

@@ -29,6 +29,10 @@ use vmm_sys_util::epoll::EventSet;
 use super::connection::{self, ConnKey, Connection, State};
 use super::packet::{HOST_CID, Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
 
+/// Where [`Muxer::next_rx`] puts a packet: header and payload, written
+/// straight into a guest rx buffer.
+pub type Deliver<'a> = &'a mut dyn FnMut(&Header, &[u8]);
+
 /// Most connections per VM (guest- and host-initiated together).
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Most host clients that have not sent their `CONNECT` line yet.
@@ -402,52 +406,71 @@ impl Muxer {
         self.schedule(key);
     }
 
-    /// The next packet for the guest, its payload read into `buf` (whose
-    /// length is the rx buffer's room). `None`: nothing to send now.
-    pub fn next_rx(&mut self, buf: &mut [u8], ops: &mut EventOps) -> Option<(Header, usize)> {
+    /// Hands the next packet for the guest to `deliver`: its header and
+    /// payload (at most `room` bytes, the rx buffer's room), which is
+    /// borrowed from the connection's read-ahead. False: nothing to send
+    /// now.
+    pub fn next_rx(&mut self, room: usize, ops: &mut EventOps, deliver: Deliver) -> bool {
         if let Some(header) = self.resets.pop_front() {
-            return Some((header, 0));
+            deliver(&header, &[]);
+            return true;
         }
         while let Some(key) = self.ready.pop_front() {
             self.queued.remove(&key);
-            if let Some(packet) = self.packet_from(key, buf, ops) {
+            if self.packet_from(key, room, ops, deliver) {
                 // Round robin: it goes to the back if it has more.
                 self.schedule(key);
-                return Some(packet);
+                return true;
             }
             if let Some(header) = self.resets.pop_front() {
-                return Some((header, 0));
+                deliver(&header, &[]);
+                return true;
             }
         }
-        None
+        false
     }
 
     fn packet_from(
         &mut self,
         key: ConnKey,
-        buf: &mut [u8],
+        room: usize,
         ops: &mut EventOps,
-    ) -> Option<(Header, usize)> {
+        deliver: Deliver,
+    ) -> bool {
         let guest_cid = self.guest_cid;
-        let conn = self.conns.get_mut(&key)?;
-        if let Some(control) = take_owed_control(conn) {
-            return Some((conn.header(guest_cid, control.0, control.1), 0));
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return false;
+        };
+        if let Some((op, flags)) = take_owed_control(conn) {
+            deliver(&conn.header(guest_cid, op, flags), &[]);
+            return true;
         }
         if !conn.can_send_data() {
-            return None;
+            return false;
         }
-        match conn.read_for_guest(buf) {
-            Ok(0) => {
+        match conn.read_for_guest(room) {
+            Ok(range) if range.is_empty() => {
                 // EOF owes a SHUTDOWN; otherwise wait for the socket.
                 let shutdown = take_owed_control(conn);
-                let packet = shutdown.map(|(op, flags)| (conn.header(guest_cid, op, flags), 0));
+                if let Some((op, flags)) = shutdown {
+                    deliver(&conn.header(guest_cid, op, flags), &[]);
+                }
                 self.after_io(key, Ok(()), ops);
-                packet
+                shutdown.is_some()
             }
-            Ok(n) => Some((conn.header(guest_cid, op::RW, 0), n)),
+            Ok(range) => {
+                deliver(&conn.header(guest_cid, op::RW, 0), conn.staged(range));
+                true
+            }
             Err(e) => {
                 self.after_io(key, Err(e), ops);
-                self.resets.pop_front().map(|h| (h, 0))
+                match self.resets.pop_front() {
+                    Some(header) => {
+                        deliver(&header, &[]);
+                        true
+                    }
+                    None => false,
+                }
             }
         }
     }

@@ -240,11 +240,13 @@ pub fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>, Error> {
         })?;
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        // ldd exits 1 for static programs: they need nothing.
-        if text.contains("not a dynamic executable") || output.stderr.is_empty() {
+        let detail = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        // ldd exits 1 for static programs and plain files (said on stdout
+        // or stderr): they need nothing.
+        let not_dynamic = |s: &str| s.contains("not a dynamic executable");
+        if not_dynamic(&text) || not_dynamic(&detail) || detail.is_empty() {
             return Ok(Vec::new());
         }
-        let detail = String::from_utf8_lossy(&output.stderr).trim().to_string();
         return Err(Error::MissingLibrary {
             path: program.to_path_buf(),
             detail,

@@ -299,10 +299,12 @@ pub fn build_with_loader(
 /// Kernel, initrd, command line and boot information.
 pub fn load_guest(config: &VmConfig, memory: &GuestMemoryMmap) -> Result<BootProtocol, Error> {
     let kernel = boot::load_kernel(memory, &config.kernel)?;
+    tracing::debug!("kernel loaded");
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(memory, path, kernel.end)?),
         None => None,
     };
+    tracing::debug!("initrd loaded");
     let text = config.full_cmdline();
     let cmdline =
         Cmdline::try_from(&text, CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;

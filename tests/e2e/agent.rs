@@ -213,8 +213,9 @@ async fn drive(vm: &mut Vm) -> anyhow::Result<()> {
     exec_into_running(c).await?;
     memory_max_oom_kills(c, &mut events).await?;
     cpu_max_throttles(c).await?;
+    seccomp_profile_applies(c).await?;
 
-    for id in ["hello", "box", "hog", "spin"] {
+    for id in ["hello", "box", "hog", "spin", "filtered"] {
         step(
             "RemoveContainer",
             c.remove_container(pb::RemoveContainerRequest {
@@ -280,6 +281,31 @@ async fn run_to_completion(c: &mut AgentClient, events: &mut Events) -> anyhow::
         "  run: pid {pid}, stdout {out:?}, exit 7 in {:.2} s",
         t.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// A seccomp profile (the guest kernel's filters) refuses mkdir with EPERM
+/// and lets the rest through.
+async fn seccomp_profile_applies(c: &mut AgentClient) -> anyhow::Result<()> {
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "mkdir /tmp/a 2>&1; echo rc=$?; touch /tmp/b && echo touched",
+    ]);
+    s["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    create(c, "filtered", &s).await?;
+    start(c, "filtered").await?;
+    let out = read_all(c, "filtered", "", pb::OutputStream::Stdout).await?;
+    ensure!(
+        out.contains("Operation not permitted") && out.contains("rc=1") && out.contains("touched"),
+        "filtered's stdout: {out:?}"
+    );
+    ensure!(wait(c, "filtered", "").await?.exit_code == 0);
+    eprintln!("  seccomp: mkdir refused with EPERM, touch allowed");
     Ok(())
 }
 

@@ -239,6 +239,15 @@ mod tests {
         serde_json::from_str(json).expect("test profile")
     }
 
+    fn compiled(json: &str) -> Profile {
+        compile(&profile(json)).expect("compiles")
+    }
+
+    fn getppid_errno() -> i32 {
+        // SAFETY: getppid has no arguments.
+        errno_of(unsafe { libc::syscall(libc::SYS_getppid) })
+    }
+
     /// Runs `body` in a forked child with `profile` installed; returns
     /// the child's wait status. The child only makes raw syscalls.
     fn in_child(profile: &Profile, body: fn() -> i32) -> nix::sys::wait::WaitStatus {
@@ -272,16 +281,14 @@ mod tests {
     #[test]
     fn default_errno_with_an_allow_list() {
         // What runtimes' default profiles look like: deny unless listed.
-        let profile = compile(&profile(
+        let profile = compiled(
             r#"{"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
                 "architectures": ["SCMP_ARCH_X86_64"],
                 "syscalls": [{"names": ["lseek", "exit", "exit_group", "no_such_call"],
                               "action": "SCMP_ACT_ALLOW"}]}"#,
-        ))
-        .expect("compiles");
+        );
         let status = in_child(&profile, || {
-            // SAFETY: getppid has no arguments.
-            let denied = errno_of(unsafe { libc::syscall(libc::SYS_getppid) });
+            let denied = getppid_errno();
             let allowed = lseek_whence(0);
             if denied == libc::EPERM && allowed == libc::EBADF {
                 0
@@ -297,18 +304,16 @@ mod tests {
 
     #[test]
     fn each_rule_gets_its_own_action_and_arguments_select() {
-        let profile = compile(&profile(
+        let profile = compiled(
             r#"{"defaultAction": "SCMP_ACT_ALLOW",
                 "syscalls": [
                   {"names": ["lseek"], "action": "SCMP_ACT_ERRNO", "errnoRet": 74,
                    "args": [{"index": 2, "value": 3, "op": "SCMP_CMP_EQ"}]},
                   {"names": ["getppid"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]}"#,
-        ))
-        .expect("compiles");
+        );
         assert_eq!(profile.filters.len(), 2, "one filter per errno value");
         let status = in_child(&profile, || {
-            // SAFETY: getppid has no arguments.
-            let getppid = errno_of(unsafe { libc::syscall(libc::SYS_getppid) });
+            let getppid = getppid_errno();
             let seek_data = lseek_whence(3);
             let seek_set = lseek_whence(0);
             let ok =
@@ -323,14 +328,12 @@ mod tests {
 
     #[test]
     fn a_kill_rule_kills_with_sigsys() {
-        let profile = compile(&profile(
+        let profile = compiled(
             r#"{"defaultAction": "SCMP_ACT_ALLOW",
                 "syscalls": [{"names": ["getppid"], "action": "SCMP_ACT_KILL_PROCESS"}]}"#,
-        ))
-        .expect("compiles");
+        );
         let status = in_child(&profile, || {
-            // SAFETY: getppid has no arguments.
-            unsafe { libc::syscall(libc::SYS_getppid) };
+            getppid_errno();
             0
         });
         assert!(
@@ -344,11 +347,10 @@ mod tests {
 
     #[test]
     fn an_allow_all_profile_installs_nothing() {
-        let profile = compile(&profile(
+        let profile = compiled(
             r#"{"defaultAction": "SCMP_ACT_ALLOW",
                 "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}"#,
-        ))
-        .expect("compiles");
+        );
         assert!(profile.filters.is_empty());
     }
 

@@ -18,6 +18,8 @@ use std::net::Shutdown;
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
 
+use vm_memory::{ReadVolatile, VolatileSlice};
+
 use super::packet::{Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
 
 /// Receive buffer we advertise to the guest per connection.
@@ -208,6 +210,54 @@ impl Connection {
     /// Read-ahead data that [`Connection::read_for_guest`] handed out.
     pub fn staged(&self, range: Range<usize>) -> &[u8] {
         self.staged.get(range).unwrap_or_default()
+    }
+
+    /// Puts host data for the guest straight into `dst` (an rx buffer's
+    /// payload area in guest memory): what was read ahead, else one socket
+    /// read, within the guest's credit. `Ok(0)` means nothing now; EOF
+    /// becomes an owed SHUTDOWN.
+    pub fn read_for_guest_into(&mut self, dst: &VolatileSlice) -> Result<usize, Error> {
+        let limit = dst.len().min(self.peer_credit() as usize);
+        if limit == 0 {
+            return Ok(0);
+        }
+        let Ok(mut dst) = dst.subslice(0, limit) else {
+            return Ok(0);
+        };
+        let n = if self.staged_at < self.staged.len() {
+            let range = self.staged_at..self.staged.len().min(self.staged_at + limit);
+            self.staged_at = range.end;
+            dst.copy_from(&self.staged[range.clone()]);
+            range.len()
+        } else {
+            let result = self.stream.read_volatile(&mut dst);
+            match result {
+                Ok(0) => {
+                    self.readable = false;
+                    self.host_done_sending = true;
+                    self.owed.shutdown |= SHUTDOWN_SEND;
+                    0
+                }
+                Ok(n) => n,
+                Err(vm_memory::VolatileMemoryError::IOError(e))
+                    if e.kind() == io::ErrorKind::WouldBlock =>
+                {
+                    self.readable = false;
+                    0
+                }
+                Err(vm_memory::VolatileMemoryError::IOError(e))
+                    if e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    0
+                }
+                Err(vm_memory::VolatileMemoryError::IOError(e)) => {
+                    return Err(Error::Socket(e));
+                }
+                Err(e) => return Err(Error::Socket(io::Error::other(e))),
+            }
+        };
+        self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
+        Ok(n)
     }
 
     /// Reads ahead as much as the guest has room for; false when the socket

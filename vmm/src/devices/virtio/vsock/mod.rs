@@ -22,7 +22,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use self::muxer::Muxer;
+use self::muxer::{Muxer, Payload};
 use self::packet::{Header, MAX_PAYLOAD, RxBuffer};
 use super::{
     ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioInterrupt,
@@ -194,11 +194,17 @@ impl Vsock {
                 let len = match RxBuffer::new(mem, chain) {
                     Ok(buffer) => {
                         let room = buffer.payload_capacity().min(MAX_PAYLOAD);
+                        let direct = buffer.contiguous_payload(mem);
                         let mut written = None;
-                        let mut deliver = |header: &Header, payload: &[u8]| {
-                            written = Some((buffer.write(mem, header, payload), payload.len()));
+                        let mut deliver = |header: &Header, payload: Payload| {
+                            written = Some(match payload {
+                                Payload::Bytes(bytes) => {
+                                    (buffer.write(mem, header, bytes), bytes.len())
+                                }
+                                Payload::InPlace(n) => (buffer.write_header(mem, header, n), n),
+                            });
                         };
-                        if !self.muxer.next_rx(room, ops, &mut deliver) {
+                        if !self.muxer.next_rx(room, direct.as_ref(), ops, &mut deliver) {
                             active.queues[RX].go_to_previous_position();
                             return Ok(false);
                         }

@@ -24,14 +24,38 @@ use std::path::{Path, PathBuf};
 use event_manager::{EventOps, Events};
 use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, accept4, connect, socket};
+use vm_memory::VolatileSlice;
 use vmm_sys_util::epoll::EventSet;
 
 use super::connection::{self, ConnKey, Connection, State};
 use super::packet::{HOST_CID, Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
 
-/// Where [`Muxer::next_rx`] puts a packet: header and payload, written
-/// straight into a guest rx buffer.
-pub type Deliver<'a> = &'a mut dyn FnMut(&Header, &[u8]);
+/// Where [`Muxer::next_rx`] puts a packet: into a guest rx buffer.
+pub type Deliver<'a> = &'a mut dyn FnMut(&Header, Payload);
+
+/// A packet's payload as [`Muxer::next_rx`] hands it over.
+#[derive(Debug)]
+pub enum Payload<'a> {
+    /// Bytes to write behind the header.
+    Bytes(&'a [u8]),
+    /// This many bytes already read into the rx buffer's payload area.
+    InPlace(usize),
+}
+
+/// What a connection gave for the guest.
+enum Got {
+    InPlace(usize),
+    Staged(std::ops::Range<usize>),
+}
+
+impl Got {
+    fn is_empty(&self) -> bool {
+        match self {
+            Got::InPlace(n) => *n == 0,
+            Got::Staged(range) => range.is_empty(),
+        }
+    }
+}
 
 /// Most connections per VM (guest- and host-initiated together).
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -407,23 +431,30 @@ impl Muxer {
     }
 
     /// Hands the next packet for the guest to `deliver`: its header and
-    /// payload (at most `room` bytes, the rx buffer's room), which is
-    /// borrowed from the connection's read-ahead. False: nothing to send
-    /// now.
-    pub fn next_rx(&mut self, room: usize, ops: &mut EventOps, deliver: Deliver) -> bool {
+    /// payload (at most `room` bytes, the rx buffer's room). The payload is
+    /// read straight into `direct` (the rx buffer's payload area) when
+    /// there is one, else borrowed from the connection's read-ahead.
+    /// False: nothing to send now.
+    pub fn next_rx(
+        &mut self,
+        room: usize,
+        direct: Option<&VolatileSlice>,
+        ops: &mut EventOps,
+        deliver: Deliver,
+    ) -> bool {
         if let Some(header) = self.resets.pop_front() {
-            deliver(&header, &[]);
+            deliver(&header, Payload::Bytes(&[]));
             return true;
         }
         while let Some(key) = self.ready.pop_front() {
             self.queued.remove(&key);
-            if self.packet_from(key, room, ops, deliver) {
+            if self.packet_from(key, room, direct, ops, deliver) {
                 // Round robin: it goes to the back if it has more.
                 self.schedule(key);
                 return true;
             }
             if let Some(header) = self.resets.pop_front() {
-                deliver(&header, &[]);
+                deliver(&header, Payload::Bytes(&[]));
                 return true;
             }
         }
@@ -434,6 +465,7 @@ impl Muxer {
         &mut self,
         key: ConnKey,
         room: usize,
+        direct: Option<&VolatileSlice>,
         ops: &mut EventOps,
         deliver: Deliver,
     ) -> bool {
@@ -442,31 +474,40 @@ impl Muxer {
             return false;
         };
         if let Some((op, flags)) = take_owed_control(conn) {
-            deliver(&conn.header(guest_cid, op, flags), &[]);
+            deliver(&conn.header(guest_cid, op, flags), Payload::Bytes(&[]));
             return true;
         }
         if !conn.can_send_data() {
             return false;
         }
-        match conn.read_for_guest(room) {
-            Ok(range) if range.is_empty() => {
+        let got = match direct {
+            Some(dst) => conn.read_for_guest_into(dst).map(Got::InPlace),
+            None => conn.read_for_guest(room).map(Got::Staged),
+        };
+        match got {
+            Ok(got) if got.is_empty() => {
                 // EOF owes a SHUTDOWN; otherwise wait for the socket.
                 let shutdown = take_owed_control(conn);
                 if let Some((op, flags)) = shutdown {
-                    deliver(&conn.header(guest_cid, op, flags), &[]);
+                    deliver(&conn.header(guest_cid, op, flags), Payload::Bytes(&[]));
                 }
                 self.after_io(key, Ok(()), ops);
                 shutdown.is_some()
             }
-            Ok(range) => {
-                deliver(&conn.header(guest_cid, op::RW, 0), conn.staged(range));
+            Ok(Got::InPlace(n)) => {
+                deliver(&conn.header(guest_cid, op::RW, 0), Payload::InPlace(n));
+                true
+            }
+            Ok(Got::Staged(range)) => {
+                let header = conn.header(guest_cid, op::RW, 0);
+                deliver(&header, Payload::Bytes(conn.staged(range)));
                 true
             }
             Err(e) => {
                 self.after_io(key, Err(e), ops);
                 match self.resets.pop_front() {
                     Some(header) => {
-                        deliver(&header, &[]);
+                        deliver(&header, Payload::Bytes(&[]));
                         true
                     }
                     None => false,

@@ -5,7 +5,7 @@
 //! guest RAM. A chain's total size is bounded before anything is copied.
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 /// Size of `struct virtio_vsock_hdr`.
 pub const HEADER_LEN: usize = 44;
@@ -218,6 +218,39 @@ impl RxBuffer {
     /// Room for payload after the header.
     pub fn payload_capacity(&self) -> usize {
         self.capacity - HEADER_LEN
+    }
+
+    /// The payload area when the header and the payload share the chain's
+    /// only buffer, as Linux lays out its rx buffers: host data can then be
+    /// read straight into guest memory.
+    pub fn contiguous_payload<'m>(&self, mem: &'m GuestMemoryMmap) -> Option<VolatileSlice<'m>> {
+        let [only] = self.segments.as_slice() else {
+            return None;
+        };
+        let len = only.len.checked_sub(HEADER_LEN).filter(|l| *l > 0)?;
+        let start = only.addr.checked_add(HEADER_LEN as u64)?;
+        mem.get_slice(start, len).ok()
+    }
+
+    /// Writes `header` for `len` payload bytes already in place behind it
+    /// (see [`RxBuffer::contiguous_payload`]); returns the used length.
+    pub fn write_header(
+        &self,
+        mem: &GuestMemoryMmap,
+        header: &Header,
+        len: usize,
+    ) -> Result<u32, Error> {
+        let [only] = self.segments.as_slice() else {
+            return Err(Error::Memory);
+        };
+        if len > self.payload_capacity() {
+            return Err(Error::TooLong);
+        }
+        let mut header = *header;
+        header.len = len as u32;
+        mem.write_slice(&header.to_bytes(), only.addr)
+            .map_err(|_| Error::Memory)?;
+        Ok((HEADER_LEN + len) as u32)
     }
 
     /// Writes `header` (with `len` set to the payload's) and `payload`;

@@ -23,8 +23,9 @@ use frakti_lab::vsock::{hybrid_connect, kernel_connect};
 /// Host-to-guest vsock throughput: frakti-vmm vs QEMU microvm (ratio).
 #[derive(Debug, Parser)]
 struct Args {
-    /// Transfers with each VMM, alternating.
-    #[arg(long, default_value_t = 3)]
+    /// Transfers with each VMM, alternating (the lab's rates swing by
+    /// +-10% from run to run; nine make a steadier median).
+    #[arg(long, default_value_t = 9)]
     runs: usize,
     /// MiB sent per transfer.
     #[arg(long, default_value_t = 256)]

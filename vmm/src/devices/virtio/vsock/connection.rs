@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
 use vm_memory::{ReadVolatile, VolatileSlice};
@@ -210,6 +211,69 @@ impl Connection {
     /// Read-ahead data that [`Connection::read_for_guest`] handed out.
     pub fn staged(&self, range: Range<usize>) -> &[u8] {
         self.staged.get(range).unwrap_or_default()
+    }
+
+    /// Whether the next packets for the guest are plain data to read
+    /// straight from the socket: no control packet owed, nothing read
+    /// ahead.
+    pub fn bulk_ready(&self) -> bool {
+        self.owed == Owed::default() && self.staged_at == self.staged.len() && self.can_send_data()
+    }
+
+    /// Reads host data straight into several rx payload areas in guest
+    /// memory with one readv, within the guest's credit; the bytes fill
+    /// `dsts` in order. `Ok(0)` means nothing now; EOF becomes an owed
+    /// SHUTDOWN. Only when [`Connection::bulk_ready`].
+    pub fn readv_for_guest(&mut self, dsts: &[VolatileSlice]) -> Result<usize, Error> {
+        let mut credit = self.peer_credit() as usize;
+        let guards: Vec<_> = dsts.iter().map(|d| (d.ptr_guard_mut(), d.len())).collect();
+        let mut iovecs = Vec::with_capacity(guards.len());
+        for (guard, len) in &guards {
+            if credit == 0 {
+                break;
+            }
+            let len = (*len).min(credit);
+            credit -= len;
+            iovecs.push(libc::iovec {
+                iov_base: guard.as_ptr().cast(),
+                iov_len: len,
+            });
+        }
+        if iovecs.is_empty() {
+            return Ok(0);
+        }
+        // SAFETY: each iovec is a range of guest memory inside a checked
+        // VolatileSlice whose guard lives across the call; readv writes at
+        // most `iov_len` bytes into each.
+        let ret = unsafe {
+            libc::readv(
+                self.stream.as_raw_fd(),
+                iovecs.as_ptr(),
+                iovecs.len() as libc::c_int,
+            )
+        };
+        let n = match usize::try_from(ret) {
+            Ok(0) => {
+                self.readable = false;
+                self.host_done_sending = true;
+                self.owed.shutdown |= SHUTDOWN_SEND;
+                0
+            }
+            Ok(n) => n,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        self.readable = false;
+                        0
+                    }
+                    io::ErrorKind::Interrupted => 0,
+                    _ => return Err(Error::Socket(e)),
+                }
+            }
+        };
+        self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
+        Ok(n)
     }
 
     /// Puts host data for the guest straight into `dst` (an rx buffer's

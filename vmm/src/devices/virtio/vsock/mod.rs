@@ -36,6 +36,9 @@ const TX: usize = 1;
 const EVENT: usize = 2;
 /// Packets moved per queue per wake-up before yielding to other devices.
 const MAX_PACKETS_PER_WAKE: usize = 256;
+/// Most rx buffers one socket read fills (a stream's data in 4 KiB
+/// buffers: 64 KiB per readv).
+const RX_BULK: usize = 16;
 /// CIDs 0–2 are reserved (hypervisor, local, host) and `u32::MAX` is
 /// VMADDR_CID_ANY; Linux takes a 32-bit CID.
 pub const MIN_GUEST_CID: u64 = 3;
@@ -182,6 +185,16 @@ impl Vsock {
                 if budget == 0 {
                     return Ok(true);
                 }
+                if self.muxer.next_is_bulk_data() {
+                    let queue = &mut active.queues[RX];
+                    let max = budget.min(RX_BULK);
+                    let bulk = rx_bulk(&mut self.muxer, queue, mem, max, &mut self.counters, ops)?;
+                    if let Some(sent) = bulk {
+                        used += sent;
+                        budget -= sent;
+                        continue;
+                    }
+                }
                 budget -= 1;
                 let Some(chain) = active.queues[RX].iter(mem)?.next() else {
                     // Out of buffers: the driver's next refill wakes us.
@@ -269,6 +282,70 @@ impl Vsock {
             }
         }
     }
+}
+
+/// Fills up to `max` whole rx buffers (header and payload in one
+/// descriptor) with one readv of the next connection's data. `None`: no
+/// such buffer is next in the ring (the caller's packet-by-packet path
+/// handles it); `Some(packets)` otherwise, 0 when nothing was read.
+fn rx_bulk(
+    muxer: &mut Muxer,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    max: usize,
+    counters: &mut VsockCounters,
+    ops: &mut EventOps,
+) -> Result<Option<usize>, virtio_queue::Error> {
+    let mut taken = Vec::with_capacity(max);
+    while taken.len() < max {
+        let Some(chain) = queue.iter(mem)?.next() else {
+            break;
+        };
+        let head = chain.head_index();
+        let whole = RxBuffer::new(mem, chain)
+            .ok()
+            .and_then(|b| Some((b.contiguous_payload(mem)?, b)));
+        match whole {
+            Some((payload, buffer)) => taken.push((head, buffer, payload)),
+            None => {
+                queue.go_to_previous_position();
+                break;
+            }
+        }
+    }
+    if taken.is_empty() {
+        return Ok(None);
+    }
+    let payloads: Vec<_> = taken.iter().map(|(_, _, p)| *p).collect();
+    let Some((header, mut left)) = muxer.next_rx_bulk(&payloads, ops) else {
+        taken.iter().for_each(|_| queue.go_to_previous_position());
+        return Ok(Some(0));
+    };
+    let mut sent = 0;
+    for (i, (head, buffer, payload)) in taken.iter().enumerate() {
+        if left == 0 {
+            // Unfilled buffers go back to the ring for later.
+            (i..taken.len()).for_each(|_| queue.go_to_previous_position());
+            break;
+        }
+        let len = left.min(payload.len());
+        left -= len;
+        let used_len = match buffer.write_header(mem, &header, len) {
+            Ok(used_len) => {
+                counters.rx_packets += 1;
+                counters.rx_bytes += len as u64;
+                used_len
+            }
+            Err(e) => {
+                tracing::debug!("vsock: cannot write an rx packet: {e}");
+                counters.malformed += 1;
+                0
+            }
+        };
+        queue.add_used(mem, *head, used_len)?;
+        sent += 1;
+    }
+    Ok(Some(sent))
 }
 
 impl VirtioDevice for Vsock {

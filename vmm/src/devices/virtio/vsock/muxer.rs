@@ -430,6 +430,47 @@ impl Muxer {
         self.schedule(key);
     }
 
+    /// Whether the next packets for the guest are plain data of one
+    /// connection, for [`Muxer::next_rx_bulk`].
+    pub fn next_is_bulk_data(&self) -> bool {
+        self.resets.is_empty()
+            && self
+                .ready
+                .front()
+                .and_then(|key| self.conns.get(key))
+                .is_some_and(Connection::bulk_ready)
+    }
+
+    /// Reads data of the next connection straight into `dsts` (rx payload
+    /// areas, filled in order) with one readv: the packets' header (its
+    /// length aside) and the bytes read. `None`: nothing read.
+    pub fn next_rx_bulk(
+        &mut self,
+        dsts: &[VolatileSlice],
+        ops: &mut EventOps,
+    ) -> Option<(Header, usize)> {
+        let key = self.ready.pop_front()?;
+        self.queued.remove(&key);
+        let guest_cid = self.guest_cid;
+        let conn = self.conns.get_mut(&key)?;
+        match conn.readv_for_guest(dsts) {
+            Ok(0) => {
+                // Waits for the socket, or owes a SHUTDOWN after EOF.
+                self.after_io(key, Ok(()), ops);
+                None
+            }
+            Ok(n) => {
+                let header = conn.header(guest_cid, op::RW, 0);
+                self.schedule(key);
+                Some((header, n))
+            }
+            Err(e) => {
+                self.after_io(key, Err(e), ops);
+                None
+            }
+        }
+    }
+
     /// Hands the next packet for the guest to `deliver`: its header and
     /// payload (at most `room` bytes, the rx buffer's room). The payload is
     /// read straight into `direct` (the rx buffer's payload area) when

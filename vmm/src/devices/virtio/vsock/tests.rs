@@ -496,6 +496,36 @@ fn host_data_waits_for_guest_credit() {
 }
 
 #[test]
+fn one_socket_read_fills_several_whole_rx_buffers_and_leaves_the_rest() {
+    let mem = guest_memory(MEM_SIZE);
+    let mut guest = Guest::new(&mem);
+    let (mut client, _) = guest.host_connect(1024);
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+    client.write_all(&data).unwrap();
+    guest.give_rx(4);
+    let mut got = Vec::new();
+    guest.run_until(|g| {
+        got.extend(g.received());
+        got.iter().map(|(_, p)| p.len()).sum::<usize>() == data.len()
+    });
+    let sizes: Vec<usize> = got.iter().map(|(_, p)| p.len()).collect();
+    assert_eq!(sizes, [4096, 4096, 1808]);
+    assert!(
+        got.iter()
+            .flat_map(|(_, p)| p.iter().copied())
+            .eq(data.iter().copied())
+    );
+    // The fourth buffer went back to the ring and takes the next data.
+    client.write_all(b"more").unwrap();
+    let mut next = Vec::new();
+    guest.run_until(|g| {
+        next.extend(g.received());
+        !next.is_empty()
+    });
+    assert_eq!(next[0].1, b"more");
+}
+
+#[test]
 fn host_data_reaches_split_and_whole_rx_buffers_in_order() {
     // Whole buffers take host data straight from the socket; split ones
     // through the connection's read-ahead. Mixed, the stream stays whole.

@@ -160,6 +160,12 @@ pub fn vsock_packet(data: &[u8]) {
             assert!(payload.len() <= MAX_PAYLOAD);
         }
         if let Ok(buffer) = RxBuffer::new(&mem, chain) {
+            if let Some(area) = buffer.contiguous_payload(&mem) {
+                assert_eq!(area.len(), buffer.payload_capacity());
+                let len = area.len().min(64);
+                let written = buffer.write_header(&mem, &packet::Header::default(), len);
+                assert_eq!(written, Ok((HEADER_LEN + len) as u32));
+            }
             let room = buffer.payload_capacity().min(64);
             let written = buffer.write(&mem, &packet::Header::default(), &[0xa5; 64][..room]);
             assert_eq!(written, Ok((HEADER_LEN + room) as u32));

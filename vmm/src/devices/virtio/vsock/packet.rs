@@ -169,29 +169,36 @@ pub fn read_tx(
     if total < HEADER_LEN {
         return Err(Error::TooShort(total));
     }
-    let mut bytes = std::mem::take(payload);
-    bytes.clear();
-    bytes.resize(total, 0);
+    // The header and the payload go to their own places as they are read
+    // (the header may span descriptors), with no second copy.
+    let mut header_bytes = [0u8; HEADER_LEN];
+    payload.clear();
+    payload.resize(total - HEADER_LEN, 0);
     let mut at = 0;
     for segment in &segments {
-        mem.read_slice(&mut bytes[at..at + segment.len], segment.addr)
-            .map_err(|_| Error::Memory)?;
+        let in_header = HEADER_LEN.saturating_sub(at).min(segment.len);
+        if in_header > 0 {
+            mem.read_slice(&mut header_bytes[at..at + in_header], segment.addr)
+                .map_err(|_| Error::Memory)?;
+        }
+        let rest = segment.len - in_header;
+        if rest > 0 {
+            let from = at + in_header - HEADER_LEN;
+            let addr = segment.addr.unchecked_add(in_header as u64);
+            mem.read_slice(&mut payload[from..from + rest], addr)
+                .map_err(|_| Error::Memory)?;
+        }
         at += segment.len;
     }
-    let mut header_bytes = [0u8; HEADER_LEN];
-    header_bytes.copy_from_slice(&bytes[..HEADER_LEN]);
     let header = Header::from_bytes(&header_bytes);
     let chain_payload = total - HEADER_LEN;
     if header.len as usize > chain_payload {
-        *payload = bytes;
         return Err(Error::LengthMismatch {
             header: header.len,
             chain: chain_payload,
         });
     }
-    bytes.drain(..HEADER_LEN);
-    bytes.truncate(header.len as usize);
-    *payload = bytes;
+    payload.truncate(header.len as usize);
     Ok(header)
 }
 

@@ -496,6 +496,45 @@ fn host_data_waits_for_guest_credit() {
 }
 
 #[test]
+fn tx_packets_in_any_descriptor_layout_reach_the_host() {
+    let mem = guest_memory(MEM_SIZE);
+    let mut guest = Guest::new(&mem);
+    let (mut client, host_port) = guest.host_connect(1024);
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut rw = guest.header(op::RW, host_port, 10);
+    rw.src_port = 1024;
+    let packet: Vec<u8> = rw
+        .to_bytes()
+        .iter()
+        .copied()
+        .chain(*b"0123456789")
+        .collect();
+    // The header split over two descriptors, the third holding both the
+    // header's end and the payload; then all of it in one descriptor.
+    let layouts: [&[usize]; 2] = [&[20, 20, 14], &[54]];
+    for layout in layouts {
+        let addr = guest.buffer();
+        mem.write_slice(&packet, GuestAddress(addr)).unwrap();
+        let mut at = 0;
+        let chain: Vec<Buffer> = layout
+            .iter()
+            .map(|len| {
+                let buffer = Buffer::readable(addr + at as u64, *len as u32);
+                at += len;
+                buffer
+            })
+            .collect();
+        guest.tx.add_chain(&chain);
+        guest.kick(TX);
+        let mut got = [0u8; 10];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"0123456789", "layout {layout:?}");
+    }
+}
+
+#[test]
 fn one_socket_read_fills_several_whole_rx_buffers_and_leaves_the_rest() {
     let mem = guest_memory(MEM_SIZE);
     let mut guest = Guest::new(&mem);

@@ -184,19 +184,20 @@ fn report(args: &Args, frakti: &Samples, qemu: &Samples) {
     let boot_ratio = median(&frakti.secs) / median(&qemu.secs);
     let p90_ratio = p90(&frakti.secs) / p90(&qemu.secs);
     let rss_ratio = median(&frakti.rss_kib) / median(&qemu.rss_kib);
-    // What the VMM itself costs: process start, setup, firmware and the
-    // guest kernel's first steps before its clock starts; the rest is the
-    // same guest's work under either VMM.
-    let before_guest_clock = |s: &Samples| {
+    // Time to ready minus the guest's uptime then: the VMM's start and
+    // setup, firmware, the kernel's first steps before its clock starts,
+    // and (in the nested lab) time the guest's clock does not count, which
+    // exits seem to be. Closer to what the VMM costs than the total.
+    let outside_guest_clock = |s: &Samples| {
         let v: Vec<f64> = s.secs.iter().zip(&s.uptime).map(|(t, u)| t - u).collect();
         median(&v)
     };
-    let (ours, theirs) = (before_guest_clock(frakti), before_guest_clock(qemu));
+    let (ours, theirs) = (outside_guest_clock(frakti), outside_guest_clock(qemu));
     println!(
         "ratio frakti/qemu: boot median {boot_ratio:.2}x (target <= 0.50x), p90 {p90_ratio:.2}x"
     );
     println!(
-        "before the guest's clock starts: frakti-vmm {ours:.3} s, qemu {theirs:.3} s, ratio {:.2}x",
+        "outside the guest's clock (time to ready - uptime): frakti-vmm {ours:.3} s, qemu {theirs:.3} s, ratio {:.2}x",
         ours / theirs
     );
     println!(

@@ -252,28 +252,30 @@ impl Connection {
                 iovecs.len() as libc::c_int,
             )
         };
-        let n = match usize::try_from(ret) {
+        let result = usize::try_from(ret).map_err(|_| io::Error::last_os_error());
+        let n = self.socket_read(result)?;
+        self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
+        Ok(n)
+    }
+
+    /// What a read of the socket for the guest means: bytes, nothing now
+    /// (the socket is drained), or EOF (an owed SHUTDOWN).
+    fn socket_read(&mut self, result: io::Result<usize>) -> Result<usize, Error> {
+        match result {
             Ok(0) => {
                 self.readable = false;
                 self.host_done_sending = true;
                 self.owed.shutdown |= SHUTDOWN_SEND;
-                0
+                Ok(0)
             }
-            Ok(n) => n,
-            Err(_) => {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => {
-                        self.readable = false;
-                        0
-                    }
-                    io::ErrorKind::Interrupted => 0,
-                    _ => return Err(Error::Socket(e)),
-                }
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.readable = false;
+                Ok(0)
             }
-        };
-        self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
-        Ok(n)
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => Err(Error::Socket(e)),
+        }
     }
 
     /// Puts host data for the guest straight into `dst` (an rx buffer's
@@ -294,31 +296,11 @@ impl Connection {
             dst.copy_from(&self.staged[range.clone()]);
             range.len()
         } else {
-            let result = self.stream.read_volatile(&mut dst);
-            match result {
-                Ok(0) => {
-                    self.readable = false;
-                    self.host_done_sending = true;
-                    self.owed.shutdown |= SHUTDOWN_SEND;
-                    0
-                }
-                Ok(n) => n,
-                Err(vm_memory::VolatileMemoryError::IOError(e))
-                    if e.kind() == io::ErrorKind::WouldBlock =>
-                {
-                    self.readable = false;
-                    0
-                }
-                Err(vm_memory::VolatileMemoryError::IOError(e))
-                    if e.kind() == io::ErrorKind::Interrupted =>
-                {
-                    0
-                }
-                Err(vm_memory::VolatileMemoryError::IOError(e)) => {
-                    return Err(Error::Socket(e));
-                }
-                Err(e) => return Err(Error::Socket(io::Error::other(e))),
-            }
+            let result = self.stream.read_volatile(&mut dst).map_err(|e| match e {
+                vm_memory::VolatileMemoryError::IOError(e) => e,
+                e => io::Error::other(e),
+            });
+            self.socket_read(result)?
         };
         self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
         Ok(n)
@@ -331,24 +313,9 @@ impl Connection {
         self.staged.resize(want, 0);
         self.staged_at = 0;
         let result = self.stream.read(&mut self.staged);
-        let got = match result {
-            Ok(0) => {
-                self.readable = false;
-                self.host_done_sending = true;
-                self.owed.shutdown |= SHUTDOWN_SEND;
-                0
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.readable = false;
-                0
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => {
-                self.staged.clear();
-                return Err(Error::Socket(e));
-            }
-        };
+        let got = self
+            .socket_read(result)
+            .inspect_err(|_| self.staged.clear())?;
         if got == 0 {
             // An idle connection holds no read-ahead memory.
             self.staged = Vec::new();

@@ -19,7 +19,7 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
-use vm_memory::{ReadVolatile, VolatileSlice};
+use vm_memory::VolatileSlice;
 
 use super::packet::{Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, op};
 
@@ -223,7 +223,7 @@ impl Connection {
     /// Reads host data straight into several rx payload areas in guest
     /// memory with one readv, within the guest's credit; the bytes fill
     /// `dsts` in order. `Ok(0)` means nothing now; EOF becomes an owed
-    /// SHUTDOWN. Only when [`Connection::bulk_ready`].
+    /// SHUTDOWN. Only when nothing is read ahead (it would come first).
     pub fn readv_for_guest(&mut self, dsts: &[VolatileSlice]) -> Result<usize, Error> {
         let mut credit = self.peer_credit() as usize;
         let guards: Vec<_> = dsts.iter().map(|d| (d.ptr_guard_mut(), d.len())).collect();
@@ -283,27 +283,15 @@ impl Connection {
     /// read, within the guest's credit. `Ok(0)` means nothing now; EOF
     /// becomes an owed SHUTDOWN.
     pub fn read_for_guest_into(&mut self, dst: &VolatileSlice) -> Result<usize, Error> {
-        let limit = dst.len().min(self.peer_credit() as usize);
-        if limit == 0 {
-            return Ok(0);
+        if self.staged_at == self.staged.len() {
+            return self.readv_for_guest(std::slice::from_ref(dst));
         }
-        let Ok(mut dst) = dst.subslice(0, limit) else {
-            return Ok(0);
-        };
-        let n = if self.staged_at < self.staged.len() {
-            let range = self.staged_at..self.staged.len().min(self.staged_at + limit);
-            self.staged_at = range.end;
-            dst.copy_from(&self.staged[range.clone()]);
-            range.len()
-        } else {
-            let result = self.stream.read_volatile(&mut dst).map_err(|e| match e {
-                vm_memory::VolatileMemoryError::IOError(e) => e,
-                e => io::Error::other(e),
-            });
-            self.socket_read(result)?
-        };
-        self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
-        Ok(n)
+        let limit = dst.len().min(self.peer_credit() as usize);
+        let range = self.staged_at..self.staged.len().min(self.staged_at + limit);
+        self.staged_at = range.end;
+        dst.copy_from(&self.staged[range.clone()]);
+        self.rx_cnt = self.rx_cnt.wrapping_add(range.len() as u32);
+        Ok(range.len())
     }
 
     /// Reads ahead as much as the guest has room for; false when the socket

@@ -222,16 +222,7 @@ impl Vsock {
                             return Ok(false);
                         }
                         match written {
-                            Some((Ok(len), n)) => {
-                                self.counters.rx_packets += 1;
-                                self.counters.rx_bytes += n as u64;
-                                len
-                            }
-                            Some((Err(e), _)) => {
-                                tracing::debug!("vsock: cannot write an rx packet: {e}");
-                                self.counters.malformed += 1;
-                                0
-                            }
+                            Some((result, n)) => self.counters.count_rx(result, n),
                             None => 0,
                         }
                     }
@@ -330,22 +321,30 @@ fn rx_bulk(
         }
         let len = left.min(payload.len());
         left -= len;
-        let used_len = match buffer.write_header(mem, &header, len) {
-            Ok(used_len) => {
-                counters.rx_packets += 1;
-                counters.rx_bytes += len as u64;
-                used_len
-            }
-            Err(e) => {
-                tracing::debug!("vsock: cannot write an rx packet: {e}");
-                counters.malformed += 1;
-                0
-            }
-        };
+        let used_len = counters.count_rx(buffer.write_header(mem, &header, len), len);
         queue.add_used(mem, *head, used_len)?;
         sent += 1;
     }
     Ok(Some(sent))
+}
+
+impl VsockCounters {
+    /// Counts an rx packet of `payload` bytes written to a guest buffer
+    /// (or not); returns the buffer's used length.
+    fn count_rx(&mut self, written: Result<u32, packet::Error>, payload: usize) -> u32 {
+        match written {
+            Ok(len) => {
+                self.rx_packets += 1;
+                self.rx_bytes += payload as u64;
+                len
+            }
+            Err(e) => {
+                tracing::debug!("vsock: cannot write an rx packet: {e}");
+                self.malformed += 1;
+                0
+            }
+        }
+    }
 }
 
 impl VirtioDevice for Vsock {

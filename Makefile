@@ -14,7 +14,7 @@ TEST_LOG := target/test.log
 LAB := $(CARGO) run -q -p frakti-tests --bin frakti-lab --
 
 export FRAKTI_GUEST_KERNEL := $(abspath $(GUEST_DIR)/vmlinux)
-export FRAKTI_GUEST_INITRD := $(abspath $(GUEST_DIR)/initrd.gz)
+export FRAKTI_GUEST_INITRD := $(abspath $(GUEST_DIR)/initrd.cpio)
 export FRAKTI_VMM := $(abspath $(VMM))
 export FRAKTI_GUEST_TOOL := $(abspath $(GUEST_TOOL))
 
@@ -51,7 +51,7 @@ guest-tool:
 	$(STATIC) $(CARGO) build --release -p frakti-guest-tool --target $(TARGET)
 
 assets: kernel agent vmm guest-tool
-	$(LAB) initrd --agent $(AGENT) --out $(GUEST_DIR)/initrd.gz
+	$(LAB) initrd --agent $(AGENT) --out $(GUEST_DIR)/initrd.cpio
 
 demo: assets
 	$(LAB) demo

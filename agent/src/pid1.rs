@@ -287,6 +287,8 @@ pub fn loopback_up() -> Result<(), Error> {
 
 /// Where the initramfs content moves to before it becomes the root.
 const NEW_ROOT: &str = "/.frakti-root";
+/// The agent's path in the initrd: what the kernel runs as PID 1.
+const INITRAMFS_INIT: &str = "/init";
 
 /// pivot_root(2) fails with EINVAL when the current root is the initramfs
 /// (the kernel's rootfs, which has no parent mount), and every container
@@ -295,12 +297,16 @@ const NEW_ROOT: &str = "/.frakti-root";
 /// delete the originals (frees their memory), move the tmpfs onto `/`,
 /// chroot. Call before mounting anything. Unless the agent runs as `/init`
 /// from a RAM filesystem, nothing happens.
+///
+/// `/init` itself stays behind: it is running, so deleting it would free
+/// nothing and a copy would hold a second one in guest RAM (and cost
+/// boot time). Helpers re-execute the agent through /proc/self/exe.
 pub fn leave_initramfs() -> Result<(), Error> {
     use nix::sys::statfs::{FsType, TMPFS_MAGIC, statfs};
     // Only the kernel's /init of an initramfs: never copy a real root.
     if std::env::args_os()
         .next()
-        .is_none_or(|arg0| arg0 != "/init")
+        .is_none_or(|arg0| arg0 != INITRAMFS_INIT)
     {
         return Ok(());
     }
@@ -325,7 +331,7 @@ pub fn leave_initramfs() -> Result<(), Error> {
     for entry in fs::read_dir("/").map_err(Error::Copy)? {
         let entry = entry.map_err(Error::Copy)?;
         let path = entry.path();
-        if path == std::path::Path::new(NEW_ROOT) {
+        if path == std::path::Path::new(NEW_ROOT) || path == std::path::Path::new(INITRAMFS_INIT) {
             continue;
         }
         copy_tree(

@@ -54,7 +54,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
     }
     let dir = tempfile::tempdir()?;
-    let initrd = dir.path().join("read-initrd.gz");
+    let initrd = dir.path().join("read-initrd.cpio");
     guest::build_script_initrd(GUEST_SCRIPT, &initrd)?;
     let disk = dir.path().join("disk.raw");
     // Written, not sparse: both VMMs read real data from the page cache.

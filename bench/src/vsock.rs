@@ -62,7 +62,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
     }
     let dir = tempfile::tempdir()?;
-    let initrd = dir.path().join("sink-initrd.gz");
+    let initrd = dir.path().join("sink-initrd.cpio");
     let script = format!("{TOOL} vsock-sink {PORT} 1\n");
     guest::build_script_initrd_with(&script, &[(TOOL, &tool)], &initrd)?;
 

@@ -73,7 +73,7 @@ fn api(socket: &Path, method: &str, path: &str, body: &str) -> Result<String, Fa
 
 fn read_write_read_only_and_slot_swaps() -> Result<(), Failed> {
     let dir = tempfile::tempdir()?;
-    let initrd = dir.path().join("disk-test-initrd.gz");
+    let initrd = dir.path().join("disk-test-initrd.cpio");
     guest::build_script_initrd(GUEST_SCRIPT, &initrd)?;
     let image = disk_file(dir.path(), "image.raw", 1 << 20, b"frakti-disk-A")?;
     let scratch = disk_file(dir.path(), "scratch.raw", 1 << 20, b"")?;

@@ -98,7 +98,7 @@ fn wait_for_tap(deadline: Instant) -> Result<(), String> {
 fn ping_and_64_mib_over_tcp_to_a_tap() -> Result<(), Failed> {
     let tool = guest::guest_tool_binary()?;
     let dir = tempfile::tempdir()?;
-    let initrd = dir.path().join("net-test-initrd.gz");
+    let initrd = dir.path().join("net-test-initrd.cpio");
     guest::build_script_initrd_with(&guest_script(), &[(TOOL, &tool)], &initrd)?;
     let mut vm = TestVm::new(dir.path(), &initrd, 256)?;
     vm.command.arg("--net").arg(format!("tap={TAP},mac={MAC}"));

@@ -76,7 +76,7 @@ fn host_clients(uds: &Path) -> Vec<JoinHandle<std::io::Result<()>>> {
 fn echo_64_streams_both_ways() -> Result<(), Failed> {
     let tool = guest::guest_tool_binary()?;
     let dir = tempfile::tempdir()?;
-    let initrd = dir.path().join("vsock-test-initrd.gz");
+    let initrd = dir.path().join("vsock-test-initrd.cpio");
     guest::build_script_initrd_with(&guest_script(), &[(TOOL, &tool)], &initrd)?;
     let uds = dir.path().join("vsock.sock");
     let listener = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display()))?;

@@ -34,7 +34,7 @@ enum Cmd {
         /// The statically linked frakti-agent.
         #[arg(long)]
         agent: PathBuf,
-        /// Where to write the gzip cpio archive.
+        /// Where to write the (uncompressed newc) cpio archive.
         #[arg(long)]
         out: PathBuf,
     },

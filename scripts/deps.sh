@@ -12,6 +12,8 @@ packages=(
     protobuf-compiler util-linux
     # ext4 image disks for the end-to-end tests (mke2fs -d)
     e2fsprogs
+    # images: a real registry, image building/pushing, EROFS disks, the containerd baseline
+    docker-registry skopeo umoci erofs-utils containerd runc openssl
 )
 
 missing=()

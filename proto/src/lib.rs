@@ -17,6 +17,15 @@ pub mod agent {
     }
 }
 
+/// The daemon's own image API (`proto/images.proto`, package
+/// `frakti.images.v1`): import, export and pulls with progress, for the CLI.
+pub mod images {
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        tonic::include_proto!("frakti.images.v1");
+    }
+}
+
 /// An error with its sources, `: `-separated: what went wrong down to the
 /// root cause, in one line (tonic's transport error, for one, says only
 /// "transport error" by itself).

@@ -1,0 +1,8 @@
+//! frakti, the CRI daemon: kubelet's remote runtime where every pod is a VM.
+//! This library holds the daemon's parts; `main.rs` is the `frakti` binary.
+
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod image;
+pub mod server;

@@ -1,0 +1,6 @@
+//! The CRI gRPC services kubelet calls, one file per service; handlers are
+//! thin: they validate, call the stores, and map errors in `status.rs`.
+
+pub mod image_service;
+pub mod images_admin;
+pub mod status;

@@ -140,7 +140,10 @@ pub async fn run(endpoint: &Path, command: ImageCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn pull(admin: &mut ImagesClient<tonic::transport::Channel>, image: &str) -> anyhow::Result<()> {
+async fn pull(
+    admin: &mut ImagesClient<tonic::transport::Channel>,
+    image: &str,
+) -> anyhow::Result<()> {
     let mut events = admin
         .pull(pb::PullRequest {
             image: image.to_string(),
@@ -149,9 +152,10 @@ async fn pull(admin: &mut ImagesClient<tonic::transport::Channel>, image: &str) 
         .map_err(status_error)?
         .into_inner();
     let bars = MultiProgress::new();
-    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .progress_chars("=> ");
     let mut by_blob: HashMap<String, ProgressBar> = HashMap::new();
     while let Some(event) = events.message().await.map_err(status_error)? {
         match event.event {
@@ -197,7 +201,10 @@ fn print_images(list: &[cri::Image], quiet: bool, format: &str) -> anyhow::Resul
             println!("{}", serde_json::to_string_pretty(&rows)?);
         }
         "table" => {
-            println!("{:<50} {:<20} {:<14} {:>10}", "IMAGE", "TAG", "IMAGE ID", "SIZE");
+            println!(
+                "{:<50} {:<20} {:<14} {:>10}",
+                "IMAGE", "TAG", "IMAGE ID", "SIZE"
+            );
             for image in list {
                 let id = image.id.trim_start_matches("sha256:");
                 let short: String = id.chars().take(12).collect();

@@ -22,7 +22,11 @@ pub async fn connect(socket: &Path) -> Result<Channel, Error> {
     Endpoint::from_static("http://frakti.daemon")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
         }))
         .await
         .map_err(|source| Error::NotRunning {

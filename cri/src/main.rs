@@ -70,9 +70,9 @@ struct DaemonArgs {
 }
 
 fn init_logs(level: &str) -> anyhow::Result<()> {
-    let level: tracing::Level = level
-        .parse()
-        .map_err(|_| anyhow::anyhow!("unknown log level '{level}' (error, warn, info, debug, trace)"))?;
+    let level: tracing::Level = level.parse().map_err(|_| {
+        anyhow::anyhow!("unknown log level '{level}' (error, warn, info, debug, trace)")
+    })?;
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
@@ -101,7 +101,10 @@ fn daemon_options(args: DaemonArgs) -> anyhow::Result<(daemon::Options, String)>
         anyhow::ensure!(n > 0, "max-parallel-pulls must be at least 1");
         store.max_parallel_pulls = n;
     }
-    let log = args.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
+    let log = args
+        .log_level
+        .or(file.log_level)
+        .unwrap_or_else(|| "info".into());
     let listen = args
         .listen
         .or(file.listen)
@@ -130,7 +133,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("frakti: error: cannot start the async runtime: {e}");

@@ -525,18 +525,32 @@ fn umoci_unpack(img: &images::BuiltImage, bundle: &Path) -> std::path::PathBuf {
 fn big_and_many_files_images() {
     let tmp = tempfile::tempdir().unwrap();
     let imgs = tmp.path().join("images");
-    let big = images::big_layer_image(&imgs, 8);
+    // 17 MiB: above images::BIG, so built with gzip and sha256sum.
+    let big = images::big_layer_image(&imgs, 17);
     let layer = &big.images[0].layers[1];
+    assert_eq!(layer.media_type, images::MEDIA_TYPE_LAYER_GZIP);
     assert!(
-        layer.size > 8 << 20,
+        layer.size > 17 << 20,
         "pseudo-random data must not compress: {} bytes",
         layer.size
     );
     let expected = big.expected_tree();
-    assert_eq!(expected.get("data/big").unwrap().size, Some(8 << 20));
+    assert_eq!(expected.get("data/big").unwrap().size, Some(17 << 20));
     // Deterministic: built again elsewhere, same digests.
-    let again = images::big_layer_image(&tmp.path().join("again"), 8);
+    let again = images::big_layer_image(&tmp.path().join("again"), 17);
     assert_eq!(again.manifest_digest, big.manifest_digest);
+    // Uncompressed: the blob is the tar.
+    let plain = images::big_layer_image_with(&imgs, 20, images::Compression::None);
+    let plain_layer = &plain.images[0].layers[1];
+    assert_eq!(plain_layer.media_type, images::MEDIA_TYPE_LAYER);
+    assert_eq!(plain_layer.digest, plain_layer.diff_id);
+    let out = run(Command::new("sha256sum").arg(
+        plain
+            .layout
+            .join("blobs/sha256")
+            .join(&plain_layer.digest[7..]),
+    ));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&plain_layer.digest[7..]));
 
     let many = images::many_files_image(&imgs, 1234);
     let expected_many = many.expected_tree();

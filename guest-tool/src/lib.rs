@@ -2,6 +2,8 @@
 //! bytes each stream carries, so either end can check them without
 //! sending checksums around.
 
+pub mod tree;
+
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;

@@ -10,6 +10,8 @@
 //!     per stream: read to EOF, answer "<bytes>\n"
 //! frakti-guest-tool tcp-send ADDR:PORT STREAM BYTES
 //!     send BYTES of stream STREAM's pattern over TCP, then read the peer's answer
+//! frakti-guest-tool tree ROOT
+//!     one JSON line per path under ROOT: kind, mode, owner, link, hash, xattrs…
 //! ```
 //! Every command prints one result line and exits non-zero on failure.
 
@@ -40,10 +42,14 @@ fn main() -> ExitCode {
         }
         ["vsock-sink", port, connections] => vsock_sink(parse(port), parse(connections)),
         ["tcp-send", addr, stream, bytes] => tcp_send(addr, parse(stream), parse(bytes)),
+        ["tree", root] => frakti_guest_tool::tree::print_tree(
+            std::path::Path::new(root),
+            &mut io::BufWriter::new(io::stdout().lock()),
+        ),
         _ => Err(io::Error::other(
             "usage: frakti-guest-tool vsock-echo-server PORT CONNECTIONS | \
              vsock-echo-client CID PORT STREAMS BYTES | vsock-sink PORT CONNECTIONS | \
-             tcp-send ADDR:PORT STREAM BYTES",
+             tcp-send ADDR:PORT STREAM BYTES | tree ROOT",
         )),
     };
     match result {

@@ -116,14 +116,19 @@ impl ImageStore {
         Ok(ingest.commit()?)
     }
 
-    async fn import_oci_layout(&self, dir: &Path, base: Option<&str>) -> Result<Vec<ImageRecord>, Error> {
+    async fn import_oci_layout(
+        &self,
+        dir: &Path,
+        base: Option<&str>,
+    ) -> Result<Vec<ImageRecord>, Error> {
         let index_path = dir.join("index.json");
         let index: Index = read_json(&index_path)?;
         let blob = |d: &Digest| dir.join("blobs/sha256").join(d.hex());
         let mut imported = Vec::new();
         for entry in index.manifests {
             let top = Digest::parse(&entry.digest)?;
-            let size = u64::try_from(entry.size).map_err(|_| invalid("negative size in index.json"))?;
+            let size =
+                u64::try_from(entry.size).map_err(|_| invalid("negative size in index.json"))?;
             self.ingest_file(&blob(&top), &top, size)?;
             let body = self.inner.content.read(&top)?;
             let (index_digest, manifest_digest, manifest, len) =
@@ -132,7 +137,8 @@ impl ImageStore {
                     Parsed::Index(platform) => {
                         self.ingest_file(&blob(&platform.digest), &platform.digest, platform.size)?;
                         let inner = self.inner.content.read(&platform.digest)?;
-                        let Parsed::Manifest(m) = manifest::parse(&inner, &platform.media_type)? else {
+                        let Parsed::Manifest(m) = manifest::parse(&inner, &platform.media_type)?
+                        else {
                             return Err(invalid("an index inside an index"));
                         };
                         (Some(top.clone()), platform.digest, m, inner.len())
@@ -160,7 +166,8 @@ impl ImageStore {
         let mut imported = Vec::new();
         for entry in entries {
             let config_path = member(dir, &entry.config)?;
-            let config_bytes = fs::read(&config_path).map_err(io_error("cannot read", &config_path))?;
+            let config_bytes =
+                fs::read(&config_path).map_err(io_error("cannot read", &config_path))?;
             let config_digest = Digest::of(&config_bytes);
             self.inner.content.put(&config_digest, &config_bytes)?;
             let mut layers = Vec::new();
@@ -190,17 +197,35 @@ impl ImageStore {
             self.inner.content.put(&manifest_digest, &body)?;
             let names = entry.repo_tags.unwrap_or_default();
             let mut record = None;
-            for name in names.iter().map(|n| ImageRef::parse(n)).collect::<Result<Vec<_>, _>>()? {
+            for name in names
+                .iter()
+                .map(|n| ImageRef::parse(n))
+                .collect::<Result<Vec<_>, _>>()?
+            {
                 record = Some(
-                    self.import_manifest(&manifest, body.len(), manifest_digest.clone(), None, &manifest_digest, Some(name))
-                        .await?,
+                    self.import_manifest(
+                        &manifest,
+                        body.len(),
+                        manifest_digest.clone(),
+                        None,
+                        &manifest_digest,
+                        Some(name),
+                    )
+                    .await?,
                 );
             }
             let record = match record {
                 Some(r) => r,
                 None => {
-                    self.import_manifest(&manifest, body.len(), manifest_digest.clone(), None, &manifest_digest, None)
-                        .await?
+                    self.import_manifest(
+                        &manifest,
+                        body.len(),
+                        manifest_digest.clone(),
+                        None,
+                        &manifest_digest,
+                        None,
+                    )
+                    .await?
                 }
             };
             imported.push(record);
@@ -227,7 +252,11 @@ impl ImageStore {
                 index,
                 config,
                 layers,
-                repo_tags: name.iter().filter(|n| n.tag.is_some()).map(ImageRef::name).collect(),
+                repo_tags: name
+                    .iter()
+                    .filter(|n| n.tag.is_some())
+                    .map(ImageRef::name)
+                    .collect(),
                 repo_digests: name.iter().map(|n| n.with_digest(top)).collect(),
                 size: content_size(manifest, manifest_len),
             })
@@ -275,7 +304,11 @@ impl ImageStore {
 fn media_type_of(body: &[u8]) -> String {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(String::from))
+        .and_then(|v| {
+            v.get("mediaType")
+                .and_then(|m| m.as_str())
+                .map(String::from)
+        })
         .unwrap_or_else(|| manifest::OCI_MANIFEST.into())
 }
 
@@ -399,7 +432,11 @@ fn extract_archive(path: &Path, dir: &Path) -> Result<(), Error> {
                 }
                 fs::copy(&source, &target).map_err(io_error("cannot copy", &source))?;
             }
-            other => return Err(invalid(format!("archive entry {name}: unsupported type {other:?}"))),
+            other => {
+                return Err(invalid(format!(
+                    "archive entry {name}: unsupported type {other:?}"
+                )));
+            }
         }
     }
     Ok(())
@@ -413,10 +450,11 @@ fn resolve_dots(root: &Path, path: &Path) -> Result<PathBuf, Error> {
     for c in path.components() {
         match c {
             Component::Normal(p) => out.push(p),
-            Component::ParentDir => {
-                if !out.pop() {
-                    return Err(invalid(format!("link {} leaves the archive", path.display())));
-                }
+            Component::ParentDir if !out.pop() => {
+                return Err(invalid(format!(
+                    "link {} leaves the archive",
+                    path.display()
+                )));
             }
             _ => {}
         }

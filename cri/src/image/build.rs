@@ -54,10 +54,7 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-fn decompressed(
-    file: fs::File,
-    compression: Compression,
-) -> io::Result<Box<dyn Read>> {
+fn decompressed(file: fs::File, compression: Compression) -> io::Result<Box<dyn Read>> {
     let file = io::BufReader::new(file);
     Ok(match compression {
         Compression::None => Box::new(file),

@@ -189,7 +189,9 @@ impl ContentStore {
         let mut offset = 0u64;
         let mut buf = vec![0; 256 * 1024];
         loop {
-            let n = file.read(&mut buf).map_err(io_error("cannot read", &path))?;
+            let n = file
+                .read(&mut buf)
+                .map_err(io_error("cannot read", &path))?;
             if n == 0 {
                 break;
             }
@@ -198,7 +200,8 @@ impl ContentStore {
         }
         if offset > size {
             // Longer than the blob: not a prefix of it; start over.
-            file.set_len(0).map_err(io_error("cannot truncate", &path))?;
+            file.set_len(0)
+                .map_err(io_error("cannot truncate", &path))?;
             hasher = Sha256::new();
             offset = 0;
         }

@@ -97,7 +97,9 @@ pub fn tree_usage(root: &Path) -> Result<TreeUsage, Error> {
                 continue;
             }
             usage.inodes += 1;
-            usage.block_bytes = usage.block_bytes.saturating_add(meta.len().div_ceil(4096) * 4096);
+            usage.block_bytes = usage
+                .block_bytes
+                .saturating_add(meta.len().div_ceil(4096) * 4096);
         }
     }
     Ok(usage)
@@ -133,7 +135,10 @@ fn build_ext4(tree: &Path, out: &Path) -> Result<(), Error> {
     let usage = tree_usage(tree)?;
     // Data blocks + 256-byte inodes + metadata slack (bitmaps, group
     // descriptors, directory growth): 10 % and 16 MiB.
-    let inodes = usage.inodes.saturating_add(usage.inodes / 10).saturating_add(64);
+    let inodes = usage
+        .inodes
+        .saturating_add(usage.inodes / 10)
+        .saturating_add(64);
     let bytes = usage
         .block_bytes
         .checked_add(inodes.checked_mul(256).ok_or(Error::TooLarge)?)

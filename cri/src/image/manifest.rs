@@ -88,8 +88,7 @@ struct RawManifest {
 
 impl RawDescriptor {
     fn validate(self) -> Result<Descriptor, Error> {
-        let digest =
-            Digest::parse(&self.digest).map_err(|e| Error::Malformed(e.to_string()))?;
+        let digest = Digest::parse(&self.digest).map_err(|e| Error::Malformed(e.to_string()))?;
         let size = u64::try_from(self.size)
             .map_err(|_| Error::Malformed(format!("negative size for {digest}")))?;
         Ok(Descriptor {
@@ -189,7 +188,10 @@ mod tests {
             r#"{{"schemaVersion":2,"config":{{"digest":"{}","size":5}},"layers":[]}}"#,
             hex('c')
         );
-        assert!(matches!(parse(oci.as_bytes(), OCI_MANIFEST), Ok(Parsed::Manifest(_))));
+        assert!(matches!(
+            parse(oci.as_bytes(), OCI_MANIFEST),
+            Ok(Parsed::Manifest(_))
+        ));
     }
 
     #[test]
@@ -222,7 +224,10 @@ mod tests {
             (b"[]".to_vec(), ""),
             (br#"{"schemaVersion":1}"#.to_vec(), ""),
             (br#"{"mediaType":"text/html"}"#.to_vec(), ""),
-            (br#"{"config":{"digest":"sha256:zz","size":1}}"#.to_vec(), OCI_MANIFEST),
+            (
+                br#"{"config":{"digest":"sha256:zz","size":1}}"#.to_vec(),
+                OCI_MANIFEST,
+            ),
             (
                 format!(r#"{{"config":{{"digest":"{}","size":-1}}}}"#, hex('a')).into_bytes(),
                 OCI_MANIFEST,
@@ -231,7 +236,11 @@ mod tests {
             (big, ""),
         ];
         for (body, kind) in cases {
-            assert!(parse(&body, kind).is_err(), "{:?}", String::from_utf8_lossy(&body[..body.len().min(80)]));
+            assert!(
+                parse(&body, kind).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(&body[..body.len().min(80)])
+            );
         }
     }
 }

@@ -104,14 +104,25 @@ impl ImageStore {
         pull.await.map_err(Error::Shared)
     }
 
-    async fn pull_once(&self, image: &ImageRef, auth: Option<RequestAuth>) -> Result<ImageRecord, Error> {
-        let _permit = self.inner.pulls.acquire().await.map_err(|_| Error::Closed)?;
+    async fn pull_once(
+        &self,
+        image: &ImageRef,
+        auth: Option<RequestAuth>,
+    ) -> Result<ImageRecord, Error> {
+        let _permit = self
+            .inner
+            .pulls
+            .acquire()
+            .await
+            .map_err(|_| Error::Closed)?;
         let config = &self.inner.config;
         let endpoints = hosts::endpoints(&config.certs_dir, &image.registry)?;
-        let credential =
-            auth::credential(auth.as_ref(), config.docker_config.as_deref(), &image.registry)?;
-        let resolved =
-            registry::resolve(image, &endpoints, &credential.to_registry_auth()).await?;
+        let credential = auth::credential(
+            auth.as_ref(),
+            config.docker_config.as_deref(),
+            &image.registry,
+        )?;
+        let resolved = registry::resolve(image, &endpoints, &credential.to_registry_auth()).await?;
         let session = &resolved.session;
         let top = resolved.digest.clone();
         self.inner.content.put(&top, &resolved.body)?;
@@ -150,7 +161,12 @@ impl ImageStore {
             index,
             config: image_config,
             size: content_size(&manifest, manifest_len),
-            repo_tags: image.tag.as_ref().map(|_| name.clone()).into_iter().collect(),
+            repo_tags: image
+                .tag
+                .as_ref()
+                .map(|_| name.clone())
+                .into_iter()
+                .collect(),
             repo_digests: vec![image.with_digest(&top)],
             layers,
         };
@@ -173,7 +189,12 @@ impl ImageStore {
 
     /// Downloads one blob unless the store has it; concurrent callers for
     /// the same digest wait for the first.
-    async fn fetch_blob(&self, session: &Session, blob: &Descriptor, image: &str) -> Result<(), Error> {
+    async fn fetch_blob(
+        &self,
+        session: &Session,
+        blob: &Descriptor,
+        image: &str,
+    ) -> Result<(), Error> {
         let lock_for_blob = lock(&self.inner.blob_locks)
             .entry(blob.digest.clone())
             .or_default()
@@ -205,7 +226,14 @@ impl ImageStore {
         let Some(existing) = records.get(&new.id).cloned() else {
             return Ok(None);
         };
-        if !self.inner.config.root.join("disks").join(&existing.disk).is_file() {
+        if !self
+            .inner
+            .config
+            .root
+            .join("disks")
+            .join(&existing.disk)
+            .is_file()
+        {
             return Ok(None);
         }
         let mut record = existing;

@@ -169,9 +169,7 @@ impl Records {
             }
             let record = fs::read(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|d| {
-                    serde_json::from_slice::<ImageRecord>(&d).map_err(|e| e.to_string())
-                });
+                .and_then(|d| serde_json::from_slice::<ImageRecord>(&d).map_err(|e| e.to_string()));
             match record {
                 Ok(record) => {
                     images.insert(record.id.clone(), record);
@@ -284,7 +282,10 @@ mod tests {
 
     #[test]
     fn configs_are_parsed_leniently_and_platforms_checked() {
-        let c = ImageConfig::parse(br#"{"architecture":"amd64","os":"linux","config":{"User":"5","Env":null}}"#).unwrap();
+        let c = ImageConfig::parse(
+            br#"{"architecture":"amd64","os":"linux","config":{"User":"5","Env":null}}"#,
+        )
+        .unwrap();
         assert_eq!(c.user().0, Some(5));
         assert!(c.check_platform().is_ok());
         let c = ImageConfig::parse(br#"{"architecture":"arm64","os":"linux"}"#).unwrap();

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
@@ -20,9 +22,15 @@ use super::reference::ImageRef;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{image}: no endpoint could serve it: {}", .attempts.join("; "))]
-    AllEndpointsFailed { image: String, attempts: Vec<String> },
+    AllEndpointsFailed {
+        image: String,
+        attempts: Vec<String>,
+    },
     #[error("{image}: not found at {}", .attempts.join("; "))]
-    NotFound { image: String, attempts: Vec<String> },
+    NotFound {
+        image: String,
+        attempts: Vec<String>,
+    },
     #[error("{endpoint}: {what}: {reason}")]
     Fetch {
         endpoint: String,
@@ -51,7 +59,9 @@ fn classify(err: &OciDistributionError) -> (Failure, String) {
         OciDistributionError::AuthenticationFailure(_)
         | OciDistributionError::UnauthorizedError { .. } => Failure::Auth,
         OciDistributionError::ServerError { code: 404, .. } => Failure::NotFound,
-        OciDistributionError::ServerError { code: 401 | 403, .. } => Failure::Auth,
+        OciDistributionError::ServerError {
+            code: 401 | 403, ..
+        } => Failure::Auth,
         OciDistributionError::RegistryError { envelope, .. }
             if envelope.errors.iter().any(|e| {
                 matches!(
@@ -75,7 +85,10 @@ fn classify(err: &OciDistributionError) -> (Failure, String) {
         {
             Failure::Auth
         }
-        _ if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") => {
+        _ if lower.contains("certificate")
+            || lower.contains("tls")
+            || lower.contains("handshake") =>
+        {
             Failure::Tls
         }
         _ if lower.contains("connection refused")
@@ -187,9 +200,9 @@ pub async fn resolve(
     let mut attempts = Vec::new();
     let mut all_not_found = true;
     // A digest reference needs only "pull"; a tag must be resolved.
-    let usable = endpoints.iter().filter(|e| {
-        e.capabilities.pull && (image.digest.is_some() || e.capabilities.resolve)
-    });
+    let usable = endpoints
+        .iter()
+        .filter(|e| e.capabilities.pull && (image.digest.is_some() || e.capabilities.resolve));
     for endpoint in usable {
         let url = endpoint.url();
         let session = match client_for(endpoint).and_then(|client| {

@@ -166,7 +166,8 @@ impl Inner {
     }
 
     pub(super) fn disk_path(&self, id: &Digest, format: DiskFormat) -> PathBuf {
-        self.disks.join(format!("{}.{}", id.hex(), format.fs_type()))
+        self.disks
+            .join(format!("{}.{}", id.hex(), format.fs_type()))
     }
 
     fn remove_disk_files(&self, id: &Digest) {
@@ -276,7 +277,9 @@ impl ImageStore {
             .inner
             .find(&lookup)
             .ok_or_else(|| Error::NotFound(image.to_string()))?;
-        *lock(&self.inner.leases).entry(record.id.clone()).or_insert(0) += 1;
+        *lock(&self.inner.leases)
+            .entry(record.id.clone())
+            .or_insert(0) += 1;
         let format = self.inner.config.disk_format;
         Ok(DiskLease {
             path: self.inner.config.root.join("disks").join(&record.disk),
@@ -318,8 +321,8 @@ impl ImageStore {
             }
         }
         let leased: Vec<Digest> = lock(&self.inner.leases).keys().cloned().collect();
-        let entries = fs::read_dir(&self.inner.disks)
-            .map_err(io_error("cannot list", &self.inner.disks))?;
+        let entries =
+            fs::read_dir(&self.inner.disks).map_err(io_error("cannot list", &self.inner.disks))?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let hex = name.split('.').next().unwrap_or_default();

@@ -8,9 +8,9 @@ use k8s_cri::v1::image_service_server::ImageService as CriImageService;
 use tonic::{Request, Response, Status};
 
 use super::status::image_status;
+use crate::image::ImageStore;
 use crate::image::auth::RequestAuth;
 use crate::image::records::ImageRecord;
-use crate::image::ImageStore;
 
 pub struct ImageService {
     store: ImageStore,
@@ -25,7 +25,9 @@ impl ImageService {
 fn image_name(spec: Option<&cri::ImageSpec>) -> Result<&str, Status> {
     let name = spec.map(|s| s.image.as_str()).unwrap_or("").trim();
     if name.is_empty() {
-        return Err(Status::invalid_argument("no image given (ImageSpec.image is empty)"));
+        return Err(Status::invalid_argument(
+            "no image given (ImageSpec.image is empty)",
+        ));
     }
     Ok(name)
 }
@@ -49,7 +51,10 @@ pub fn to_cri(record: &ImageRecord) -> cri::Image {
 }
 
 /// `verbose` ImageStatus info: the image config and where its disk is.
-fn verbose_info(record: &ImageRecord, store: &ImageStore) -> std::collections::HashMap<String, String> {
+fn verbose_info(
+    record: &ImageRecord,
+    store: &ImageStore,
+) -> std::collections::HashMap<String, String> {
     let info = serde_json::json!({
         "imageSpec": record.config,
         "manifest": record.manifest.to_string(),
@@ -58,7 +63,9 @@ fn verbose_info(record: &ImageRecord, store: &ImageStore) -> std::collections::H
         "diskSize": record.disk_size,
         "layers": record.layers,
     });
-    [("info".to_string(), info.to_string())].into_iter().collect()
+    [("info".to_string(), info.to_string())]
+        .into_iter()
+        .collect()
 }
 
 fn now_nanos() -> i64 {

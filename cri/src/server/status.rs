@@ -29,7 +29,9 @@ fn io_code(err: &(dyn std::error::Error + 'static)) -> Option<Code> {
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<io::Error>() {
             return Some(match io.kind() {
-                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => Code::ResourceExhausted,
+                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => {
+                    Code::ResourceExhausted
+                }
                 io::ErrorKind::NotFound => Code::NotFound,
                 io::ErrorKind::PermissionDenied => Code::PermissionDenied,
                 _ => Code::Internal,
@@ -50,21 +52,24 @@ pub fn image_code(err: &StoreError) -> Code {
         StoreError::Registry(registry::Error::NotFound { .. }) => Code::NotFound,
         StoreError::Registry(registry::Error::AllEndpointsFailed { .. }) => Code::Unavailable,
         StoreError::Registry(registry::Error::Content(content::Error::Mismatch { .. }, _))
-        | StoreError::Content(content::Error::Mismatch { .. } | content::Error::SizeMismatch { .. }) => {
-            Code::DataLoss
-        }
+        | StoreError::Content(
+            content::Error::Mismatch { .. } | content::Error::SizeMismatch { .. },
+        ) => Code::DataLoss,
         StoreError::Registry(_) => Code::Unavailable,
         StoreError::Hosts(_) => Code::FailedPrecondition,
         StoreError::Manifest(manifest::Error::NoPlatform(_))
         | StoreError::Record(records::Error::Platform { .. }) => Code::FailedPrecondition,
-        StoreError::Manifest(_) | StoreError::Record(records::Error::BadConfig(_) | records::Error::LayerCount { .. }) => {
+        StoreError::Manifest(_)
+        | StoreError::Record(records::Error::BadConfig(_) | records::Error::LayerCount { .. }) => {
             Code::InvalidArgument
         }
-        StoreError::Build(build::Error::Unpack { source: unpack_err, .. })
-            if !matches!(unpack_err, unpack::Error::Io { .. }) =>
-        {
+        StoreError::Build(build::Error::Unpack {
+            source: unpack_err, ..
+        }) if !matches!(unpack_err, unpack::Error::Io { .. }) => {
             // A layer that tries to escape or is malformed: the image is bad.
-            io_code(unpack_err).filter(|c| *c == Code::ResourceExhausted).unwrap_or(Code::FailedPrecondition)
+            io_code(unpack_err)
+                .filter(|c| *c == Code::ResourceExhausted)
+                .unwrap_or(Code::FailedPrecondition)
         }
         StoreError::Build(build::Error::DiffId { .. }) => Code::DataLoss,
         StoreError::Closed => Code::Unavailable,
@@ -103,6 +108,10 @@ mod tests {
         };
         assert_eq!(image_code(&full), Code::ResourceExhausted);
         let status = image_status(full);
-        assert!(status.message().contains("cannot write /x"), "{}", status.message());
+        assert!(
+            status.message().contains("cannot write /x"),
+            "{}",
+            status.message()
+        );
     }
 }

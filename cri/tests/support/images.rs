@@ -22,12 +22,18 @@
 //! - [`layered_image`] (`layered`): three layers (gzip, uncompressed, zstd)
 //!   exercising whiteouts, opaque dirs, hardlinks, symlinks, setuid, file
 //!   capabilities, ownership, devices, FIFOs and mtimes.
-//! - [`big_layer_image`] (`big-N`), [`many_files_image`] (`many-N`).
+//! - [`big_layer_image`] (`big-N`: N MiB of random bytes),
+//!   [`many_files_image`] (`many-N`: N small files).
 //! - [`multi_arch_index`] (`multi-arch`: amd64 busybox + arm64 tiny image),
 //!   [`arm64_only_index`] (`arm64-only`).
 //!
 //! [`build_image`] and [`build_index`] build any other image from
 //! [`LayerSpec`]s and an [`ImageConfig`].
+//!
+//! Speed: the support is compiled unoptimized, where in-process sha256 and
+//! deflate run at 10-20 MB/s; so layers with more than [`BIG`] (16 MiB) of
+//! content are hashed by `sha256sum` and gzipped by `gzip -n -1`, and big
+//! files are hashed by `sha256sum` (coreutils and gzip: always on Debian).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -35,12 +41,13 @@ use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::registry::{Registry, sha256_digest, skopeo};
-use super::{run, try_run};
+use super::{require_tool, run, try_run};
 
 pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -573,6 +580,17 @@ impl Layout {
     }
 
     fn write_layer(&self, spec: &LayerSpec) -> LayerDescriptor {
+        let content: u64 = spec
+            .entries
+            .iter()
+            .map(|e| match &e.node {
+                Node::File(c) => c.len(),
+                _ => 0,
+            })
+            .sum();
+        if content > BIG && spec.compression != Compression::Zstd {
+            return self.write_big_layer(spec);
+        }
         let tmp = self.blobs.join(".layer.tmp");
         let file = BufWriter::with_capacity(1 << 20, File::create(&tmp).expect("create layer"));
         let mut blob_hash = Sha256::new();
@@ -602,6 +620,51 @@ impl Layout {
             digest,
             size,
             diff_id: format!("sha256:{:x}", diff_hash.finalize()),
+        }
+    }
+
+    /// A layer with more than [`BIG`] bytes of content: the tar is written
+    /// by the tar crate, hashed with `sha256sum` and compressed with `gzip
+    /// -n -1` (the support runs unoptimized: in-process sha256 and deflate
+    /// do 10-20 MB/s).
+    fn write_big_layer(&self, spec: &LayerSpec) -> LayerDescriptor {
+        let tar_path = self.blobs.join(".layer.tar.tmp");
+        {
+            let file =
+                BufWriter::with_capacity(1 << 20, File::create(&tar_path).expect("create layer"));
+            let mut tar = tar::Builder::new(file);
+            for e in &spec.entries {
+                append_entry(&mut tar, e)
+                    .unwrap_or_else(|err| panic!("tar entry {}: {err}", e.path));
+            }
+            tar.into_inner()
+                .expect("finish tar")
+                .into_inner()
+                .expect("flush layer");
+        }
+        let diff_id = sha256_file(&tar_path);
+        let blob = match spec.compression {
+            Compression::None => tar_path,
+            Compression::Gzip => {
+                let gz = self.blobs.join(".layer.gz.tmp");
+                require_tool("gzip", "gzip");
+                run(Command::new("gzip")
+                    .args(["-n", "-1", "-c"])
+                    .arg(&tar_path)
+                    .stdout(File::create(&gz).expect("create gz")));
+                std::fs::remove_file(&tar_path).expect("remove tar");
+                gz
+            }
+            Compression::Zstd => unreachable!("zstd layers are written in process"),
+        };
+        let digest = sha256_file(&blob);
+        let size = blob.metadata().expect("stat layer").len();
+        std::fs::rename(&blob, self.blobs.join(&digest[7..])).expect("rename layer");
+        LayerDescriptor {
+            media_type: spec.compression.media_type().to_string(),
+            digest,
+            size,
+            diff_id,
         }
     }
 
@@ -705,6 +768,46 @@ fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
     r.push(b'\n');
     assert_eq!(r.len(), len);
     r
+}
+
+/// Above this many bytes, hashing and gzip are done by `sha256sum` and
+/// `gzip` (the support is built unoptimized).
+pub const BIG: u64 = 16 << 20;
+
+/// "sha256:<hex>" of the `len` bytes of `r`: in process, or with
+/// `sha256sum` above [`BIG`].
+pub fn sha256_of(r: &mut dyn Read, len: u64) -> String {
+    if len <= BIG {
+        let mut h = Sha256::new();
+        io::copy(r, &mut HashWriter::new(io::sink(), &mut h)).expect("hash");
+        return format!("sha256:{:x}", h.finalize());
+    }
+    require_tool("sha256sum", "coreutils");
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn sha256sum");
+    io::copy(r, &mut child.stdin.take().unwrap()).expect("write to sha256sum");
+    let out = child.wait_with_output().expect("sha256sum");
+    assert!(out.status.success(), "sha256sum failed");
+    parse_sha256sum(&out.stdout)
+}
+
+fn sha256_file(path: &Path) -> String {
+    let len = path.metadata().expect("stat").len();
+    if len <= BIG {
+        return sha256_of(&mut File::open(path).expect("open"), len);
+    }
+    require_tool("sha256sum", "coreutils");
+    parse_sha256sum(&run(Command::new("sha256sum").arg(path)).stdout)
+}
+
+fn parse_sha256sum(out: &[u8]) -> String {
+    let hex = String::from_utf8_lossy(out);
+    let hex = hex.split_whitespace().next().unwrap_or("");
+    assert_eq!(hex.len(), 64, "sha256sum printed {hex:?}");
+    format!("sha256:{hex}")
 }
 
 struct HashWriter<'h, W> {
@@ -990,26 +1093,33 @@ pub fn layered_image(dir: &Path) -> BuiltImage {
     build_image(dir, "layered", &ImageConfig::default(), &layered_layers())
 }
 
-/// busybox layer + a gzip layer holding one file `data/big` of
-/// `size_mib` MiB of deterministic pseudo-random bytes (layout
-/// `dir/big-SIZE`).
+/// busybox layer + a gzip layer holding one file `data/big` of `size_mib`
+/// MiB of deterministic pseudo-random (incompressible) bytes (layout
+/// `dir/big-SIZE`). Building takes about 10 s per 100 MiB here (gzip);
+/// [`big_layer_image_with`] `Compression::None` is several times faster.
 pub fn big_layer_image(dir: &Path, size_mib: u64) -> BuiltImage {
+    big_layer_image_with(dir, size_mib, Compression::Gzip)
+}
+
+/// [`big_layer_image`] with the big layer compressed as `compression`
+/// (layout `dir/big-SIZE` for gzip, `dir/big-SIZE-none` / `-zstd`).
+pub fn big_layer_image_with(dir: &Path, size_mib: u64, compression: Compression) -> BuiltImage {
     let layers = [
         LayerSpec::new(Compression::Gzip, busybox_entries()),
         LayerSpec::new(
-            Compression::Gzip,
+            compression,
             vec![
                 TarEntry::dir("data", 0o755),
                 TarEntry::random_file("data/big", 0o644, size_mib, size_mib << 20),
             ],
         ),
     ];
-    build_image(
-        dir,
-        &format!("big-{size_mib}"),
-        &ImageConfig::default(),
-        &layers,
-    )
+    let name = match compression {
+        Compression::Gzip => format!("big-{size_mib}"),
+        Compression::None => format!("big-{size_mib}-none"),
+        Compression::Zstd => format!("big-{size_mib}-zstd"),
+    };
+    build_image(dir, &name, &ImageConfig::default(), &layers)
 }
 
 /// busybox layer + a gzip layer with `n` small files `many/dAA/dB/fNNNNNN`
@@ -1567,12 +1677,8 @@ pub fn scan_tree(root: &Path) -> ExpectedTree {
                         .into_owned()
                 }),
                 size: matches!(kind, Kind::File | Kind::Symlink).then_some(md.size()),
-                sha256: (kind == Kind::File).then(|| {
-                    let mut h = Sha256::new();
-                    let mut f = File::open(&full).expect("open");
-                    io::copy(&mut f, &mut HashWriter::new(io::sink(), &mut h)).expect("read");
-                    format!("sha256:{:x}", h.finalize())
-                }),
+                sha256: (kind == Kind::File)
+                    .then(|| sha256_of(&mut File::open(&full).expect("open"), md.size())),
                 rdev: matches!(kind, Kind::CharDevice | Kind::BlockDevice)
                     .then_some((major as u32, minor as u32)),
                 mtime: (kind != Kind::Dir).then_some(md.mtime()),

@@ -1,0 +1,161 @@
+//! Fuzz target for frakti-cri's layer unpacker, as a plain function: the
+//! cargo-fuzz target (`fuzz_targets/layer_tar.rs`) and `cargo test` (over
+//! the seeds, on stable Rust) both call it.
+
+use std::fs;
+use std::path::Path;
+
+use frakti_cri::image::unpack::{Compression, Limits, apply_layer};
+use tar::{EntryType, Header};
+
+/// Applies `data` as an uncompressed layer to `TMP/root`, then checks that
+/// nothing outside it appeared: `TMP` still holds only `root` and an empty
+/// `outside` (which seed symlinks point at).
+///
+/// Header checksums are fixed first (see [`fix_checksums`]), so mutated
+/// headers get past the checksum to the code behind it.
+pub fn layer_tar(data: &[u8]) {
+    let layer = fix_checksums(data);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+    fs::create_dir(&root).expect("root");
+    fs::create_dir(&outside).expect("outside");
+    let limits = Limits {
+        max_entries: 512,
+        max_extension_bytes: 64 << 10,
+        max_total_bytes: 4 << 20,
+        ..Limits::default()
+    };
+    // Errors are fine; escapes and panics are not.
+    let _ = apply_layer(&root, &layer[..], Compression::None, &limits);
+    assert_eq!(names(tmp.path()), ["outside", "root"], "something appeared next to the root");
+    assert!(names(&outside).is_empty(), "something appeared outside the root");
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Rewrites the checksum of every header found walking the blocks as a tar
+/// reader does (header, then the data its octal size field declares, none
+/// for link, device, directory and FIFO entries), until a zero block or a
+/// size it cannot read.
+pub fn fix_checksums(data: &[u8]) -> Vec<u8> {
+    let mut out = data.to_vec();
+    let mut offset = 0usize;
+    while let Some(block) = offset.checked_add(512).and_then(|end| out.get_mut(offset..end)) {
+        if block.iter().all(|&b| b == 0) {
+            break;
+        }
+        block[148..156].fill(b' ');
+        let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
+        block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let Some(size) = octal(&block[124..136]) else { break };
+        let size = if (b'1'..=b'6').contains(&block[156]) { 0 } else { size };
+        let Some(next) = size
+            .checked_add(511)
+            .map(|s| s & !511)
+            .and_then(|s| usize::try_from(s).ok())
+            .and_then(|s| offset.checked_add(512)?.checked_add(s))
+        else {
+            break;
+        };
+        offset = next;
+    }
+    out
+}
+
+fn octal(field: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(field).ok()?;
+    let text = text.trim_matches(|c| c == ' ' || c == '\0');
+    if text.is_empty() { Some(0) } else { u64::from_str_radix(text, 8).ok() }
+}
+
+/// Seed layers: one of each entry kind and extension header, whiteouts, and
+/// the escapes the unpacker must stop.
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let mut basic = Seed::default();
+    basic
+        .entry(EntryType::Directory, "etc/", "", b"")
+        .entry(EntryType::Regular, "etc/hosts", "", b"127.0.0.1 localhost\n")
+        .entry(EntryType::Symlink, "bin/sh", "/bin/busybox", b"")
+        .entry(EntryType::Link, "etc/hosts2", "etc/hosts", b"")
+        .entry(EntryType::Char, "dev/null", "", b"")
+        .entry(EntryType::Fifo, "run/fifo", "", b"")
+        .pax(b"30 mtime=1600000000.123456789\n25 SCHILY.xattr.user.a=b\n")
+        .entry(EntryType::Regular, "pax", "", b"data")
+        .entry(EntryType::GNULongName, "././@LongLink", "", &[b'n'; 200])
+        .entry(EntryType::Regular, "short", "", b"long name");
+    let mut whiteouts = Seed::default();
+    whiteouts
+        .entry(EntryType::Regular, "d/a", "", b"a")
+        .entry(EntryType::Regular, "d/sub/b", "", b"b")
+        .entry(EntryType::Regular, "d/.wh..wh..opq", "", b"")
+        .entry(EntryType::Regular, "d/c", "", b"c")
+        .entry(EntryType::Regular, ".wh.d", "", b"")
+        .entry(EntryType::Regular, "e/.wh..wh.plnk", "", b"");
+    let mut escapes = Seed::default();
+    escapes
+        .entry(EntryType::Symlink, "a", "../../outside", b"")
+        .entry(EntryType::Regular, "a/x", "", b"x")
+        .entry(EntryType::Symlink, "b/c", "/../../../outside", b"")
+        .entry(EntryType::Directory, "b/c/d", "", b"")
+        .entry(EntryType::Link, "h", "b/c/d/../../a/x", b"")
+        .entry(EntryType::Regular, "../outside/y", "", b"y");
+    vec![("basic", basic.finish()), ("whiteouts", whiteouts.finish()), ("escapes", escapes.finish())]
+}
+
+/// A tar written with raw paths (the `tar` builder refuses `..`).
+#[derive(Default)]
+struct Seed(Vec<u8>);
+
+impl Seed {
+    fn entry(&mut self, kind: EntryType, path: &str, link: &str, data: &[u8]) -> &mut Self {
+        let mut header = Header::new_ustar();
+        header.set_entry_type(kind);
+        header.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+        header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_size(data.len() as u64);
+        header.set_mode(0o755);
+        header.set_uid(1000);
+        header.set_gid(1000);
+        header.set_mtime(1_600_000_000);
+        header.set_cksum();
+        self.0.extend_from_slice(header.as_bytes());
+        self.0.extend_from_slice(data);
+        self.0.resize(self.0.len().next_multiple_of(512), 0);
+        self
+    }
+
+    fn pax(&mut self, records: &[u8]) -> &mut Self {
+        self.entry(EntryType::XHeader, "PaxHeaders/x", "", records)
+    }
+
+    fn finish(&mut self) -> Vec<u8> {
+        let mut layer = std::mem::take(&mut self.0);
+        layer.resize(layer.len() + 1024, 0);
+        layer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use frakti_cri::image::unpack::{Compression, Limits, apply_layer};
+
+    #[test]
+    fn seeds_apply_and_stay_inside() {
+        for (name, layer) in super::seeds() {
+            assert_eq!(super::fix_checksums(&layer), layer, "{name}");
+            super::layer_tar(&layer);
+            // All but the escapes are valid layers.
+            let tmp = tempfile::tempdir().unwrap();
+            let applied = apply_layer(tmp.path(), &layer[..], Compression::None, &Limits::default());
+            assert_eq!(applied.is_ok(), name != "escapes", "{name}: {applied:?}");
+        }
+    }
+}

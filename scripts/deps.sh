@@ -13,7 +13,7 @@ packages=(
     # ext4 image disks for the end-to-end tests (mke2fs -d)
     e2fsprogs
     # images: a real registry, image building/pushing, EROFS disks, the containerd baseline
-    docker-registry skopeo umoci erofs-utils containerd runc openssl
+    docker-registry skopeo umoci erofs-utils containerd runc openssl curl
 )
 
 missing=()

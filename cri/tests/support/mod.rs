@@ -13,7 +13,11 @@
 //! Use it from a test file with `mod support;`. A tool that is missing makes
 //! the test panic with the Debian package to install (never a silent pass):
 //! `docker-registry skopeo openssl busybox-static` (and `umoci`, `curl` for
-//! some checks); `scripts/deps.sh` installs most of them.
+//! some checks; `gzip` and `coreutils` for big layers); `scripts/deps.sh`
+//! installs most of them.
+//!
+//! One [`registry::Registry`] per test: the process is killed when the value
+//! drops (a registry in a `static` would never be).
 //!
 //! Typical use:
 //!

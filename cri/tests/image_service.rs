@@ -160,8 +160,10 @@ fn blob_fetches(registry: &Registry, digest: &str) -> usize {
 async fn pulls_through_a_mirror_keep_the_original_name() {
     let tmp = tempfile::tempdir().unwrap();
     let mirror = plain_registry(&tmp.path().join("mirror"));
-    let mut config = ImageConfig::default();
-    config.user = Some("1000:1000".into());
+    let config = ImageConfig {
+        user: Some("1000:1000".into()),
+        ..Default::default()
+    };
     let image = images::busybox_image_with(&tmp.path().join("img"), "busybox", &config);
     let pushed = images::push(
         &image,

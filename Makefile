@@ -71,6 +71,9 @@ fuzz:
 	cd vmm/fuzz && for target in block_request mmio_transport vsock_packet net_tx; do \
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
+	cd cri/fuzz && for target in layer_tar registry_documents; do \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -32,11 +32,11 @@ const IMAGE: &str = "image";
 /// Busybox applets the containers use.
 const APPLETS: &[&str] = &["sh", "cat", "dd", "grep", "sleep"];
 /// Boot to a serving agent; generous for the nested lab.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Any single RPC or awaited process.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// From the Shutdown RPC to the VMM's exit.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const MIB: i64 = 1 << 20;
 /// The OOM container's memory.max, and what it tries to allocate.
 const MEMORY_LIMIT: i64 = 16 * MIB;
@@ -79,15 +79,20 @@ fn busybox_image(dir: &Path, size_mib: u32) -> Result<PathBuf, Failed> {
     Ok(image)
 }
 
-/// frakti-vmm running our guest with the image disk and vsock.
-struct Vm {
-    child: ChildGuard,
+/// frakti-vmm running our guest with image disks and vsock.
+pub(crate) struct Vm {
+    pub(crate) child: ChildGuard,
     dir: PathBuf,
-    started: Instant,
+    pub(crate) started: Instant,
 }
 
 impl Vm {
     fn boot(dir: &Path, image: &Path) -> Result<Vm, Failed> {
+        Vm::boot_with_disks(dir, &[(IMAGE, image)])
+    }
+
+    /// Boots with read-only disks, each `(serial, backing file)`.
+    pub(crate) fn boot_with_disks(dir: &Path, disks: &[(&str, &Path)]) -> Result<Vm, Failed> {
         let assets = GuestAssets::locate()?;
         let mut command = Command::new(guest::vmm_binary()?);
         command
@@ -95,9 +100,13 @@ impl Vm {
             .arg(&assets.kernel)
             .arg("--initrd")
             .arg(&assets.initrd)
-            .args(["--vcpus", "1", "--memory", "256", "--cmdline", "quiet"])
-            .arg("--disk")
-            .arg(format!("serial={IMAGE},path={},ro", image.display()))
+            .args(["--vcpus", "1", "--memory", "256", "--cmdline", "quiet"]);
+        for (serial, path) in disks {
+            command
+                .arg("--disk")
+                .arg(format!("serial={serial},path={},ro", path.display()));
+        }
+        command
             .arg("--vsock")
             .arg(format!(
                 "cid={GUEST_CID},uds={}",
@@ -119,11 +128,11 @@ impl Vm {
         })
     }
 
-    fn uds(&self) -> PathBuf {
+    pub(crate) fn uds(&self) -> PathBuf {
         self.dir.join("vsock.sock")
     }
 
-    fn diagnostics(&self) -> String {
+    pub(crate) fn diagnostics(&self) -> String {
         format!(
             "console:\n{}\nvmm log:\n{}\nseccomp: {}",
             read_log(&self.dir.join("console.log")),
@@ -133,7 +142,7 @@ impl Vm {
     }
 
     /// Polls for the VMM's exit.
-    async fn exited_within(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+    pub(crate) async fn exited_within(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -464,7 +473,7 @@ async fn poll_cpu(
 
 /// A busybox container running `args`, its rootfs a writable overlay over
 /// the image disk (see [`rootfs`]).
-fn spec(args: &[&str]) -> Value {
+pub(crate) fn spec(args: &[&str]) -> Value {
     json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -506,7 +515,7 @@ fn rootfs() -> pb::Rootfs {
 }
 
 /// An RPC (or any step) that must finish within STEP_TIMEOUT.
-async fn step<T>(
+pub(crate) async fn step<T>(
     what: &str,
     call: impl Future<Output = Result<T, tonic::Status>>,
 ) -> anyhow::Result<T> {
@@ -516,7 +525,7 @@ async fn step<T>(
     }
 }
 
-async fn create(c: &mut AgentClient, id: &str, spec: &Value) -> anyhow::Result<u32> {
+pub(crate) async fn create(c: &mut AgentClient, id: &str, spec: &Value) -> anyhow::Result<u32> {
     let request = pb::CreateContainerRequest {
         container_id: id.into(),
         oci_spec_json: serde_json::to_vec(spec)?,
@@ -529,7 +538,7 @@ async fn create(c: &mut AgentClient, id: &str, spec: &Value) -> anyhow::Result<u
     Ok(created.into_inner().pid)
 }
 
-async fn start(c: &mut AgentClient, id: &str) -> anyhow::Result<()> {
+pub(crate) async fn start(c: &mut AgentClient, id: &str) -> anyhow::Result<()> {
     let request = pb::StartContainerRequest {
         container_id: id.into(),
     };
@@ -553,7 +562,11 @@ async fn exec(c: &mut AgentClient, id: &str, exec_id: &str, args: &[&str]) -> an
     Ok(())
 }
 
-async fn wait(c: &mut AgentClient, id: &str, exec_id: &str) -> anyhow::Result<pb::ExitStatus> {
+pub(crate) async fn wait(
+    c: &mut AgentClient,
+    id: &str,
+    exec_id: &str,
+) -> anyhow::Result<pb::ExitStatus> {
     let request = pb::WaitProcessRequest {
         container_id: id.into(),
         exec_id: exec_id.into(),
@@ -577,7 +590,7 @@ async fn stats(c: &mut AgentClient, id: &str) -> anyhow::Result<pb::StatsContain
 }
 
 /// Everything a process writes to `stream` until it closes it.
-async fn read_all(
+pub(crate) async fn read_all(
     c: &mut AgentClient,
     id: &str,
     exec_id: &str,

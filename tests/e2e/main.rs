@@ -4,11 +4,16 @@
 
 mod agent;
 mod disks;
+mod images;
 mod net;
 mod qemu_baseline;
 mod test_vm;
 mod vmm;
 mod vsock;
+
+/// frakti-cri's test images and registries (built on the host).
+#[path = "../../cri/tests/support/mod.rs"]
+mod support;
 
 use std::process::ExitCode;
 
@@ -22,15 +27,47 @@ fn main() -> ExitCode {
         return libtest_mimic::run(&args, tests()).exit_code();
     }
     let programs = guest::vmm_binary().and_then(|vmm| {
-        Ok([
+        Ok(vec![
             (guest::VMM_ENV, vmm),
             (guest::GUEST_TOOL_ENV, guest::guest_tool_binary()?),
             (guest::MKE2FS_ENV, guest::mke2fs_binary()?),
         ])
     });
-    let placement = programs
-        .map_err(rerun::Error::from)
-        .and_then(|programs| rerun::run_here_or_in_lab(&programs));
+    let mut programs = match programs {
+        Ok(programs) => programs,
+        Err(e) => {
+            eprintln!("e2e: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Image disks are made where mkfs runs: on the host, once.
+    let image_dir = match tempfile::tempdir() {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("e2e: temp dir: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if std::env::var_os(images::EROFS_ENV).is_none() {
+        let prepared = guest::guest_tool_binary()
+            .map_err(anyhow::Error::from)
+            .and_then(|tool| images::prepare(image_dir.path(), &tool));
+        match prepared {
+            Ok(prepared) => programs.extend(prepared.files),
+            Err(e) => {
+                eprintln!("e2e: preparing the image disks: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let placement = rerun::run_here_or_in_lab(&programs);
+    if matches!(placement, Ok(Placement::Here(_))) {
+        for (env, path) in &programs {
+            // SAFETY: no other thread runs yet (the tests start below), so
+            // nothing reads the environment concurrently.
+            unsafe { std::env::set_var(env, path) };
+        }
+    }
     match placement {
         Ok(Placement::Here(mode)) => {
             eprintln!("e2e: running here ({mode})");
@@ -55,5 +92,6 @@ fn tests() -> Vec<Trial> {
     tests.extend(vsock::tests());
     tests.extend(net::tests());
     tests.extend(agent::tests());
+    tests.extend(images::tests());
     tests
 }

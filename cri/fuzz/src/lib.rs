@@ -28,14 +28,26 @@ pub fn layer_tar(data: &[u8]) {
     };
     // Errors are fine; escapes and panics are not.
     let _ = apply_layer(&root, &layer[..], Compression::None, &limits);
-    assert_eq!(names(tmp.path()), ["outside", "root"], "something appeared next to the root");
-    assert!(names(&outside).is_empty(), "something appeared outside the root");
+    assert_eq!(
+        names(tmp.path()),
+        ["outside", "root"],
+        "something appeared next to the root"
+    );
+    assert!(
+        names(&outside).is_empty(),
+        "something appeared outside the root"
+    );
 }
 
 fn names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .expect("read_dir")
-        .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     names.sort();
     names
@@ -48,15 +60,24 @@ fn names(dir: &Path) -> Vec<String> {
 pub fn fix_checksums(data: &[u8]) -> Vec<u8> {
     let mut out = data.to_vec();
     let mut offset = 0usize;
-    while let Some(block) = offset.checked_add(512).and_then(|end| out.get_mut(offset..end)) {
+    while let Some(block) = offset
+        .checked_add(512)
+        .and_then(|end| out.get_mut(offset..end))
+    {
         if block.iter().all(|&b| b == 0) {
             break;
         }
         block[148..156].fill(b' ');
         let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
         block[148..156].copy_from_slice(format!("{sum:07o}\0").as_bytes());
-        let Some(size) = octal(&block[124..136]) else { break };
-        let size = if (b'1'..=b'6').contains(&block[156]) { 0 } else { size };
+        let Some(size) = octal(&block[124..136]) else {
+            break;
+        };
+        let size = if (b'1'..=b'6').contains(&block[156]) {
+            0
+        } else {
+            size
+        };
         let Some(next) = size
             .checked_add(511)
             .map(|s| s & !511)
@@ -73,7 +94,11 @@ pub fn fix_checksums(data: &[u8]) -> Vec<u8> {
 fn octal(field: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(field).ok()?;
     let text = text.trim_matches(|c| c == ' ' || c == '\0');
-    if text.is_empty() { Some(0) } else { u64::from_str_radix(text, 8).ok() }
+    if text.is_empty() {
+        Some(0)
+    } else {
+        u64::from_str_radix(text, 8).ok()
+    }
 }
 
 /// Seed layers: one of each entry kind and extension header, whiteouts, and
@@ -82,7 +107,12 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut basic = Seed::default();
     basic
         .entry(EntryType::Directory, "etc/", "", b"")
-        .entry(EntryType::Regular, "etc/hosts", "", b"127.0.0.1 localhost\n")
+        .entry(
+            EntryType::Regular,
+            "etc/hosts",
+            "",
+            b"127.0.0.1 localhost\n",
+        )
         .entry(EntryType::Symlink, "bin/sh", "/bin/busybox", b"")
         .entry(EntryType::Link, "etc/hosts2", "etc/hosts", b"")
         .entry(EntryType::Char, "dev/null", "", b"")
@@ -107,7 +137,11 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         .entry(EntryType::Directory, "b/c/d", "", b"")
         .entry(EntryType::Link, "h", "b/c/d/../../a/x", b"")
         .entry(EntryType::Regular, "../outside/y", "", b"y");
-    vec![("basic", basic.finish()), ("whiteouts", whiteouts.finish()), ("escapes", escapes.finish())]
+    vec![
+        ("basic", basic.finish()),
+        ("whiteouts", whiteouts.finish()),
+        ("escapes", escapes.finish()),
+    ]
 }
 
 /// A tar written with raw paths (the `tar` builder refuses `..`).
@@ -156,7 +190,12 @@ mod tests {
             super::layer_tar(&layer);
             // All but the escapes are valid layers.
             let tmp = tempfile::tempdir().unwrap();
-            let applied = apply_layer(tmp.path(), &layer[..], Compression::None, &Limits::default());
+            let applied = apply_layer(
+                tmp.path(),
+                &layer[..],
+                Compression::None,
+                &Limits::default(),
+            );
             assert_eq!(applied.is_ok(), name != "escapes", "{name}: {applied:?}");
         }
     }

@@ -52,7 +52,7 @@ impl<'a> Applier<'a> {
         member: Member,
         reader: &mut TarReader<R>,
     ) -> Result<(), Error> {
-        self.stats.entries += 1;
+        self.stats.entries = self.stats.entries.saturating_add(1);
         if self.stats.entries > self.limits.max_entries {
             return Err(Error::Limit {
                 what: "entries",
@@ -287,7 +287,7 @@ impl<'a> Applier<'a> {
             };
             result.map_err(at(path, "applying the whiteout"))?;
         }
-        self.stats.whiteouts += 1;
+        self.stats.whiteouts = self.stats.whiteouts.saturating_add(1);
         Ok(())
     }
 

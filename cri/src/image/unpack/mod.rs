@@ -110,6 +110,7 @@ pub enum Error {
 
 /// Applies one layer onto `root` (an existing directory). Never writes or
 /// changes anything outside `root`. On error the tree is left part-applied.
+/// Needs root privileges: it sets owners and makes device nodes.
 pub fn apply_layer(
     root: &Path,
     layer: impl Read,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::image::disk::DiskFormat;
+use crate::image::disk::{DiskFormat, ErofsCompression};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -28,6 +28,7 @@ pub struct FileConfig {
     pub certs_dir: Option<PathBuf>,
     pub docker_config: Option<PathBuf>,
     pub image_disk_format: Option<DiskFormat>,
+    pub erofs_compression: Option<ErofsCompression>,
     pub max_parallel_pulls: Option<usize>,
     pub log_level: Option<String>,
 }

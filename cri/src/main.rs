@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use frakti_cri::config::FileConfig;
 use frakti_cri::daemon;
 use frakti_cri::image::StoreConfig;
-use frakti_cri::image::disk::DiskFormat;
+use frakti_cri::image::disk::{DiskFormat, ErofsCompression};
 
 mod cli_image;
 
@@ -61,6 +61,9 @@ struct DaemonArgs {
     /// The image disks' filesystem: erofs or ext4 [default: erofs].
     #[arg(long)]
     image_disk_format: Option<DiskFormat>,
+    /// EROFS data compression: none, lz4 or lz4hc [default: none; see the README's measurements].
+    #[arg(long)]
+    erofs_compression: Option<ErofsCompression>,
     /// Image pulls running at once [default: 3].
     #[arg(long)]
     max_parallel_pulls: Option<usize>,
@@ -96,6 +99,9 @@ fn daemon_options(args: DaemonArgs) -> anyhow::Result<(daemon::Options, String)>
     store.docker_config = args.docker_config.or(file.docker_config);
     if let Some(format) = args.image_disk_format.or(file.image_disk_format) {
         store.disk_format = format;
+    }
+    if let Some(c) = args.erofs_compression.or(file.erofs_compression) {
+        store.erofs_compression = c;
     }
     if let Some(n) = args.max_parallel_pulls.or(file.max_parallel_pulls) {
         anyhow::ensure!(n > 0, "max-parallel-pulls must be at least 1");

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use super::content::{ContentStore, Digest};
-use super::disk::{self, DiskFormat};
+use super::disk::{self, DiskFormat, ErofsCompression};
 use super::records::Layer;
 use super::unpack::{self, Compression, Limits};
 
@@ -106,10 +106,11 @@ pub fn build_disk(
     content: &ContentStore,
     layers: &[Layer],
     format: DiskFormat,
+    compression: ErofsCompression,
     scratch: &Path,
     out: &Path,
 ) -> Result<u64, Error> {
-    let result = build_in(content, layers, format, scratch, out);
+    let result = build_in(content, layers, (format, compression), scratch, out);
     if let Err(e) = fs::remove_dir_all(scratch) {
         if e.kind() != io::ErrorKind::NotFound {
             tracing::warn!(path = %scratch.display(), "cannot remove scratch tree: {e}");
@@ -124,7 +125,7 @@ pub fn build_disk(
 fn build_in(
     content: &ContentStore,
     layers: &[Layer],
-    format: DiskFormat,
+    (format, compression): (DiskFormat, ErofsCompression),
     scratch: &Path,
     out: &Path,
 ) -> Result<u64, Error> {
@@ -137,5 +138,5 @@ fn build_in(
     for layer in layers {
         apply(content, layer, &tree)?;
     }
-    Ok(disk::build(format, &tree, out)?)
+    Ok(disk::build(format, compression, &tree, out)?)
 }

@@ -263,6 +263,7 @@ impl ImageStore {
             return Ok(record);
         }
         let format = self.inner.config.disk_format;
+        let compression = self.inner.config.erofs_compression;
         let out = self.inner.disk_path(&new.id, format);
         let inner = self.inner.clone();
         let layers = new.layers.clone();
@@ -270,7 +271,14 @@ impl ImageStore {
         let disk_size = tokio::task::spawn_blocking(move || {
             let scratch = inner.tmp.join(format!("build-{hex}"));
             let partial = inner.tmp.join(format!("{hex}.disk"));
-            let size = build::build_disk(&inner.content, &layers, format, &scratch, &partial)?;
+            let size = build::build_disk(
+                &inner.content,
+                &layers,
+                format,
+                compression,
+                &scratch,
+                &partial,
+            )?;
             super::content::commit_rename(&partial, &out)
                 .map_err(super::store::io_error("cannot commit", &out))?;
             Ok::<u64, Error>(size)

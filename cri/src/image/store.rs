@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::content::{self, ContentStore, Digest};
-use super::disk::DiskFormat;
+use super::disk::{DiskFormat, ErofsCompression};
 use super::records::{self, ImageRecord, Records};
 use super::reference::{self, Lookup};
 use super::{auth, build, hosts, manifest, registry};
@@ -72,6 +72,7 @@ pub struct StoreConfig {
     /// A Docker config.json with node credentials (None: Docker's default).
     pub docker_config: Option<PathBuf>,
     pub disk_format: DiskFormat,
+    pub erofs_compression: ErofsCompression,
     /// Pulls of different images running at once.
     pub max_parallel_pulls: usize,
     /// Layer downloads running at once within one pull.
@@ -85,6 +86,7 @@ impl StoreConfig {
             certs_dir: PathBuf::from("/etc/frakti/certs.d"),
             docker_config: None,
             disk_format: DiskFormat::Erofs,
+            erofs_compression: ErofsCompression::None,
             max_parallel_pulls: 3,
             max_parallel_layers: 3,
         }

@@ -369,3 +369,64 @@ impl ImageStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::records::ImageConfig;
+
+    fn store_with_image(dir: &Path) -> (ImageStore, Digest, PathBuf) {
+        let store = ImageStore::open(StoreConfig::new(dir)).unwrap();
+        let id = Digest::of(b"config");
+        let disk = format!("{}.erofs", id.hex());
+        let path = dir.join("disks").join(&disk);
+        fs::write(&path, b"disk").unwrap();
+        let record = ImageRecord {
+            id: id.clone(),
+            manifest: Digest::of(b"manifest"),
+            index: None,
+            config: ImageConfig::default(),
+            layers: Vec::new(),
+            repo_tags: vec!["docker.io/library/x:1".into()],
+            repo_digests: Vec::new(),
+            size: 4,
+            disk,
+            disk_size: 4,
+            created: 0,
+        };
+        lock(&store.inner.records).put(record).unwrap();
+        (store, id, path)
+    }
+
+    #[test]
+    fn a_leased_disk_outlives_its_image_until_the_last_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, id, disk) = store_with_image(dir.path());
+        let first = store.lease("x:1").unwrap();
+        let second = store.lease(id.as_str()).unwrap();
+        assert_eq!(first.path, disk);
+        store.remove("x:1").unwrap();
+        assert!(store.status(id.as_str()).unwrap().is_none());
+        assert!(disk.exists(), "in use: kept");
+        drop(first);
+        assert!(disk.exists(), "one lease left");
+        drop(second);
+        assert!(!disk.exists(), "the last user gone: deleted");
+        assert!(store.lease("x:1").is_err());
+    }
+
+    #[test]
+    fn an_unleased_disk_goes_with_its_image_and_records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, id, disk) = store_with_image(dir.path());
+        drop(store);
+        let store = ImageStore::open(StoreConfig::new(dir.path())).unwrap();
+        assert_eq!(store.status("x:1").unwrap().map(|r| r.id), Some(id.clone()));
+        assert_eq!(store.list(None).unwrap().len(), 1);
+        assert!(store.usage().unwrap().used_bytes > 0);
+        store.remove(id.hex()).unwrap();
+        store.remove(id.hex()).unwrap();
+        assert!(!disk.exists());
+        assert!(store.list(None).unwrap().is_empty());
+    }
+}

@@ -683,3 +683,175 @@ async fn import_and_export_without_a_registry() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
+
+/// A registry serving bytes that do not match the digest: DataLoss, and
+/// the store keeps nothing of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_that_does_not_match_its_digest_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = plain_registry(&tmp.path().join("reg"));
+    let image = images::busybox_image(&tmp.path().join("img"));
+    images::push(&image, &registry, "corrupt:1", &PushOptions::default());
+    let layer = &image.host_image().layers[0].digest;
+    let hex = layer.trim_start_matches("sha256:");
+    let data = registry
+        .dir()
+        .join("storage/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&data, bytes).unwrap();
+    let daemon = Daemon::start(&tmp.path().join("d"));
+    daemon.hosts(
+        &registry.host(),
+        &format!("server = \"http://{}\"\n", registry.host()),
+    );
+    let mut c = daemon.client().await;
+    let err = pull(&mut c, &format!("{}/corrupt:1", registry.host()), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains(layer.as_str()), "{err:?}");
+    let root = daemon.images_root();
+    assert!(!root.join("blobs/sha256").join(hex).exists());
+    assert_eq!(
+        std::fs::read_dir(root.join("ingest")).unwrap().count(),
+        0,
+        "bad data is not kept for a resume"
+    );
+    assert!(
+        c.list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .images
+            .is_empty()
+    );
+}
+
+/// A tmpfs mounted for the test (as root), unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(path: &Path, size_mib: u64) -> SmallFs {
+        std::fs::create_dir_all(path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs (the tests run as root)");
+        SmallFs(path.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The store's disk fills up while a layer is unpacked: ResourceExhausted,
+/// no image, no scratch left; a smaller image pulls afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_while_unpacking_leaves_the_store_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = plain_registry(&tmp.path().join("reg"));
+    let big = images::big_layer_image_with(&tmp.path().join("img"), 24, Compression::Gzip);
+    let small = images::busybox_image(&tmp.path().join("img"));
+    images::push(&big, &registry, "big:1", &PushOptions::default());
+    images::push(&small, &registry, "small:1", &PushOptions::default());
+    // Room for the 24 MiB blob, not for its unpacked copy as well.
+    let fs = SmallFs::mount(&tmp.path().join("d"), 40);
+    let mut daemon = Daemon::start(&fs.0);
+    daemon.hosts(
+        &registry.host(),
+        &format!("server = \"http://{}\"\n", registry.host()),
+    );
+    let mut c = daemon.client().await;
+    let err = pull(&mut c, &format!("{}/big:1", registry.host()), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::ResourceExhausted,
+        "{err:?}\n{}",
+        daemon.log()
+    );
+    let root = daemon.images_root();
+    assert_eq!(
+        std::fs::read_dir(root.join("tmp")).unwrap().count(),
+        0,
+        "scratch removed"
+    );
+    assert_eq!(std::fs::read_dir(root.join("disks")).unwrap().count(), 0);
+    assert!(
+        c.list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .images
+            .is_empty()
+    );
+    // The big blob stays (a retry needs no download) until collected;
+    // removing what is not an image collects it.
+    c.remove_image(cri::RemoveImageRequest {
+        image: spec(&format!("{}/big:1", registry.host())),
+    })
+    .await
+    .unwrap();
+    let id = pull(&mut c, &format!("{}/small:1", registry.host()), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(id, small.config_digest());
+    daemon.kill();
+}
+
+/// frakti's Pull stream: progress per blob, then the image id.
+#[tokio::test(flavor = "multi_thread")]
+async fn pulls_report_progress_per_blob() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = plain_registry(&tmp.path().join("reg"));
+    let image = images::layered_image(&tmp.path().join("img"));
+    images::push(&image, &registry, "layered:1", &PushOptions::default());
+    let daemon = Daemon::start(&tmp.path().join("d"));
+    daemon.hosts(
+        &registry.host(),
+        &format!("server = \"http://{}\"\n", registry.host()),
+    );
+    let mut events = daemon
+        .admin()
+        .await
+        .pull(adminpb::PullRequest {
+            image: format!("{}/layered:1", registry.host()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut finished = std::collections::BTreeSet::new();
+    let mut id = None;
+    while let Some(event) = events.message().await.unwrap() {
+        match event.event {
+            Some(adminpb::pull_event::Event::Progress(p)) => {
+                assert!(p.done <= p.total, "{p:?}");
+                if p.done == p.total {
+                    finished.insert(p.digest);
+                }
+            }
+            Some(adminpb::pull_event::Event::ImageId(i)) => id = Some(i),
+            None => {}
+        }
+    }
+    assert_eq!(id.as_deref(), Some(image.config_digest()));
+    for layer in &image.host_image().layers {
+        assert!(
+            finished.contains(&layer.digest),
+            "no complete progress for {}: {finished:?}",
+            layer.digest
+        );
+    }
+    assert!(daemon.log().contains("blob fetched"), "pulls are logged");
+}

@@ -279,6 +279,11 @@ impl Ingest {
         self.size
     }
 
+    /// Drops the partial blob: its bytes cannot become valid.
+    pub fn discard(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+
     /// Forgets what was written (the server would not resume).
     pub fn restart(&mut self) -> Result<(), Error> {
         self.file

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use oci_client::client::{
     BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
 };
-use oci_client::errors::OciDistributionError;
+use oci_client::errors::{DigestError, OciDistributionError};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -339,11 +339,29 @@ impl Session {
         };
         progress(ingest.offset());
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| Error::Fetch {
-                endpoint: self.endpoint.clone(),
-                what: what.clone(),
-                reason: e.to_string(),
-            })?;
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                // oci-client checks the digest at the stream's end; the
+                // bytes written are worthless for a resume.
+                Err(e) => {
+                    if let Some(DigestError::VerificationError { expected, actual }) = e
+                        .get_ref()
+                        .and_then(|inner| inner.downcast_ref::<DigestError>())
+                    {
+                        let mismatch = content::Error::Mismatch {
+                            expected: expected.clone(),
+                            actual: actual.clone(),
+                        };
+                        ingest.discard();
+                        return Err(Error::Content(mismatch, self.endpoint.clone()));
+                    }
+                    return Err(Error::Fetch {
+                        endpoint: self.endpoint.clone(),
+                        what: what.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            };
             // A blocking write of at most one chunk; the content store is
             // local disk.
             ingest

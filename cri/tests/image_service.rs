@@ -365,10 +365,26 @@ async fn tls_with_a_ca_and_credentials() {
         !err.message().contains("wrong"),
         "the password leaked: {err:?}"
     );
-    let id = pull(&mut c, &name, good)
+    let id = pull(&mut c, &name, good.clone())
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
     assert_eq!(id, image.config_digest());
+    // skip_verify instead of the CA: the handshake is not checked.
+    images::push(
+        &image,
+        &registry,
+        "secure/busybox:2",
+        &PushOptions::default(),
+    );
+    daemon.hosts(
+        &registry.host(),
+        &format!(
+            "server = \"https://{}\"\nskip_verify = true\n",
+            registry.host()
+        ),
+    );
+    let two = format!("{}/secure/busybox:2", registry.host());
+    assert_eq!(pull(&mut c, &two, good).await.unwrap(), id);
 }
 
 #[tokio::test(flavor = "multi_thread")]

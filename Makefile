@@ -24,7 +24,7 @@ help:
 	@echo "make demo   boot the guest (directly or in the lab) and print its ready line and boot time"
 	@echo "make test   fmt check, clippy, unit tests, end-to-end tests (in the lab where needed)"
 	@echo "make assets build the guest kernel (cached), the initrd with the static agent, frakti-vmm"
-	@echo "make bench  boot benchmark: frakti-vmm vs qemu -M microvm, printed as ratios"
+	@echo "make bench  benchmarks as ratios: boot/disk/vsock vs qemu -M microvm, image pulls vs containerd, EROFS vs ext4"
 	@echo "make fuzz   run each cargo-fuzz target for FUZZ_SECONDS (default 120)"
 	@echo "make deps   check/install the Debian packages the build and tests need"
 
@@ -57,11 +57,16 @@ demo: assets
 	$(LAB) demo
 
 # frakti-vmm vs QEMU microvm, as ratios (not tests): boot time and memory,
-# then sequential disk read in the guest, then vsock throughput.
+# then sequential disk read in the guest, then vsock throughput; then image
+# pulls, frakti vs containerd (which needs target/release/frakti), and the
+# image disk formats (EROFS vs ext4: size, build, guest reads).
 bench: assets
 	$(CARGO) run -q --release -p frakti-bench --bin boot
 	$(CARGO) run -q --release -p frakti-bench --bin disk
 	$(CARGO) run -q --release -p frakti-bench --bin vsock
+	$(CARGO) build --release -p frakti-cri
+	$(CARGO) run -q --release -p frakti-bench --bin images
+	$(CARGO) run -q --release -p frakti-bench --bin image_disks
 
 # Each fuzz target for FUZZ_SECONDS (not part of `make test`). cargo-fuzz on
 # stable Rust needs RUSTC_BOOTSTRAP=1 for libFuzzer's sanitizer flags.

@@ -38,6 +38,12 @@ impl ImageRef {
         // oci-spec's parser accepts a repository path only in lower case,
         // as the distribution spec does; it also normalizes docker.io.
         let parsed = Reference::try_from(input).map_err(|e| invalid(e.to_string()))?;
+        // oci-spec files a first component with capitals ("Ab/c") under
+        // docker.io as part of the repository, which the spec forbids
+        // (found by the registry_documents fuzz target).
+        if parsed.repository().bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(invalid("the repository must be lower case".into()));
+        }
         let digest = parsed
             .digest()
             .map(|d| Digest::parse(d).map_err(|e| invalid(e.to_string())))
@@ -143,6 +149,7 @@ mod tests {
             "",
             "   ",
             "upper/CASE",
+            "I44/b7b",
             "a b",
             "busybox@sha256:short",
             "busybox@md5:0123456789abcdef0123456789abcdef",

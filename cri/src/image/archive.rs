@@ -195,39 +195,26 @@ impl ImageStore {
                 .map_err(|e| invalid(e.to_string()))?;
             let manifest_digest = Digest::of(&body);
             self.inner.content.put(&manifest_digest, &body)?;
-            let names = entry.repo_tags.unwrap_or_default();
-            let mut record = None;
-            for name in names
+            // One record; each tag adds its names (an untagged image is
+            // imported by id).
+            let mut names: Vec<Option<ImageRef>> = entry
+                .repo_tags
+                .unwrap_or_default()
                 .iter()
-                .map(|n| ImageRef::parse(n))
-                .collect::<Result<Vec<_>, _>>()?
-            {
+                .map(|n| ImageRef::parse(n).map(Some))
+                .collect::<Result<_, _>>()?;
+            if names.is_empty() {
+                names.push(None);
+            }
+            let mut record = None;
+            for name in names {
+                let top = manifest_digest.clone();
                 record = Some(
-                    self.import_manifest(
-                        &manifest,
-                        body.len(),
-                        manifest_digest.clone(),
-                        None,
-                        &manifest_digest,
-                        Some(name),
-                    )
-                    .await?,
+                    self.import_manifest(&manifest, body.len(), top.clone(), None, &top, name)
+                        .await?,
                 );
             }
-            let record = match record {
-                Some(r) => r,
-                None => {
-                    self.import_manifest(
-                        &manifest,
-                        body.len(),
-                        manifest_digest.clone(),
-                        None,
-                        &manifest_digest,
-                        None,
-                    )
-                    .await?
-                }
-            };
+            let record = record.ok_or_else(|| invalid("docker save entry without an image"))?;
             imported.push(record);
         }
         Ok(imported)

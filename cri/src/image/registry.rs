@@ -52,7 +52,7 @@ enum Failure {
 }
 
 fn classify(err: &OciDistributionError) -> (Failure, String) {
-    let chain = error_chain(err);
+    let chain = crate::error_chain(err);
     let lower = chain.to_ascii_lowercase();
     let kind = match err {
         OciDistributionError::ImageManifestNotFoundError(_) => Failure::NotFound,
@@ -108,20 +108,6 @@ fn classify(err: &OciDistributionError) -> (Failure, String) {
         Failure::Other => "failed",
     };
     (kind, format!("{label}: {chain}"))
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let s = e.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        source = e.source();
-    }
-    out
 }
 
 /// An endpoint with its client, able to fetch the image's content.

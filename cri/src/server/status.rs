@@ -11,17 +11,7 @@ use crate::image::{build, content, manifest, records, registry, unpack};
 
 /// The error and its sources, joined.
 pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let s = e.to_string();
-        if !out.ends_with(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        source = e.source();
-    }
-    out
+    crate::error_chain(err)
 }
 
 fn io_code(err: &(dyn std::error::Error + 'static)) -> Option<Code> {

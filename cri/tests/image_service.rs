@@ -107,6 +107,31 @@ impl Drop for Daemon {
     }
 }
 
+/// Processes whose command line names `dir`, and mounts below it: what a
+/// test must not leave behind once its daemons and registries are gone.
+fn leaks_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut leaks = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            leaks.push(format!(
+                "process {}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    leaks.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .map(|l| format!("mount: {l}")),
+    );
+    leaks
+}
+
 fn spec(image: &str) -> Option<cri::ImageSpec> {
     Some(cri::ImageSpec {
         image: image.into(),
@@ -261,6 +286,10 @@ async fn pulls_through_a_mirror_keep_the_original_name() {
         .unwrap()
         .count();
     assert_eq!(blobs, 0, "unreferenced blobs are collected");
+    drop(c);
+    drop(daemon);
+    drop(mirror);
+    assert_eq!(leaks_under(tmp.path()), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -824,6 +853,9 @@ async fn a_full_disk_while_unpacking_leaves_the_store_intact() {
         .unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(id, small.config_digest());
     daemon.kill();
+    drop(fs);
+    drop(registry);
+    assert_eq!(leaks_under(tmp.path()), Vec::<String>::new());
 }
 
 /// frakti's Pull stream: progress per blob, then the image id.

@@ -43,7 +43,8 @@ impl Daemon {
             .arg("--certs-dir")
             .arg(dir.join("certs.d"))
             .arg("--docker-config")
-            .arg(dir.join("no-docker-config.json"))
+            // The node's credentials file: none until a test writes it.
+            .arg(dir.join("docker-config.json"))
             .args(["--log-level", "debug"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -414,6 +415,69 @@ async fn tls_with_a_ca_and_credentials() {
     );
     let two = format!("{}/secure/busybox:2", registry.host());
     assert_eq!(pull(&mut c, &two, good).await.unwrap(), id);
+    // No AuthConfig: the node's Docker config.json has the credentials
+    // (read at each pull).
+    images::push(
+        &image,
+        &registry,
+        "secure/busybox:3",
+        &PushOptions::default(),
+    );
+    let three = format!("{}/secure/busybox:3", registry.host());
+    let err = pull(&mut c, &three, None).await.unwrap_err();
+    assert!(err.message().contains("unauthorized"), "{err:?}");
+    let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "frakti:s3cret");
+    std::fs::write(
+        daemon.dir.join("docker-config.json"),
+        format!(
+            "{{\"auths\": {{\"{}\": {{\"auth\": \"{auth}\"}}}}}}",
+            registry.host()
+        ),
+    )
+    .unwrap();
+    assert_eq!(pull(&mut c, &three, None).await.unwrap(), id);
+}
+
+/// Short names are Docker Hub's: `busybox` is
+/// `docker.io/library/busybox:latest`, served here by a docker.io mirror.
+#[tokio::test(flavor = "multi_thread")]
+async fn short_names_are_docker_hub_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mirror = plain_registry(&tmp.path().join("mirror"));
+    let image = images::busybox_image(&tmp.path().join("img"));
+    images::push(
+        &image,
+        &mirror,
+        "library/busybox:latest",
+        &PushOptions::v2s2(),
+    );
+    let daemon = Daemon::start(&tmp.path().join("d"));
+    daemon.hosts(
+        "docker.io",
+        &format!(
+            "server = \"https://registry-1.docker.io\"\n[host.\"http://{}\"]\ncapabilities = [\"pull\", \"resolve\"]\n",
+            mirror.host()
+        ),
+    );
+    let mut c = daemon.client().await;
+    let id = pull(&mut c, "busybox", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
+    assert_eq!(id, image.config_digest());
+    let found = status(&mut c, "docker.io/library/busybox:latest")
+        .await
+        .unwrap();
+    assert_eq!(
+        found.repo_tags,
+        vec!["docker.io/library/busybox:latest".to_string()]
+    );
+    for name in ["busybox:latest", "library/busybox", "docker.io/busybox"] {
+        assert_eq!(
+            status(&mut c, name).await.map(|i| i.id),
+            Some(id.clone()),
+            "{name}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -152,8 +152,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
-            eprintln!("frakti: error: {}", chain.join(": "));
+            eprintln!("frakti: error: {}", frakti_cri::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

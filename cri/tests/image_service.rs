@@ -1,8 +1,9 @@
 //! The CRI ImageService of a real `frakti daemon` process against real
 //! registries on 127.0.0.1 (Debian's docker-registry) serving images these
 //! tests build: pulls through containerd-style mirrors, fall-through, TLS
-//! with a CA and htpasswd auth and their failures, concurrent pulls, a
-//! daemon killed mid-pull, hostile layers, platforms, import and export.
+//! with a CA, htpasswd and token (Bearer) auth and their failures,
+//! concurrent pulls, a daemon killed mid-pull, hostile layers, platforms,
+//! import and export.
 //! Runs as root (image disks keep owners and device nodes).
 
 mod support;
@@ -17,6 +18,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use support::images::{self, Compression, ImageConfig, LayerSpec, PushOptions, TarEntry};
 use support::pki::TestCa;
 use support::registry::{Registry, RegistryOptions};
+use support::token::TokenServer;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -347,6 +349,7 @@ async fn tls_with_a_ca_and_credentials() {
         RegistryOptions {
             tls: Some(&ca),
             htpasswd: Some(("frakti", "s3cret")),
+            ..Default::default()
         },
     );
     let image = images::busybox_image(&tmp.path().join("img"));
@@ -438,6 +441,99 @@ async fn tls_with_a_ca_and_credentials() {
     assert_eq!(pull(&mut c, &three, None).await.unwrap(), id);
 }
 
+/// Token (Bearer) auth, the Docker Hub flow: the registry answers 401 with
+/// a Bearer challenge naming a token server (the realm), which checks the
+/// user's credentials and hands out a token for the repository.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_auth_with_credentials_and_a_registry_token() {
+    const PASSWORD: &str = "t0ken-s3cret";
+    const WRONG: &str = "not-the-t0ken-s3cret";
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = TokenServer::start(&tmp.path().join("token"), "frakti", PASSWORD);
+    let registry = Registry::start(
+        &tmp.path().join("reg"),
+        RegistryOptions {
+            token: Some(tokens.registry_auth()),
+            ..Default::default()
+        },
+    );
+    let image = images::busybox_image(&tmp.path().join("img"));
+    images::push(
+        &image,
+        &registry,
+        "private/busybox:1",
+        &PushOptions::default(),
+    );
+    let daemon = Daemon::start(&tmp.path().join("d"));
+    daemon.hosts(
+        &registry.host(),
+        &format!("server = \"http://{}\"\n", registry.host()),
+    );
+    let mut c = daemon.client().await;
+    let name = format!("{}/private/busybox:1", registry.host());
+    let unauthorized = format!("http://{}/v2: unauthorized", registry.host());
+
+    // User and password: frakti gets a token from the realm.
+    let granted = tokens.granted();
+    let good = cri::AuthConfig {
+        username: "frakti".into(),
+        password: PASSWORD.into(),
+        ..Default::default()
+    };
+    let id = pull(&mut c, &name, Some(good))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
+    assert_eq!(id, image.config_digest());
+    assert!(tokens.granted() > granted, "the realm handed out a token");
+
+    // A wrong password: the realm refuses it.
+    let asked = tokens.requests();
+    let bad = cri::AuthConfig {
+        username: "frakti".into(),
+        password: WRONG.into(),
+        ..Default::default()
+    };
+    let err = pull(&mut c, &name, Some(bad)).await.unwrap_err();
+    assert!(err.message().contains(&unauthorized), "{err:?}");
+    assert!(
+        !err.message().contains(WRONG),
+        "the password leaked: {err:?}"
+    );
+    assert!(tokens.requests() > asked, "the realm was asked");
+
+    // A registry token (CRI `registry_token`): sent as Bearer as it is,
+    // for the manifest and every blob (the image is removed first), without
+    // asking the realm.
+    c.remove_image(cri::RemoveImageRequest { image: spec(&name) })
+        .await
+        .unwrap();
+    let token = tokens.signer().mint_for("private/busybox", &["pull"]);
+    let asked = tokens.requests();
+    let with_token = |token: &str| cri::AuthConfig {
+        registry_token: token.into(),
+        ..Default::default()
+    };
+    let id = pull(&mut c, &name, Some(with_token(&token)))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
+    assert_eq!(id, image.config_digest());
+    assert_eq!(tokens.requests(), asked, "a registry token needs no realm");
+    // A token for another repository does not open this one.
+    let other = tokens.signer().mint_for("other/busybox", &["pull"]);
+    let err = pull(&mut c, &name, Some(with_token(&other)))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains(&unauthorized), "{err:?}");
+
+    // No credentials at all.
+    let err = pull(&mut c, &name, None).await.unwrap_err();
+    assert!(err.message().contains(&unauthorized), "{err:?}");
+    let log = daemon.log();
+    for secret in [PASSWORD, WRONG, &token, &other] {
+        assert!(!log.contains(secret), "a secret is in the daemon's log");
+    }
+}
+
 /// Short names are Docker Hub's: `busybox` is
 /// `docker.io/library/busybox:latest`, served here by a docker.io mirror.
 #[tokio::test(flavor = "multi_thread")]
@@ -518,14 +614,14 @@ async fn concurrent_pulls_fetch_each_blob_once() {
 async fn a_daemon_killed_mid_pull_leaves_a_consistent_store() {
     let tmp = tempfile::tempdir().unwrap();
     let registry = plain_registry(&tmp.path().join("reg"));
-    let image = images::big_layer_image_with(&tmp.path().join("img"), 128, Compression::None);
+    let image = images::big_layer_image_with(&tmp.path().join("img"), 64, Compression::None);
     images::push(&image, &registry, "big:1", &PushOptions::default());
+    // Through a proxy at 16 MiB/s the layer takes ~4 s: the kill below
+    // lands mid-download however loaded the machine is.
+    let proxy = SlowProxy::start(&registry.host(), 16 << 20).await;
     let dir = tmp.path().join("d");
     let mut daemon = Daemon::start(&dir);
-    daemon.hosts(
-        &registry.host(),
-        &format!("server = \"http://{}\"\n", registry.host()),
-    );
+    daemon.hosts(&registry.host(), &format!("server = \"http://{proxy}\"\n"));
     let name = format!("{}/big:1", registry.host());
     let mut c = daemon.client().await;
     let puller = tokio::spawn(async move { pull(&mut c, &name, None).await });
@@ -839,6 +935,52 @@ async fn a_blob_that_does_not_match_its_digest_is_refused() {
             .images
             .is_empty()
     );
+}
+
+/// A TCP proxy on 127.0.0.1 whose answers flow at a set rate.
+struct SlowProxy;
+
+impl SlowProxy {
+    /// Listens on a free port; returns "127.0.0.1:PORT". The accept loop
+    /// runs on the test's runtime and ends with it.
+    async fn start(upstream: &str, bytes_per_sec: u64) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let upstream = upstream.to_string();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut client_rx, mut client_tx) = client.into_split();
+                    let (mut server_rx, mut server_tx) = server.into_split();
+                    let up = tokio::io::copy(&mut client_rx, &mut server_tx);
+                    let down = throttled_copy(&mut server_rx, &mut client_tx, bytes_per_sec);
+                    let _ = tokio::join!(up, down);
+                });
+            }
+        });
+        addr
+    }
+}
+
+async fn throttled_copy(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    bytes_per_sec: u64,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        tokio::time::sleep(Duration::from_secs_f64(n as f64 / bytes_per_sec as f64)).await;
+    }
 }
 
 /// A tmpfs mounted for the test (as root), unmounted on drop.

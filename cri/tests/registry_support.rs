@@ -1,7 +1,7 @@
 //! Tests of the test support itself (tests/support): real registries on
-//! 127.0.0.1 (plain, and TLS + htpasswd), images built from scratch and
-//! pushed with skopeo, their expected trees checked against an independent
-//! unpacker (umoci). Needs the Debian packages docker-registry, skopeo,
+//! 127.0.0.1 (plain, TLS + htpasswd, token auth), images built from
+//! scratch and pushed with skopeo, their expected trees checked against an
+//! independent unpacker (umoci). Needs the Debian packages docker-registry, skopeo,
 //! umoci, openssl, busybox-static and curl; a missing one fails the test
 //! with the package to install. Runs as root (umoci must create devices and
 //! set owners and capabilities).
@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use support::images::{self, Kind, PushOptions};
 use support::pki::TestCa;
 use support::registry::{Registry, RegistryOptions, sha256_digest};
+use support::token::TokenServer;
 use support::{require_tool, run, try_run};
 
 const USER: &str = "frakti";
@@ -237,6 +238,7 @@ fn tls_htpasswd_registry_requires_ca_and_creds() {
         RegistryOptions {
             tls: Some(&ca),
             htpasswd: Some((USER, PASS)),
+            ..Default::default()
         },
     );
     assert_eq!(reg.scheme(), "https");
@@ -639,5 +641,95 @@ fn registry_is_killed_on_drop() {
     assert!(
         std::net::TcpStream::connect(addr).is_err(),
         "registry still listening after drop"
+    );
+}
+
+#[test]
+fn token_registry_takes_tokens_from_the_realm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = TokenServer::start(&tmp.path().join("token"), USER, PASS);
+    let reg = Registry::start(
+        &tmp.path().join("reg"),
+        RegistryOptions {
+            token: Some(tokens.registry_auth()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(reg.creds(), Some((USER, PASS)));
+
+    // The Bearer challenge names the realm and service.
+    let v2 = reg.url("/v2/");
+    let (code, headers, _) = curl(&["-D", "-", "-o", "/dev/null", &v2]);
+    assert_eq!(code, 0);
+    let challenge = format!(
+        "www-authenticate: bearer realm=\"{}\",service=\"{}\"",
+        tokens.realm(),
+        support::token::SERVICE
+    );
+    assert!(
+        headers.to_ascii_lowercase().contains(&challenge),
+        "no bearer challenge in {headers}"
+    );
+
+    // The realm: 401 without or with wrong credentials, a token with them.
+    let scope = format!(
+        "{}?service={}&scope=repository:busybox:pull",
+        tokens.realm(),
+        support::token::SERVICE
+    );
+    assert_eq!(http_status(&scope, &[]), (0, "401".to_string()));
+    let bad = format!("{USER}:wrong");
+    assert_eq!(http_status(&scope, &["-u", &bad]), (0, "401".to_string()));
+    let good = format!("{USER}:{PASS}");
+    let (_, body, _) = curl(&["-u", &good, &scope]);
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let token = answer["token"].as_str().unwrap();
+    let bearer = format!("Authorization: Bearer {token}");
+    assert_eq!(http_status(&v2, &["-H", &bearer]), (0, "200".to_string()));
+
+    // skopeo speaks the token flow: pushes need the realm's credentials.
+    let bb = images::busybox_image(&tmp.path().join("images"));
+    let err = images::try_push(
+        &bb,
+        &reg,
+        "busybox:latest",
+        &PushOptions {
+            creds: Some((USER.into(), "wrong".into())),
+            ..Default::default()
+        },
+    )
+    .expect_err("push with wrong creds must fail");
+    assert!(
+        err.contains("401") || err.to_lowercase().contains("unauthorized"),
+        "{err}"
+    );
+    let before = tokens.granted();
+    let pushed = images::push(&bb, &reg, "busybox:latest", &PushOptions::default());
+    assert_eq!(pushed.manifest_digest, bb.manifest_digest);
+    assert!(
+        tokens.granted() > before,
+        "the push got its token from the realm"
+    );
+    reg.inspect_with_creds("busybox:latest", None)
+        .expect_err("anonymous pulls are refused");
+
+    // A token minted directly: good for its repository only.
+    let manifest = reg.url("/v2/busybox/manifests/latest");
+    let accept = format!("Accept: {}", images::MEDIA_TYPE_MANIFEST);
+    let own = format!(
+        "Authorization: Bearer {}",
+        tokens.signer().mint_for("busybox", &["pull"])
+    );
+    assert_eq!(
+        http_status(&manifest, &["-H", &own, "-H", &accept]),
+        (0, "200".to_string())
+    );
+    let other = format!(
+        "Authorization: Bearer {}",
+        tokens.signer().mint_for("other", &["pull"])
+    );
+    assert_eq!(
+        http_status(&manifest, &["-H", &other, "-H", &accept]),
+        (0, "401".to_string())
     );
 }

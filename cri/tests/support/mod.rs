@@ -4,7 +4,10 @@
 //! - [`pki`]: a throwaway CA and a server certificate for 127.0.0.1
 //!   (`openssl` CLI).
 //! - [`registry`]: a `docker-registry` (distribution 2.8) process, plain HTTP
-//!   or TLS, optionally behind htpasswd basic auth; killed on drop.
+//!   or TLS, optionally behind htpasswd basic auth or token (Bearer) auth;
+//!   killed on drop.
+//! - [`token`]: a token server (the realm of token auth) signing ES256 JWTs
+//!   the registry trusts; counts its requests; stopped on drop.
 //! - [`images`]: OCI image layouts written from scratch (layers built with the
 //!   `tar` crate, gzip/zstd/uncompressed), the expected unpacked tree of each
 //!   image, a scanner of real trees to compare with, and pushing with
@@ -35,6 +38,7 @@
 pub mod images;
 pub mod pki;
 pub mod registry;
+pub mod token;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

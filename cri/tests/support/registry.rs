@@ -5,6 +5,10 @@
 //!
 //! Files under the registry's directory: `config.yml`, `registry.log` (its
 //! stdout and stderr, shown in panics), `htpasswd` and `storage/`.
+//!
+//! Auth is htpasswd (HTTP Basic) or token (Bearer, with a
+//! [`super::token::TokenServer`] as the realm), never both: distribution
+//! accepts one auth provider.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -24,6 +28,24 @@ pub struct RegistryOptions<'a> {
     pub tls: Option<&'a TestCa>,
     /// Require HTTP basic auth with this one (user, password).
     pub htpasswd: Option<(&'a str, &'a str)>,
+    /// Require Bearer tokens from a token server (`auth: token:`).
+    pub token: Option<TokenAuth<'a>>,
+}
+
+/// The registry's `auth: token:` settings.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenAuth<'a> {
+    /// Where clients get tokens, e.g. "http://127.0.0.1:PORT/token".
+    pub realm: &'a str,
+    /// The `service` of the challenge; tokens must name it as `aud`.
+    pub service: &'a str,
+    /// The `iss` the registry trusts.
+    pub issuer: &'a str,
+    /// PEM certificates the tokens' `x5c` chains must verify against.
+    pub root_cert_bundle: &'a Path,
+    /// The (user, password) the realm takes: [`Registry::creds`], so
+    /// pushes and inspects (skopeo speaks the token flow) work.
+    pub creds: (&'a str, &'a str),
 }
 
 /// The realm the registry names in its `WWW-Authenticate` challenge.
@@ -60,6 +82,10 @@ impl Registry {
     /// the package if `docker-registry` is not installed.
     pub fn start(dir: &Path, opts: RegistryOptions<'_>) -> Registry {
         require_tool("docker-registry", "docker-registry");
+        assert!(
+            opts.htpasswd.is_none() || opts.token.is_none(),
+            "distribution takes one auth provider: htpasswd or token"
+        );
         std::fs::create_dir_all(dir.join("storage")).expect("create the registry directory");
         let htpasswd = opts.htpasswd.map(|(user, pass)| {
             let path = dir.join("htpasswd");
@@ -77,11 +103,8 @@ impl Registry {
         for _attempt in 0..5 {
             let port = free_port();
             let config = dir.join("config.yml");
-            std::fs::write(
-                &config,
-                config_yaml(dir, port, opts.tls, htpasswd.as_deref()),
-            )
-            .expect("write config.yml");
+            std::fs::write(&config, config_yaml(dir, port, &opts, htpasswd.as_deref()))
+                .expect("write config.yml");
             let logf = std::fs::File::create(&log).expect("create registry.log");
             let child = Command::new("docker-registry")
                 .arg("serve")
@@ -97,7 +120,10 @@ impl Registry {
                 port,
                 dir: dir.to_path_buf(),
                 log: log.clone(),
-                creds: opts.htpasswd.map(|(u, p)| (u.to_string(), p.to_string())),
+                creds: opts
+                    .htpasswd
+                    .or(opts.token.map(|t| t.creds))
+                    .map(|(u, p)| (u.to_string(), p.to_string())),
                 ca: opts.tls.cloned(),
             };
             match reg.wait_ready(Duration::from_secs(30)) {
@@ -328,7 +354,12 @@ fn probe_v2(port: u16) -> Option<u16> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn config_yaml(dir: &Path, port: u16, tls: Option<&TestCa>, htpasswd: Option<&Path>) -> String {
+fn config_yaml(
+    dir: &Path,
+    port: u16,
+    opts: &RegistryOptions<'_>,
+    htpasswd: Option<&Path>,
+) -> String {
     let q = |p: &Path| serde_json::to_string(&p.display().to_string()).expect("quote path");
     let mut y = format!(
         "version: 0.1\n\
@@ -338,7 +369,7 @@ fn config_yaml(dir: &Path, port: u16, tls: Option<&TestCa>, htpasswd: Option<&Pa
          http:\n  addr: 127.0.0.1:{port}\n  secret: frakti-test-registry-secret\n",
         storage = q(&dir.join("storage")),
     );
-    if let Some(ca) = tls {
+    if let Some(ca) = opts.tls {
         y.push_str(&format!(
             "  tls:\n    certificate: {}\n    key: {}\n",
             q(&ca.server_cert),
@@ -351,5 +382,20 @@ fn config_yaml(dir: &Path, port: u16, tls: Option<&TestCa>, htpasswd: Option<&Pa
             q(path)
         ));
     }
+    if let Some(token) = &opts.token {
+        y.push_str(&token_yaml(token));
+    }
     y
+}
+
+fn token_yaml(token: &TokenAuth<'_>) -> String {
+    let q = |s: &str| serde_json::to_string(s).expect("quote a string");
+    format!(
+        "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    \
+         rootcertbundle: {}\n",
+        q(token.realm),
+        q(token.service),
+        q(token.issuer),
+        q(&token.root_cert_bundle.display().to_string())
+    )
 }

@@ -195,11 +195,7 @@ impl ImageStore {
         blob: &Descriptor,
         image: &str,
     ) -> Result<(), Error> {
-        let lock_for_blob = lock(&self.inner.blob_locks)
-            .entry(blob.digest.clone())
-            .or_default()
-            .clone();
-        let _guard = lock_for_blob.lock().await;
+        let _guard = self.inner.blob_locks.lock(&blob.digest).await;
         if self.inner.content.contains(&blob.digest) {
             return Ok(());
         }
@@ -254,11 +250,7 @@ impl ImageStore {
     /// Builds the disk (off the async threads) and writes the record.
     pub(super) async fn finish(&self, new: NewImage) -> Result<ImageRecord, Error> {
         // One build per image id, even when two tags of it arrive at once.
-        let build_lock = lock(&self.inner.blob_locks)
-            .entry(new.id.clone())
-            .or_default()
-            .clone();
-        let _guard = build_lock.lock().await;
+        let _guard = self.inner.blob_locks.lock(&new.id).await;
         if let Some(record) = self.add_names_if_present(&new)? {
             return Ok(record);
         }

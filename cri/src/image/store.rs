@@ -83,7 +83,7 @@ impl StoreConfig {
     pub fn new(root: &Path) -> StoreConfig {
         StoreConfig {
             root: root.to_path_buf(),
-            certs_dir: PathBuf::from("/etc/frakti/certs.d"),
+            certs_dir: PathBuf::from(super::hosts::DEFAULT_CERTS_DIR),
             docker_config: None,
             disk_format: DiskFormat::Erofs,
             erofs_compression: ErofsCompression::None,
@@ -134,12 +134,48 @@ pub(super) struct Inner {
     /// Pulls in flight by reference: a second pull of the same reference
     /// waits for the first one's result instead of fetching again.
     pub(super) inflight: Mutex<HashMap<String, super::pull::SharedPull>>,
-    /// One download per blob at a time, across pulls.
-    pub(super) blob_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// One download per blob, one disk build per image, across pulls.
+    pub(super) blob_locks: KeyedLocks,
     pub(super) pulls: tokio::sync::Semaphore,
     pub(super) progress: tokio::sync::broadcast::Sender<Progress>,
     /// Disk leases by image id.
     leases: Mutex<HashMap<Digest, usize>>,
+}
+
+/// One async lock per digest, in the map only while someone holds or
+/// waits for it (a long-running daemon sees many digests).
+#[derive(Default)]
+pub(super) struct KeyedLocks(Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>);
+
+pub(super) struct KeyedGuard<'a> {
+    locks: &'a KeyedLocks,
+    key: Digest,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    pub(super) async fn lock(&self, key: &Digest) -> KeyedGuard<'_> {
+        let mutex = lock(&self.0).entry(key.clone()).or_default().clone();
+        KeyedGuard {
+            locks: self,
+            key: key.clone(),
+            guard: Some(mutex.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for KeyedGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = lock(&self.locks.0);
+        // Only the map's own reference left: nobody waits.
+        if map
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -221,7 +257,7 @@ impl ImageStore {
                 disks,
                 tmp,
                 inflight: Mutex::new(HashMap::new()),
-                blob_locks: Mutex::new(HashMap::new()),
+                blob_locks: KeyedLocks::default(),
                 pulls,
                 progress,
                 leases: Mutex::new(HashMap::new()),
@@ -374,6 +410,27 @@ impl ImageStore {
 mod tests {
     use super::*;
     use crate::image::records::ImageConfig;
+
+    #[tokio::test]
+    async fn keyed_locks_serialize_per_key_and_forget_released_keys() {
+        let locks = Arc::new(KeyedLocks::default());
+        let key = Digest::of(b"k");
+        let first = locks.lock(&key).await;
+        let waiter = {
+            let locks = locks.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let _second = locks.lock(&key).await;
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "the second holder waits");
+        let other = locks.lock(&Digest::of(b"other")).await;
+        drop(other);
+        drop(first);
+        waiter.await.unwrap();
+        assert!(lock(&locks.0).is_empty(), "released keys are forgotten");
+    }
 
     fn store_with_image(dir: &Path) -> (ImageStore, Digest, PathBuf) {
         let store = ImageStore::open(StoreConfig::new(dir)).unwrap();

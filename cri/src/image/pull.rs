@@ -117,11 +117,13 @@ impl ImageStore {
             .map_err(|_| Error::Closed)?;
         let config = &self.inner.config;
         let endpoints = hosts::endpoints(&config.certs_dir, &image.registry)?;
-        let credential = auth::credential(
-            auth.as_ref(),
-            config.docker_config.as_deref(),
-            &image.registry,
-        )?;
+        // A credential helper is a process to run: off the async threads.
+        let (docker_config, registry) = (config.docker_config.clone(), image.registry.clone());
+        let credential = tokio::task::spawn_blocking(move || {
+            auth::credential(auth.as_ref(), docker_config.as_deref(), &registry)
+        })
+        .await
+        .map_err(|_| Error::Closed)??;
         let resolved = registry::resolve(image, &endpoints, &credential.to_registry_auth()).await?;
         let session = &resolved.session;
         let top = resolved.digest.clone();

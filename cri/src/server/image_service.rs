@@ -130,8 +130,13 @@ impl CriImageService for ImageService {
         request: Request<cri::RemoveImageRequest>,
     ) -> Result<Response<cri::RemoveImageResponse>, Status> {
         let request = request.into_inner();
-        let name = image_name(request.image.as_ref())?;
-        self.store.remove(name).map_err(image_status)?;
+        let name = image_name(request.image.as_ref())?.to_string();
+        // Removal collects garbage: file system work, off the async threads.
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.remove(&name))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(image_status)?;
         Ok(Response::new(cri::RemoveImageResponse {}))
     }
 

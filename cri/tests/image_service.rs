@@ -81,6 +81,14 @@ impl Daemon {
         self.dir.join("state/images")
     }
 
+    /// `registry` as a plain-http upstream (no TLS on the test's loopback).
+    fn plain_http(&self, registry: &Registry) {
+        self.hosts(
+            &registry.host(),
+            &format!("server = \"http://{}\"\n", registry.host()),
+        );
+    }
+
     /// containerd's hosts.toml for `registry`.
     fn hosts(&self, registry: &str, toml: &str) {
         let dir = self.dir.join("certs.d").join(registry);
@@ -465,10 +473,7 @@ async fn token_auth_with_credentials_and_a_registry_token() {
         &PushOptions::default(),
     );
     let daemon = Daemon::start(&tmp.path().join("d"));
-    daemon.hosts(
-        &registry.host(),
-        &format!("server = \"http://{}\"\n", registry.host()),
-    );
+    daemon.plain_http(&registry);
     let mut c = daemon.client().await;
     let name = format!("{}/private/busybox:1", registry.host());
     let unauthorized = format!("http://{}/v2: unauthorized", registry.host());
@@ -583,10 +588,7 @@ async fn concurrent_pulls_fetch_each_blob_once() {
     let image = images::layered_image(&tmp.path().join("img"));
     images::push(&image, &registry, "layered:1", &PushOptions::default());
     let daemon = Daemon::start(&tmp.path().join("d"));
-    daemon.hosts(
-        &registry.host(),
-        &format!("server = \"http://{}\"\n", registry.host()),
-    );
+    daemon.plain_http(&registry);
     let name = format!("{}/layered:1", registry.host());
     let mut pulls = Vec::new();
     for _ in 0..10 {
@@ -719,10 +721,7 @@ async fn hostile_layers_are_refused() {
         ),
     ];
     let daemon = Daemon::start(&tmp.path().join("d"));
-    daemon.hosts(
-        &registry.host(),
-        &format!("server = \"http://{}\"\n", registry.host()),
-    );
+    daemon.plain_http(&registry);
     let mut c = daemon.client().await;
     for (name, entries) in cases {
         let built = images::build_image(
@@ -774,10 +773,7 @@ async fn indexes_resolve_to_linux_amd64_only() {
     let pushed = images::push(&multi, &registry, "multi:1", &PushOptions::default());
     images::push(&arm, &registry, "arm:1", &PushOptions::default());
     let daemon = Daemon::start(&tmp.path().join("d"));
-    daemon.hosts(
-        &registry.host(),
-        &format!("server = \"http://{}\"\n", registry.host()),
-    );
+    daemon.plain_http(&registry);
     let mut c = daemon.client().await;
     let id = pull(&mut c, &format!("{}/multi:1", registry.host()), None)
         .await
@@ -910,10 +906,7 @@ async fn a_blob_that_does_not_match_its_digest_is_refused() {
     bytes[middle] ^= 0xff;
     std::fs::write(&data, bytes).unwrap();
     let daemon = Daemon::start(&tmp.path().join("d"));
-    daemon.hosts(
-        &registry.host(),
-        &format!("server = \"http://{}\"\n", registry.host()),
-    );
+    daemon.plain_http(&registry);
     let mut c = daemon.client().await;
     let err = pull(&mut c, &format!("{}/corrupt:1", registry.host()), None)
         .await
@@ -1018,10 +1011,7 @@ async fn a_full_disk_while_unpacking_leaves_the_store_intact() {
     // Room for the 24 MiB blob, not for its unpacked copy as well.
     let fs = SmallFs::mount(&tmp.path().join("d"), 40);
     let mut daemon = Daemon::start(&fs.0);
-    daemon.hosts(
-        &registry.host(),
-        &format!("server = \"http://{}\"\n", registry.host()),
-    );
+    daemon.plain_http(&registry);
     let mut c = daemon.client().await;
     let err = pull(&mut c, &format!("{}/big:1", registry.host()), None)
         .await
@@ -1072,10 +1062,7 @@ async fn pulls_report_progress_per_blob() {
     let image = images::layered_image(&tmp.path().join("img"));
     images::push(&image, &registry, "layered:1", &PushOptions::default());
     let daemon = Daemon::start(&tmp.path().join("d"));
-    daemon.hosts(
-        &registry.host(),
-        &format!("server = \"http://{}\"\n", registry.host()),
-    );
+    daemon.plain_http(&registry);
     let mut events = daemon
         .admin()
         .await

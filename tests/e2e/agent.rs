@@ -32,11 +32,11 @@ const IMAGE: &str = "image";
 /// Busybox applets the containers use.
 const APPLETS: &[&str] = &["sh", "cat", "dd", "grep", "sleep"];
 /// Boot to a serving agent; generous for the nested lab.
-pub(crate) const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Any single RPC or awaited process.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// From the Shutdown RPC to the VMM's exit.
-pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const MIB: i64 = 1 << 20;
 /// The OOM container's memory.max, and what it tries to allocate.
 const MEMORY_LIMIT: i64 = 16 * MIB;
@@ -128,7 +128,35 @@ impl Vm {
         })
     }
 
-    pub(crate) fn uds(&self) -> PathBuf {
+    /// The agent's client once it serves (or the VMM's exit, as an error).
+    pub(crate) async fn agent(&mut self) -> anyhow::Result<AgentClient> {
+        let uds = self.uds();
+        let child = &mut self.child;
+        Ok(
+            wait_for_agent(&uds, AGENT_TIMEOUT, || match child.try_wait() {
+                Ok(None) => Ok(()),
+                Ok(Some(status)) => Err(format!("the VMM exited ({status})")),
+                Err(e) => Err(e.to_string()),
+            })
+            .await?,
+        )
+    }
+
+    /// Shuts the guest down through the agent; the VMM must exit 0.
+    pub(crate) async fn shutdown(&mut self, c: &mut AgentClient) -> anyhow::Result<()> {
+        step(
+            "Shutdown",
+            c.shutdown(pb::ShutdownRequest {
+                grace_period_secs: 1,
+            }),
+        )
+        .await?;
+        let status = self.exited_within(SHUTDOWN_TIMEOUT).await?;
+        ensure!(status.success(), "VMM exit {status}");
+        Ok(())
+    }
+
+    fn uds(&self) -> PathBuf {
         self.dir.join("vsock.sock")
     }
 
@@ -142,7 +170,7 @@ impl Vm {
     }
 
     /// Polls for the VMM's exit.
-    pub(crate) async fn exited_within(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+    async fn exited_within(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -175,14 +203,7 @@ fn containers_from_an_image_disk_over_vsock() -> Result<(), Failed> {
 }
 
 async fn drive(vm: &mut Vm) -> anyhow::Result<()> {
-    let uds = vm.uds();
-    let child = &mut vm.child;
-    let mut client = wait_for_agent(&uds, AGENT_TIMEOUT, || match child.try_wait() {
-        Ok(None) => Ok(()),
-        Ok(Some(status)) => Err(format!("the VMM exited ({status})")),
-        Err(e) => Err(e.to_string()),
-    })
-    .await?;
+    let mut client = vm.agent().await?;
     let serving = vm.started.elapsed();
     let c = &mut client;
     let version = step("GetVersion", c.get_version(pb::GetVersionRequest {}))
@@ -254,15 +275,7 @@ async fn drive(vm: &mut Vm) -> anyhow::Result<()> {
     // The agent's shutdown waits (at most 1 s) for open streams to end.
     drop(events);
     let asked = Instant::now();
-    step(
-        "Shutdown",
-        c.shutdown(pb::ShutdownRequest {
-            grace_period_secs: 1,
-        }),
-    )
-    .await?;
-    let status = vm.exited_within(SHUTDOWN_TIMEOUT).await?;
-    ensure!(status.success(), "VMM exit {status}");
+    vm.shutdown(c).await?;
     eprintln!(
         "  shutdown: VMM exited 0 {:.2} s after the Shutdown RPC",
         asked.elapsed().as_secs_f64()

@@ -16,12 +16,12 @@ use std::time::Instant;
 use anyhow::{Context, anyhow, ensure};
 use frakti_cri::image::disk::DiskFormat;
 use frakti_cri::image::{ImageStore, StoreConfig};
-use frakti_lab::vsock::{AgentClient, wait_for_agent};
+use frakti_lab::vsock::AgentClient;
 use frakti_proto::agent::v1 as pb;
 use libtest_mimic::{Failed, Trial};
 use serde_json::{Value, json};
 
-use crate::agent::{AGENT_TIMEOUT, SHUTDOWN_TIMEOUT, Vm, read_all, spec, start, step, wait};
+use crate::agent::{Vm, read_all, spec, start, step, wait};
 use crate::support::images::{
     self, Compression, ExpectedEntry, ExpectedTree, Kind, LayerSpec, TarEntry,
 };
@@ -228,14 +228,7 @@ fn layered_image_disks_hold_exactly_the_layers_tree() -> Result<(), Failed> {
 }
 
 async fn drive(vm: &mut Vm, expected: &ExpectedTree) -> anyhow::Result<()> {
-    let uds = vm.uds();
-    let child = &mut vm.child;
-    let mut client = wait_for_agent(&uds, AGENT_TIMEOUT, || match child.try_wait() {
-        Ok(None) => Ok(()),
-        Ok(Some(status)) => Err(format!("the VMM exited ({status})")),
-        Err(e) => Err(e.to_string()),
-    })
-    .await?;
+    let mut client = vm.agent().await?;
     let c = &mut client;
     for format in ["erofs", "ext4"] {
         let t = Instant::now();
@@ -259,16 +252,7 @@ async fn drive(vm: &mut Vm, expected: &ExpectedTree) -> anyhow::Result<()> {
             t.elapsed().as_secs_f64()
         );
     }
-    step(
-        "Shutdown",
-        c.shutdown(pb::ShutdownRequest {
-            grace_period_secs: 1,
-        }),
-    )
-    .await?;
-    let status = vm.exited_within(SHUTDOWN_TIMEOUT).await?;
-    ensure!(status.success(), "VMM exit {status}");
-    Ok(())
+    vm.shutdown(c).await
 }
 
 /// Mounts the disk read-only in the guest and lists it from a container

@@ -30,6 +30,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
+        Daemon::start_with(dir, &[])
+    }
+
+    /// With extra `frakti daemon` flags.
+    fn start_with(dir: &Path, flags: &[&str]) -> Daemon {
         std::fs::create_dir_all(dir.join("certs.d")).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -48,6 +53,7 @@ impl Daemon {
             // The node's credentials file: none until a test writes it.
             .arg(dir.join("docker-config.json"))
             .args(["--log-level", "debug"])
+            .args(flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -1095,4 +1101,68 @@ async fn pulls_report_progress_per_blob() {
         );
     }
     assert!(daemon.log().contains("blob fetched"), "pulls are logged");
+}
+
+/// The most blobs being downloaded at once while `pulls` run: the number
+/// of partial files in the store's ingest dir, sampled.
+async fn most_downloads_at_once(daemon: &Daemon, pulls: Vec<tokio::task::JoinHandle<()>>) -> usize {
+    let ingest = daemon.images_root().join("ingest");
+    let mut most = 0;
+    while pulls.iter().any(|p| !p.is_finished()) {
+        let now = std::fs::read_dir(&ingest).map(|d| d.count()).unwrap_or(0);
+        most = most.max(now);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for p in pulls {
+        p.await.unwrap();
+    }
+    most
+}
+
+/// Pulls of different images run side by side, up to
+/// --max-parallel-pulls at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn different_images_pull_in_parallel_up_to_the_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = plain_registry(&tmp.path().join("reg"));
+    // Two one-layer images (busybox + 8 MiB each, different bytes).
+    for (seed, name) in [(1, "one"), (2, "two")] {
+        let entries = vec![TarEntry::random_file("data/blob", 0o644, seed, 8 << 20)];
+        let built = images::build_image(
+            &tmp.path().join("img"),
+            name,
+            &ImageConfig::default(),
+            &[LayerSpec::new(Compression::None, entries)],
+        );
+        images::push(
+            &built,
+            &registry,
+            &format!("{name}:1"),
+            &PushOptions::default(),
+        );
+    }
+    // At 4 MiB/s each download lasts ~2 s: long enough to see overlap.
+    let proxy = SlowProxy::start(&registry.host(), 4 << 20).await;
+    for (bound, expected) in [("2", 2), ("1", 1)] {
+        let daemon = Daemon::start_with(
+            &tmp.path().join(format!("d{bound}")),
+            &["--max-parallel-pulls", bound],
+        );
+        daemon.hosts(&registry.host(), &format!("server = \"http://{proxy}\"\n"));
+        let mut pulls = Vec::new();
+        for name in ["one", "two"] {
+            let mut c = daemon.client().await;
+            let image = format!("{}/{name}:1", registry.host());
+            pulls.push(tokio::spawn(async move {
+                pull(&mut c, &image, None).await.unwrap();
+            }));
+        }
+        let most = most_downloads_at_once(&daemon, pulls).await;
+        assert_eq!(
+            most,
+            expected,
+            "--max-parallel-pulls {bound}:\n{}",
+            daemon.log()
+        );
+    }
 }

@@ -4,15 +4,12 @@
 //! (inside the lab where the host needs it). Prints MiB/s and the ratio.
 
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
-
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitCode};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use frakti_bench::{alternate_medians, frakti_command, qemu_command};
+use frakti_bench::{alternate_medians, boot_until_line, frakti_command, qemu_command};
 use frakti_lab::guest::{self, GuestAssets};
-use frakti_lab::process::{ChildGuard, FileTail, read_log};
 use frakti_lab::rerun::{Placement, run_here_or_in_lab};
 
 /// Sequential disk read in the guest: frakti-vmm vs QEMU microvm (ratio).
@@ -91,45 +88,18 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
 
 /// Boots, waits for the guest's result line, returns MiB/s.
 fn read_once(command: &mut Command, console: &Path, size_mib: u64) -> anyhow::Result<f64> {
-    let log_path = console.with_extension("vmm.log");
-    let vmm_log = std::fs::File::create(&log_path)?;
-    command
-        .stdin(Stdio::null())
-        .stdout(vmm_log.try_clone()?)
-        .stderr(vmm_log);
-    let mut vmm = ChildGuard::spawn(command).context("starting the VMM")?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    // Complete lines only: the console may hold half of the result line.
-    let mut tail = FileTail::new(console);
-    loop {
-        let lines = tail.new_lines()?;
-        let log = read_log(console);
-        if let Some(line) = lines.iter().find(|l| l.starts_with("@@ read_seconds")) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let seconds: f64 = fields
-                .get(2)
-                .and_then(|s| s.parse().ok())
-                .context("no seconds")?;
-            let bytes: u64 = fields
-                .get(4)
-                .and_then(|s| s.parse().ok())
-                .with_context(|| format!("no size in {line:?}"))?;
-            if bytes != size_mib << 20 {
-                bail!("guest saw {bytes} bytes, not {} MiB", size_mib);
-            }
-            vmm.kill()?;
-            return Ok(size_mib as f64 / seconds.max(1e-3));
-        }
-        if let Some(status) = vmm.try_wait()? {
-            bail!(
-                "{:?} exited ({status}) before the read finished:\n{log}\n{}",
-                command.get_program(),
-                read_log(&log_path)
-            );
-        }
-        if Instant::now() > deadline {
-            bail!("no result within 300 s:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let line = boot_until_line(command, console, "@@ read_seconds")?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let seconds: f64 = fields
+        .get(2)
+        .and_then(|s| s.parse().ok())
+        .context("no seconds")?;
+    let bytes: u64 = fields
+        .get(4)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no size in {line:?}"))?;
+    if bytes != size_mib << 20 {
+        bail!("guest saw {bytes} bytes, not {} MiB", size_mib);
     }
+    Ok(size_mib as f64 / seconds.max(1e-3))
 }

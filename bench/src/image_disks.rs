@@ -8,16 +8,15 @@
 //! EROFS/ext4; the choice of the default format rests on it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use frakti_bench::frakti_command;
+use frakti_bench::{boot_until_line, frakti_command, median};
 use frakti_cri::image::disk::{DiskFormat, ErofsCompression};
 use frakti_cri::image::{ImageStore, StoreConfig};
 use frakti_lab::guest::{self, GuestAssets};
-use frakti_lab::process::{ChildGuard, FileTail, read_log};
 use frakti_lab::rerun::{Placement, run_here_or_in_lab};
 
 #[path = "../../cri/tests/support/mod.rs"]
@@ -221,52 +220,24 @@ fn guest_reads(args: &Args, disks: &[Disk], dir: &Path) -> anyhow::Result<Vec<[f
     Ok(samples
         .into_iter()
         .map(|s| {
-            let median = |k: usize| {
-                let mut v: Vec<f64> = s.iter().map(|x| x[k]).collect();
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
-            [median(0), median(1), median(2)]
+            let of = |k: usize| median(&mut s.iter().map(|x| x[k]).collect::<Vec<_>>());
+            [of(0), of(1), of(2)]
         })
         .collect())
 }
 
 /// Boots, waits for the guest's result line: (mount, find, read) seconds.
 fn read_once(command: &mut Command, console: &Path) -> anyhow::Result<[f64; 3]> {
-    let log_path = console.with_extension("vmm.log");
-    let vmm_log = std::fs::File::create(&log_path)?;
-    command
-        .stdin(Stdio::null())
-        .stdout(vmm_log.try_clone()?)
-        .stderr(vmm_log);
-    let mut vmm = ChildGuard::spawn(command).context("starting the VMM")?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut tail = FileTail::new(console);
-    loop {
-        if let Some(line) = tail.new_lines()?.iter().find(|l| l.starts_with("@@ ")) {
-            vmm.kill()?;
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let num = |i: usize| -> anyhow::Result<f64> {
-                f.get(i)
-                    .and_then(|s| s.parse().ok())
-                    .with_context(|| format!("guest said {line:?}"))
-            };
-            // "@@ disk mount t0 t1 find t2 read t3 paths n"
-            let (t0, t1, t2, t3) = (num(3)?, num(4)?, num(6)?, num(8)?);
-            return Ok([t1 - t0, t2 - t1, t3 - t2]);
-        }
-        if let Some(status) = vmm.try_wait()? {
-            bail!(
-                "the VMM exited ({status}) early:\n{}\n{}",
-                read_log(console),
-                read_log(&log_path)
-            );
-        }
-        if Instant::now() > deadline {
-            bail!("no result within 300 s:\n{}", read_log(console));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let line = boot_until_line(command, console, "@@ ")?;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let num = |i: usize| -> anyhow::Result<f64> {
+        f.get(i)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("guest said {line:?}"))
+    };
+    // "@@ disk mount t0 t1 find t2 read t3 paths n"
+    let (t0, t1, t2, t3) = (num(3)?, num(4)?, num(6)?, num(8)?);
+    Ok([t1 - t0, t2 - t1, t3 - t2])
 }
 
 fn report(args: &Args, disks: &[Disk], reads: &[[f64; 3]]) {

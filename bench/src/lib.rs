@@ -1,8 +1,55 @@
 //! What the throughput benchmarks share: the two VMMs' command lines for
-//! the same test guest, and alternating runs reduced to medians.
+//! the same test guest, a boot that waits for the guest's result line, and
+//! alternating runs reduced to medians.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use frakti_lab::process::{ChildGuard, FileTail, read_log};
+
+/// Boots `command` (its output to `<console>.vmm.log`) and waits up to
+/// 300 s for the first complete console line starting with `prefix`; the
+/// VM is killed and the line returned.
+pub fn boot_until_line(
+    command: &mut Command,
+    console: &Path,
+    prefix: &str,
+) -> anyhow::Result<String> {
+    let log_path = console.with_extension("vmm.log");
+    let vmm_log = std::fs::File::create(&log_path)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(vmm_log.try_clone()?)
+        .stderr(vmm_log);
+    let mut vmm = ChildGuard::spawn(command).context("starting the VMM")?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // Complete lines only: the console may hold half of the result line.
+    let mut tail = FileTail::new(console);
+    loop {
+        if let Some(line) = tail
+            .new_lines()?
+            .into_iter()
+            .find(|l| l.starts_with(prefix))
+        {
+            vmm.kill()?;
+            return Ok(line);
+        }
+        if let Some(status) = vmm.try_wait()? {
+            bail!(
+                "{:?} exited ({status}) before its result line:\n{}\n{}",
+                command.get_program(),
+                read_log(console),
+                read_log(&log_path)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("no result within 300 s:\n{}", read_log(console));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// frakti-vmm booting `kernel` + `initrd` with 256 MiB, console to
 /// `console`; the caller adds its device.
@@ -71,7 +118,8 @@ pub fn alternate_medians(
     Ok((median(&mut ours), median(&mut qemu)))
 }
 
-fn median(values: &mut [f64]) -> f64 {
+/// The middle value (NaN for none).
+pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }

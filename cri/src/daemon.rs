@@ -95,7 +95,7 @@ pub async fn run(options: Options) -> Result<(), Error> {
     match store.collect_garbage() {
         Ok(freed) if freed > 0 => tracing::info!(bytes = freed, "collected unreferenced content"),
         Ok(_) => {}
-        Err(e) => tracing::warn!("garbage collection: {}", frakti_proto::error_chain(&e)),
+        Err(e) => tracing::warn!("garbage collection: {}", crate::error_chain(&e)),
     }
     let listener = bind(&options.listen)?;
     tracing::info!(socket = %options.listen.display(), state = %options.state_dir.display(), "serving CRI");

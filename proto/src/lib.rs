@@ -28,13 +28,17 @@ pub mod images {
 
 /// An error with its sources, `: `-separated: what went wrong down to the
 /// root cause, in one line (tonic's transport error, for one, says only
-/// "transport error" by itself).
+/// "transport error" by itself). A source whose text the line already ends
+/// with (common in reqwest and oci-client errors) is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        let next = s.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
         source = s.source();
     }
     text
@@ -89,6 +93,21 @@ mod tests {
         }
         let wrapped = Wrapper(std::io::Error::other("no space"));
         assert_eq!(error_chain(&wrapped), "cannot start: no space");
+        // A parent that already quotes its source does not repeat it.
+        #[derive(Debug)]
+        struct Quoting(std::io::Error);
+        impl std::fmt::Display for Quoting {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "transport error: {}", self.0)
+            }
+        }
+        impl std::error::Error for Quoting {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let quoting = Quoting(std::io::Error::other("refused"));
+        assert_eq!(error_chain(&quoting), "transport error: refused");
     }
 
     use prost::Message;

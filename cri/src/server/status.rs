@@ -9,11 +9,6 @@ use tonic::{Code, Status};
 use crate::image::store::Error as StoreError;
 use crate::image::{build, content, manifest, records, registry, unpack};
 
-/// The error and its sources, joined.
-pub fn chain(err: &dyn std::error::Error) -> String {
-    crate::error_chain(err)
-}
-
 fn io_code(err: &(dyn std::error::Error + 'static)) -> Option<Code> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
@@ -70,9 +65,9 @@ pub fn image_code(err: &StoreError) -> Code {
 pub fn image_status(err: StoreError) -> Status {
     let code = image_code(&err);
     if code == Code::Internal {
-        tracing::error!("{}", chain(&err));
+        tracing::error!("{}", crate::error_chain(&err));
     }
-    Status::new(code, chain(&err))
+    Status::new(code, crate::error_chain(&err))
 }
 
 #[cfg(test)]

@@ -173,8 +173,7 @@ impl ImageStore {
             let mut layers = Vec::new();
             for layer in &entry.layers {
                 let path = member(dir, layer)?;
-                let (digest, size) = digest_file(&path)?;
-                self.ingest_file(&path, &digest, size)?;
+                let (digest, size) = self.inner.content.add_file(&path)?;
                 layers.push(Descriptor {
                     // docker save layers are uncompressed tars.
                     media_type: "application/vnd.docker.image.rootfs.diff.tar".into(),
@@ -339,14 +338,6 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, Error> {
         return Err(invalid(format!("{} is too large", path.display())));
     }
     serde_json::from_slice(&data).map_err(|e| invalid(format!("{}: {e}", path.display())))
-}
-
-fn digest_file(path: &Path) -> Result<(Digest, u64), Error> {
-    use sha2::Digest as _;
-    let mut file = File::open(path).map_err(io_error("cannot open", path))?;
-    let mut hasher = sha2::Sha256::new();
-    let size = io::copy(&mut file, &mut hasher).map_err(io_error("cannot read", path))?;
-    Ok((Digest::from_hasher(hasher), size))
 }
 
 /// The name an OCI layout entry gets: containerd's full-name annotation,

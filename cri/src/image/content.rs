@@ -112,6 +112,9 @@ pub fn commit_rename(from: &Path, to: &Path) -> io::Result<()> {
     File::open(to.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
+/// Names of `add_file`'s temporary copies in `ingest/`.
+const ADD_PREFIX: &str = "add-";
+
 pub struct ContentStore {
     blobs: PathBuf,
     ingest: PathBuf,
@@ -123,6 +126,16 @@ impl ContentStore {
         let ingest = root.join("ingest");
         for dir in [&blobs, &ingest] {
             fs::create_dir_all(dir).map_err(io_error("cannot create", dir))?;
+        }
+        // Downloads (`<hex>.partial`) are kept to be resumed; copies of
+        // files by `add_file` cannot be, so a crash's leftovers go.
+        for entry in fs::read_dir(&ingest)
+            .map_err(io_error("cannot list", &ingest))?
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().starts_with(ADD_PREFIX) {
+                let _ = fs::remove_file(entry.path());
+            }
         }
         Ok(ContentStore { blobs, ingest })
     }
@@ -174,6 +187,42 @@ impl ContentStore {
             return Ok(());
         }
         write_atomic(&path, data).map_err(io_error("cannot write", &path))
+    }
+
+    /// Copies a file whose digest is not known yet into the store, hashing
+    /// it on the way (one read); returns its digest and size.
+    pub fn add_file(&self, src: &Path) -> Result<(Digest, u64), Error> {
+        let mut from = File::open(src).map_err(io_error("cannot open", src))?;
+        let tmp = self.ingest.join(format!(
+            "add-{}-{:?}.partial",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let result = (|| {
+            let mut to = File::create(&tmp).map_err(io_error("cannot create", &tmp))?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0; 1 << 20];
+            let mut size = 0u64;
+            loop {
+                let n = from.read(&mut buf).map_err(io_error("cannot read", src))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                to.write_all(&buf[..n])
+                    .map_err(io_error("cannot write", &tmp))?;
+                size = size.saturating_add(n as u64);
+            }
+            to.sync_all().map_err(io_error("cannot sync", &tmp))?;
+            let digest = Digest::from_hasher(hasher);
+            let target = self.path(&digest);
+            commit_rename(&tmp, &target).map_err(io_error("cannot commit", &target))?;
+            Ok((digest, size))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
     }
 
     /// Starts or resumes writing the blob `digest` of `size` bytes.
@@ -242,19 +291,6 @@ impl ContentStore {
                 source,
             }),
         }
-    }
-
-    /// Drops downloads in progress (after a restart nobody resumes them
-    /// unless the same image is pulled again, which recreates them).
-    pub fn clear_ingest(&self) -> Result<usize, Error> {
-        let mut n = 0;
-        let entries = fs::read_dir(&self.ingest).map_err(io_error("cannot list", &self.ingest))?;
-        for entry in entries.flatten() {
-            if fs::remove_file(entry.path()).is_ok() {
-                n += 1;
-            }
-        }
-        Ok(n)
     }
 }
 
@@ -370,6 +406,24 @@ mod tests {
         ingest.write(&data[4000..]).unwrap();
         ingest.commit().unwrap();
         assert_eq!(store.read(&digest).unwrap(), data);
+    }
+
+    #[test]
+    fn files_of_unknown_digest_are_added_in_one_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(&dir.path().join("store")).unwrap();
+        let src = dir.path().join("layer.tar");
+        std::fs::write(&src, b"layer bytes").unwrap();
+        let (digest, size) = store.add_file(&src).unwrap();
+        assert_eq!((digest.clone(), size), (Digest::of(b"layer bytes"), 11));
+        assert_eq!(store.read(&digest).unwrap(), b"layer bytes");
+        assert!(store.add_file(&dir.path().join("missing")).is_err());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("store/ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[test]

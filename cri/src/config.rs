@@ -24,7 +24,16 @@ pub enum Error {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
     pub listen: Option<PathBuf>,
-    pub state_dir: Option<PathBuf>,
+    #[serde(alias = "state-dir")]
+    pub root: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub vmm: Option<PathBuf>,
+    pub default_cpus: Option<u32>,
+    pub default_memory: Option<u64>,
+    pub allowed_unsafe_sysctls: Option<Vec<String>>,
+    pub streaming_addr: Option<String>,
+    pub socket_group: Option<String>,
     pub certs_dir: Option<PathBuf>,
     pub docker_config: Option<PathBuf>,
     pub image_disk_format: Option<DiskFormat>,

@@ -1,17 +1,21 @@
-//! `frakti daemon`: serves CRI (ImageService so far) and frakti's own image
-//! API on a unix socket until SIGTERM or SIGINT.
+//! `frakti daemon`: serves CRI (RuntimeService and ImageService) and
+//! frakti's own image API on a unix socket until SIGTERM or SIGINT. Pod VMs
+//! outlive the daemon: a restarted daemon finds them again.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use frakti_proto::images::v1::images_server::ImagesServer;
 use k8s_cri::v1::image_service_server::ImageServiceServer;
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::image::{ImageStore, StoreConfig};
 use crate::server::image_service::ImageService;
 use crate::server::images_admin::ImagesAdmin;
+use crate::server::runtime_service::RuntimeService;
+use crate::runtime::{Runtime, RuntimeConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -28,6 +32,10 @@ pub enum Error {
     SocketInUse(PathBuf),
     #[error(transparent)]
     Store(#[from] crate::image::store::Error),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::Error),
+    #[error("unknown group {0:?} for the socket (--socket-group)")]
+    UnknownGroup(String),
     #[error("gRPC server")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -41,6 +49,9 @@ pub struct Options {
     pub listen: PathBuf,
     pub state_dir: PathBuf,
     pub store: StoreConfig,
+    pub runtime: RuntimeConfig,
+    /// Group that owns the socket (mode 0660); None: root.
+    pub socket_group: Option<String>,
 }
 
 /// Holds the state dir for this process (released when it exits).
@@ -57,7 +68,7 @@ fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, 
         .map_err(|_| Error::Locked(state_dir.to_path_buf()))
 }
 
-fn bind(path: &Path) -> Result<UnixListener, Error> {
+fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, Error> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_error("cannot create", dir))?;
     }
@@ -71,6 +82,22 @@ fn bind(path: &Path) -> Result<UnixListener, Error> {
     let listener = UnixListener::bind(path).map_err(io_error("cannot listen on", path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(io_error("cannot chmod", path))?;
+    if let Some(name) = group {
+        let gid = match name.parse::<u32>() {
+            Ok(gid) => nix::unistd::Gid::from_raw(gid),
+            Err(_) => nix::unistd::Group::from_name(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| Error::UnknownGroup(name.to_string()))?
+                .gid,
+        };
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(|e| Error::Io {
+                what: "cannot chown",
+                path: path.to_path_buf(),
+                source: e.into(),
+            })?;
+    }
     Ok(listener)
 }
 
@@ -97,9 +124,11 @@ pub async fn run(options: Options) -> Result<(), Error> {
         Ok(_) => {}
         Err(e) => tracing::warn!("garbage collection: {}", crate::error_chain(&e)),
     }
-    let listener = bind(&options.listen)?;
+    let runtime = Runtime::open(options.runtime, store.clone()).await?;
+    let listener = bind(&options.listen, options.socket_group.as_deref())?;
     tracing::info!(socket = %options.listen.display(), state = %options.state_dir.display(), "serving CRI");
     let result = tonic::transport::Server::builder()
+        .add_service(RuntimeServiceServer::new(RuntimeService::new(runtime)))
         .add_service(ImageServiceServer::new(ImageService::new(store.clone())))
         .add_service(ImagesServer::new(ImagesAdmin::new(store)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())

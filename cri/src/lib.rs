@@ -5,6 +5,8 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod image;
+pub mod runtime;
+pub mod sandbox;
 pub mod server;
 
 pub use frakti_proto::error_chain;

@@ -8,11 +8,23 @@ use frakti_cri::config::FileConfig;
 use frakti_cri::daemon;
 use frakti_cri::image::StoreConfig;
 use frakti_cri::image::disk::{DiskFormat, ErofsCompression};
+use frakti_cri::runtime::RuntimeConfig;
+use frakti_cri::runtime::sizing::SizingDefaults;
+use frakti_cri::sandbox::vmm::VmAssets;
 
 mod cli_image;
 
 const DEFAULT_SOCKET: &str = "/run/frakti/frakti.sock";
 const DEFAULT_STATE: &str = "/var/lib/frakti";
+const DEFAULT_CONFIG: &str = "/etc/frakti/config.toml";
+/// Where packages install the VMM, the guest kernel and the agent's initrd.
+const DEFAULT_ASSETS: &str = "/usr/lib/frakti";
+const DEFAULT_CPUS: u32 = 1;
+const DEFAULT_MEMORY_MIB: u64 = 128;
+/// What the guest kernel and agent take besides the containers: measured
+/// in the lab (MemTotal - MemAvailable of an idle 128 MiB guest, rounded
+/// up; see the README).
+const GUEST_RESERVE_MIB: u64 = 64;
 
 #[derive(Parser)]
 #[command(
@@ -34,7 +46,7 @@ struct Cli {
 enum Command {
     /// Serve CRI on a unix socket (kubelet: --container-runtime-endpoint=unix:///run/frakti/frakti.sock).
     ///
-    /// Example: frakti daemon --config /etc/frakti/frakti.toml
+    /// Example: frakti daemon --root /var/lib/frakti --kernel /usr/lib/frakti/vmlinux
     Daemon(DaemonArgs),
     /// Pull, list, remove, import and export images.
     #[command(subcommand)]
@@ -43,15 +55,42 @@ enum Command {
 
 #[derive(Args)]
 struct DaemonArgs {
-    /// A TOML file whose keys are these flags' names (e.g. `state-dir = "/var/lib/frakti"`); flags win.
+    /// A TOML file whose keys are these flags' names (e.g. `root = "/var/lib/frakti"`); flags win
+    /// [default: /etc/frakti/config.toml if it exists].
     #[arg(long)]
     config: Option<PathBuf>,
     /// The socket to serve on [default: /run/frakti/frakti.sock].
     #[arg(long)]
     listen: Option<PathBuf>,
-    /// Where images, disks and state live [default: /var/lib/frakti].
+    /// Where images, disks, pods and their state live [default: /var/lib/frakti]. Keep it short:
+    /// each pod's sockets live below it (unix socket paths are limited to 107 bytes).
+    #[arg(long, alias = "state-dir")]
+    root: Option<PathBuf>,
+    /// The guest kernel every pod VM boots [default: /usr/lib/frakti/vmlinux].
     #[arg(long)]
-    state_dir: Option<PathBuf>,
+    kernel: Option<PathBuf>,
+    /// The guest's initrd, holding frakti-agent [default: /usr/lib/frakti/initrd.cpio].
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// The VMM binary [default: /usr/lib/frakti/frakti-vmm].
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// vCPUs of a pod VM without CPU limits, and the least any gets [default: 1].
+    #[arg(long, alias = "defaultCPUNum")]
+    default_cpus: Option<u32>,
+    /// MiB of a pod VM without memory limits, and the least any gets [default: 128].
+    #[arg(long, alias = "defaultMemoryMB")]
+    default_memory: Option<u64>,
+    /// Unsafe sysctls pods may set, comma-separated; `prefix*` allowed (kubelet's
+    /// --allowed-unsafe-sysctls).
+    #[arg(long, value_delimiter = ',')]
+    allowed_unsafe_sysctls: Option<Vec<String>>,
+    /// Address of the streaming server (exec, attach, port-forward) [default: 127.0.0.1:0].
+    #[arg(long)]
+    streaming_addr: Option<String>,
+    /// Group owning the CRI socket (mode 0660), by name or gid [default: root].
+    #[arg(long)]
+    socket_group: Option<String>,
     /// containerd-style registry hosts: <dir>/<host>/hosts.toml [default: /etc/frakti/certs.d].
     #[arg(long)]
     certs_dir: Option<PathBuf>,
@@ -84,14 +123,50 @@ fn init_logs(level: &str) -> anyhow::Result<()> {
 }
 
 fn daemon_options(args: DaemonArgs) -> anyhow::Result<(daemon::Options, String)> {
+    let default_config = Path::new(DEFAULT_CONFIG);
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
+        None if default_config.exists() => FileConfig::load(default_config)?,
         None => FileConfig::default(),
     };
     let state_dir = args
-        .state_dir
-        .or(file.state_dir)
+        .root
+        .or(file.root)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE));
+    let assets = Path::new(DEFAULT_ASSETS);
+    let runtime = RuntimeConfig {
+        root: state_dir.clone(),
+        assets: VmAssets {
+            vmm: args.vmm.or(file.vmm).unwrap_or_else(|| assets.join("frakti-vmm")),
+            kernel: args.kernel.or(file.kernel).unwrap_or_else(|| assets.join("vmlinux")),
+            initrd: args.initrd.or(file.initrd).unwrap_or_else(|| assets.join("initrd.cpio")),
+        },
+        sizing: SizingDefaults {
+            cpus: args.default_cpus.or(file.default_cpus).unwrap_or(DEFAULT_CPUS),
+            memory_mib: args
+                .default_memory
+                .or(file.default_memory)
+                .unwrap_or(DEFAULT_MEMORY_MIB),
+            host_cpus: std::thread::available_parallelism()
+                .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                .unwrap_or(1),
+            guest_reserve_mib: GUEST_RESERVE_MIB,
+        },
+        boot_timeout: std::time::Duration::from_secs(120),
+        allowed_unsafe_sysctls: args
+            .allowed_unsafe_sysctls
+            .or(file.allowed_unsafe_sysctls)
+            .unwrap_or_default(),
+        streaming_addr: args
+            .streaming_addr
+            .or(file.streaming_addr)
+            .unwrap_or_else(|| "127.0.0.1:0".into()),
+    };
+    anyhow::ensure!(runtime.sizing.cpus > 0, "default-cpus must be at least 1");
+    anyhow::ensure!(
+        runtime.sizing.memory_mib >= 32,
+        "default-memory must be at least 32 (MiB)"
+    );
     let mut store = StoreConfig::new(&state_dir.join("images"));
     if let Some(dir) = args.certs_dir.or(file.certs_dir) {
         store.certs_dir = dir;
@@ -120,6 +195,8 @@ fn daemon_options(args: DaemonArgs) -> anyhow::Result<(daemon::Options, String)>
             listen,
             state_dir,
             store,
+            runtime,
+            socket_group: args.socket_group.or(file.socket_group),
         },
         log,
     ))

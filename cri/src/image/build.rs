@@ -138,5 +138,28 @@ fn build_in(
     for layer in layers {
         apply(content, layer, &tree)?;
     }
+    save_account_files(&tree, out);
     Ok(disk::build(format, compression, &tree, out)?)
+}
+
+/// The largest /etc/passwd or /etc/group kept for user lookups.
+const MAX_ACCOUNT_FILE: u64 = 1024 * 1024;
+/// The image's account files the runtime resolves users and groups in.
+pub const ACCOUNT_FILES: [&str; 2] = ["passwd", "group"];
+
+/// Keeps the image's /etc/passwd and /etc/group beside its disk (as
+/// `<disk stem>.passwd`, `.group`): CreateContainer resolves
+/// `run_as_username` and the image's `User` in them without mounting the
+/// disk. Only regular files (not symlinks out of the tree) up to 1 MiB.
+fn save_account_files(tree: &Path, disk: &Path) {
+    for name in ACCOUNT_FILES {
+        let source = tree.join("etc").join(name);
+        let fits = fs::symlink_metadata(&source)
+            .is_ok_and(|m| m.file_type().is_file() && m.len() <= MAX_ACCOUNT_FILE);
+        if fits {
+            if let Err(e) = fs::copy(&source, disk.with_extension(name)) {
+                tracing::warn!(file = %source.display(), "cannot keep the image's account file: {e}");
+            }
+        }
+    }
 }

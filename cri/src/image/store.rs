@@ -111,6 +111,13 @@ pub struct DiskLease {
     store: Arc<Inner>,
 }
 
+impl DiskLease {
+    /// The image's /etc/`name` ("passwd" or "group") as kept at build time.
+    pub fn account_file(&self, name: &str) -> Option<String> {
+        fs::read_to_string(self.path.with_extension(name)).ok()
+    }
+}
+
 impl Drop for DiskLease {
     fn drop(&mut self) {
         self.store.release(&self.image);
@@ -209,8 +216,9 @@ impl Inner {
     }
 
     fn remove_disk_files(&self, id: &Digest) {
-        for format in [DiskFormat::Erofs, DiskFormat::Ext4] {
-            let path = self.disk_path(id, format);
+        let disks = [DiskFormat::Erofs, DiskFormat::Ext4].map(|f| self.disk_path(id, f));
+        let accounts = build::ACCOUNT_FILES.map(|name| disks[0].with_extension(name));
+        for path in disks.into_iter().chain(accounts) {
             if let Err(e) = fs::remove_file(&path) {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(path = %path.display(), "cannot remove disk: {e}");
@@ -365,7 +373,9 @@ impl ImageStore {
             let name = entry.file_name().to_string_lossy().into_owned();
             let hex = name.split('.').next().unwrap_or_default();
             let in_use = leased.iter().any(|d| d.hex() == hex);
-            if !disks.contains(&name) && !in_use {
+            // A disk and its account files (`<hex>.passwd`) go together.
+            let wanted = disks.iter().any(|d| d.split('.').next() == Some(hex));
+            if !wanted && !in_use {
                 freed += entry.metadata().map(|m| m.len()).unwrap_or(0);
                 let _ = fs::remove_file(entry.path());
             }

@@ -3,4 +3,5 @@
 
 pub mod image_service;
 pub mod images_admin;
+pub mod runtime_service;
 pub mod status;

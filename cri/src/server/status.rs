@@ -8,6 +8,7 @@ use tonic::{Code, Status};
 
 use crate::image::store::Error as StoreError;
 use crate::image::{build, content, manifest, records, registry, unpack};
+use crate::runtime::Error as RuntimeError;
 
 fn io_code(err: &(dyn std::error::Error + 'static)) -> Option<Code> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
@@ -70,10 +71,66 @@ pub fn image_status(err: StoreError) -> Status {
     Status::new(code, crate::error_chain(&err))
 }
 
+pub fn runtime_code(err: &RuntimeError) -> Code {
+    match err {
+        RuntimeError::NotFound { .. } => Code::NotFound,
+        RuntimeError::InvalidArgument(_) => Code::InvalidArgument,
+        RuntimeError::AlreadyExists(_) => Code::AlreadyExists,
+        RuntimeError::FailedPrecondition(_) | RuntimeError::TooBig(_) => Code::FailedPrecondition,
+        RuntimeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        RuntimeError::Spec(e) if e.is_invalid_argument() => Code::InvalidArgument,
+        RuntimeError::Spec(_) => Code::FailedPrecondition,
+        RuntimeError::Sizing(_) => Code::InvalidArgument,
+        RuntimeError::Image(e) => image_code(e),
+        // The guest said the request was wrong: so is the caller's.
+        RuntimeError::Agent { status, .. } => match status.code() {
+            Code::InvalidArgument => Code::InvalidArgument,
+            Code::FailedPrecondition => Code::FailedPrecondition,
+            _ => Code::Internal,
+        },
+        RuntimeError::AgentTimeout(_) => Code::DeadlineExceeded,
+        RuntimeError::AgentConnect(_) => Code::Unavailable,
+        other => io_code(other).unwrap_or(Code::Internal),
+    }
+}
+
+pub fn runtime_status(err: RuntimeError) -> Status {
+    let code = runtime_code(&err);
+    if code == Code::Internal {
+        tracing::error!("{}", crate::error_chain(&err));
+    }
+    Status::new(code, crate::error_chain(&err))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::image::reference::ImageRef;
+
+    #[test]
+    fn runtime_errors_map_to_their_codes() {
+        let not_found = RuntimeError::NotFound {
+            kind: "container",
+            id: "abc".into(),
+        };
+        assert_eq!(runtime_code(&not_found), Code::NotFound);
+        assert_eq!(
+            runtime_status(not_found).message(),
+            "container abc not found"
+        );
+        let exists = RuntimeError::AlreadyExists("name".into());
+        assert_eq!(runtime_code(&exists), Code::AlreadyExists);
+        let guest = RuntimeError::Agent {
+            call: "CreateContainer",
+            status: Status::invalid_argument("bad spec"),
+        };
+        assert_eq!(runtime_code(&guest), Code::InvalidArgument);
+        let crash = RuntimeError::Agent {
+            call: "CreateContainer",
+            status: Status::internal("mount failed"),
+        };
+        assert_eq!(runtime_code(&crash), Code::Internal);
+    }
 
     #[test]
     fn codes_follow_the_cause() {

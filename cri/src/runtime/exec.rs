@@ -1,0 +1,150 @@
+//! ExecSync: a command in a running container, its output collected (up
+//! to [`MAX_EXEC_OUTPUT`] per stream) and its exit code returned. With a
+//! timeout, a command still running when it expires is killed, and the RPC
+//! says it timed out.
+
+use std::time::Duration;
+
+use frakti_proto::agent::v1 as pb;
+use futures_util::StreamExt;
+
+use super::state::{self, ContainerPhase};
+use super::{Error, Result, Runtime, agent_call, spec};
+use crate::sandbox::agent::AgentClient;
+
+/// What ExecSync keeps of each stream (kubelet's probes read little; a
+/// runaway command must not exhaust the daemon).
+pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
+/// After the kill of a timed-out command, how long its exit may take.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit_code: i32,
+}
+
+async fn read_stream(
+    mut agent: AgentClient,
+    container_id: String,
+    exec_id: String,
+    stream: pb::OutputStream,
+) -> Vec<u8> {
+    let request = pb::ReadOutputRequest {
+        container_id,
+        exec_id,
+        stream: stream as i32,
+    };
+    let Ok(response) = agent.read_output(request).await else {
+        return Vec::new();
+    };
+    let mut output = Vec::new();
+    let mut chunks = response.into_inner();
+    while let Some(Ok(chunk)) = chunks.next().await {
+        let room = MAX_EXEC_OUTPUT.saturating_sub(output.len());
+        output.extend_from_slice(&chunk.data[..chunk.data.len().min(room)]);
+    }
+    output
+}
+
+impl Runtime {
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: Option<Duration>,
+    ) -> Result<ExecOutput> {
+        let container = self.container(id)?;
+        if container.phase() != ContainerPhase::Running {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        let mut agent = self.pod(&container.pod_id)?.agent()?;
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(container.record().spec)
+            .map_err(|e| Error::FailedPrecondition(format!("container {id}'s spec: {e}")))?;
+        let process = spec::exec_process(&spec, &cmd, false)?;
+        let process_json = serde_json::to_vec(&process)
+            .map_err(|e| Error::InvalidArgument(format!("cannot encode the process: {e}")))?;
+        let exec_id = format!("exec-{}", &state::new_id()?[..16]);
+        let request = pb::ExecProcessRequest {
+            container_id: container.id.clone(),
+            exec_id: exec_id.clone(),
+            process_json,
+        };
+        agent_call("ExecProcess", agent.exec_process(request)).await?;
+        let stdout = tokio::spawn(read_stream(
+            agent.clone(),
+            container.id.clone(),
+            exec_id.clone(),
+            pb::OutputStream::Stdout,
+        ));
+        let stderr = tokio::spawn(read_stream(
+            agent.clone(),
+            container.id.clone(),
+            exec_id.clone(),
+            pb::OutputStream::Stderr,
+        ));
+        let wait_request = pb::WaitProcessRequest {
+            container_id: container.id.clone(),
+            exec_id: exec_id.clone(),
+        };
+        let mut waiter = agent.clone();
+        let wait = waiter.wait_process(wait_request.clone());
+        let status = match timeout {
+            Some(limit) => match tokio::time::timeout(limit, wait).await {
+                Ok(result) => result,
+                Err(_) => {
+                    self.kill_exec(&mut agent, &container.id, &exec_id, wait_request).await;
+                    stdout.abort();
+                    stderr.abort();
+                    return Err(Error::DeadlineExceeded(format!(
+                        "command {cmd:?} timed out after {}s and was killed",
+                        limit.as_secs_f64()
+                    )));
+                }
+            },
+            None => wait.await,
+        };
+        let status = status
+            .map_err(|status| Error::Agent {
+                call: "WaitProcess",
+                status,
+            })?
+            .into_inner()
+            .status
+            .unwrap_or_default();
+        Ok(ExecOutput {
+            stdout: stdout.await.unwrap_or_default(),
+            stderr: stderr.await.unwrap_or_default(),
+            exit_code: status.exit_code,
+        })
+    }
+
+    /// SIGKILLs a timed-out exec and waits until it is gone.
+    async fn kill_exec(
+        &self,
+        agent: &mut AgentClient,
+        container_id: &str,
+        exec_id: &str,
+        wait: pb::WaitProcessRequest,
+    ) {
+        let request = pb::SignalProcessRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            signal: libc::SIGKILL,
+            all: false,
+        };
+        if let Err(e) = agent_call("SignalProcess", agent.signal_process(request)).await {
+            tracing::warn!(container = %container_id, exec = %exec_id, "{}", crate::error_chain(&e));
+            return;
+        }
+        if tokio::time::timeout(KILL_WAIT, agent.wait_process(wait))
+            .await
+            .is_err()
+        {
+            tracing::warn!(container = %container_id, exec = %exec_id, "a killed exec did not exit");
+        }
+    }
+}

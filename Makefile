@@ -90,7 +90,9 @@ unit:
 	$(CARGO) test --workspace --exclude frakti-tests 2>&1 | tee -a $(TEST_LOG)
 	$(CARGO) test -p frakti-tests --lib --bins 2>&1 | tee -a $(TEST_LOG)
 
+# The CRI suite runs the daemon (debug build) in the lab beside the tests.
 e2e: assets
+	$(CARGO) build -p frakti-cri --bin frakti
 	$(CARGO) test -p frakti-tests --test lab --test e2e 2>&1 | tee -a $(TEST_LOG)
 
 test: deps

@@ -115,9 +115,23 @@ fn init_logs(level: &str) -> anyhow::Result<()> {
     let level: tracing::Level = level.parse().map_err(|_| {
         anyhow::anyhow!("unknown log level '{level}' (error, warn, info, debug, trace)")
     })?;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // The HTTP/2 stack's debug lines (every frame) drown ours.
+    let quiet = level.min(tracing::Level::INFO);
+    let filter = tracing_subscriber::filter::Targets::new()
+        .with_default(level)
+        .with_target("h2", quiet)
+        .with_target("hyper", quiet)
+        .with_target("hyper_util", quiet)
+        .with_target("tower", quiet)
+        .with_target("rustls", quiet)
+        .with_target("reqwest", quiet);
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
+        .finish()
+        .with(filter)
         .init();
     Ok(())
 }

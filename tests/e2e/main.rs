@@ -3,6 +3,7 @@
 //! whole selection), so `cargo test --test e2e [FILTER]` works everywhere.
 
 mod agent;
+mod cri;
 mod disks;
 mod images;
 mod net;
@@ -60,6 +61,15 @@ fn main() -> ExitCode {
             }
         }
     }
+    if std::env::var_os(cri::harness::STORE_ENV).is_none() {
+        match cri::prepare(image_dir.path()) {
+            Ok(files) => programs.extend(files),
+            Err(e) => {
+                eprintln!("e2e: preparing the CRI tests' image store: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let placement = rerun::run_here_or_in_lab(&programs);
     if matches!(placement, Ok(Placement::Here(_))) {
         for (env, path) in &programs {
@@ -93,5 +103,6 @@ fn tests() -> Vec<Trial> {
     tests.extend(net::tests());
     tests.extend(agent::tests());
     tests.extend(images::tests());
+    tests.extend(cri::tests());
     tests
 }

@@ -97,11 +97,9 @@ impl Container {
             }
             record.phase = ContainerPhase::Exited;
             record.exit_code = status.exit_code;
-            record.finished_at = if status.exited_at_ns > 0 {
-                status.exited_at_ns
-            } else {
-                now_ns()
-            };
+            // The guest's clock is not the host's (kubelet compares these
+            // with started_at): the host's time of hearing of the exit.
+            record.finished_at = now_ns().max(record.started_at);
             record.reason = exit_reason(status).to_string();
         }
         self.save();
@@ -323,10 +321,18 @@ impl Runtime {
                 id: image.to_string(),
             })?;
         let (passwd, group) = (lease.account_file("passwd"), lease.account_file("group"));
+        let started = std::time::Instant::now();
         let image_disk = self.mount_image(pod, lease).await?;
+        let mounted = started.elapsed();
         let result = self
             .create_on_disk(pod, id, &config, &record, &image_disk, (passwd, group))
             .await;
+        tracing::debug!(
+            container = %id,
+            image_ms = mounted.as_millis() as u64,
+            create_ms = (started.elapsed() - mounted).as_millis() as u64,
+            "container creation timing"
+        );
         match result {
             Ok((spec, stop_signal)) => {
                 let dir = self.inner.layout.container_dir(&pod.id, id);

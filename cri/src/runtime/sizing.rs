@@ -54,7 +54,11 @@ const DEFAULT_CPU_PERIOD: u64 = 100_000;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("annotation {name}={value:?}: {reason}")]
-    Annotation { name: &'static str, value: String, reason: &'static str },
+    Annotation {
+        name: &'static str,
+        value: String,
+        reason: &'static str,
+    },
     #[error("{field} = {value}: must not be negative")]
     Negative { field: &'static str, value: i64 },
     #[error("{0} overflows")]
@@ -63,7 +67,13 @@ pub enum Error {
         "the pod VM has {vm_vcpus} vCPUs and {vm_memory_mib} MiB (of which {guest_reserve_mib} MiB \
          for the guest); the container asks for {cpus} CPUs / {memory_mib} MiB"
     )]
-    TooBig { vm_vcpus: u32, vm_memory_mib: u64, guest_reserve_mib: u64, cpus: u128, memory_mib: u64 },
+    TooBig {
+        vm_vcpus: u32,
+        vm_memory_mib: u64,
+        guest_reserve_mib: u64,
+        cpus: u128,
+        memory_mib: u64,
+    },
 }
 
 /// The daemon's settings the rule uses.
@@ -101,7 +111,9 @@ pub fn size_pod(
     let linux = config.linux.as_ref();
     let resources = linux.and_then(|l| l.resources.as_ref());
     let overhead = linux.and_then(|l| l.overhead.as_ref());
-    let resources = resources.map(|r| Limits::of(r, &POD_RESOURCES)).transpose()?;
+    let resources = resources
+        .map(|r| Limits::of(r, &POD_RESOURCES))
+        .transpose()?;
     let overhead = overhead.map(|r| Limits::of(r, &POD_OVERHEAD)).transpose()?;
 
     if let Some(resources) = resources.filter(Limits::is_limited) {
@@ -198,7 +210,10 @@ impl Cpus {
     /// The exact sum: numerators and denominators come from i64 fields, so
     /// are below 2^63; the products stay below 2^126 and their sum below 2^127.
     fn add(self, other: Cpus) -> Cpus {
-        Cpus { num: self.num * other.den + other.num * self.den, den: self.den * other.den }
+        Cpus {
+            num: self.num * other.den + other.num * self.den,
+            den: self.den * other.den,
+        }
     }
 
     fn ceil(self) -> u128 {
@@ -215,12 +230,14 @@ struct Limits {
 }
 
 impl Limits {
-    const NONE: Limits = Limits { cpus: Cpus { num: 0, den: 1 }, memory: 0 };
+    const NONE: Limits = Limits {
+        cpus: Cpus { num: 0, den: 1 },
+        memory: 0,
+    };
 
     fn of(r: &cri::LinuxContainerResources, names: &FieldNames) -> Result<Limits, Error> {
-        let non_negative = |field, value: i64| {
-            u64::try_from(value).map_err(|_| Error::Negative { field, value })
-        };
+        let non_negative =
+            |field, value: i64| u64::try_from(value).map_err(|_| Error::Negative { field, value });
         let period = match non_negative(names.cpu_period, r.cpu_period)? {
             0 => DEFAULT_CPU_PERIOD,
             period => period,
@@ -230,7 +247,10 @@ impl Limits {
             quota => non_negative(names.cpu_quota, quota)?,
         };
         Ok(Limits {
-            cpus: Cpus { num: u128::from(quota), den: u128::from(period) },
+            cpus: Cpus {
+                num: u128::from(quota),
+                den: u128::from(period),
+            },
             memory: non_negative(names.memory, r.memory_limit_in_bytes)?,
         })
     }
@@ -242,8 +262,9 @@ impl Limits {
 
 /// At least the default (and 1), at most min(host CPUs, MAX_VCPUS).
 fn clamp_vcpus(cpus: u128, defaults: &SizingDefaults) -> u32 {
-    let most = defaults.host_cpus.min(MAX_VCPUS).max(1);
+    let most = defaults.host_cpus.clamp(1, MAX_VCPUS);
     let least = defaults.cpus.max(1);
+    // Not `clamp`: `least` may exceed `most`, and then `most` wins.
     let vcpus = cpus.max(u128::from(least)).min(u128::from(most));
     u32::try_from(vcpus).unwrap_or(most)
 }
@@ -256,7 +277,8 @@ fn clamp_memory(mib: u64, defaults: &SizingDefaults) -> u64 {
 }
 
 fn mib_to_bytes(mib: u64, what: &str) -> Result<u64, Error> {
-    mib.checked_mul(MIB).ok_or_else(|| Error::Overflow(format!("{what} of {mib} MiB")))
+    mib.checked_mul(MIB)
+        .ok_or_else(|| Error::Overflow(format!("{what} of {mib} MiB")))
 }
 
 /// The parsed annotation `name`, if present.
@@ -268,7 +290,11 @@ fn annotation(
     annotations
         .get(name)
         .map(|value| {
-            parse(value).map_err(|reason| Error::Annotation { name, value: value.clone(), reason })
+            parse(value).map_err(|reason| Error::Annotation {
+                name,
+                value: value.clone(),
+                reason,
+            })
         })
         .transpose()
 }
@@ -282,7 +308,9 @@ const TOO_LARGE: &str = "too large";
 /// `io.frakti.vm.cpus`: the CPUs, rounded up.
 fn parse_cpus(value: &str) -> Result<u64, &'static str> {
     if let Some(millis) = value.strip_suffix('m') {
-        let millis = parse_integer(millis).ok_or(NOT_CPUS)?.map_err(|_| TOO_LARGE)?;
+        let millis = parse_integer(millis)
+            .ok_or(NOT_CPUS)?
+            .map_err(|_| TOO_LARGE)?;
         return positive(millis.div_ceil(1000));
     }
     let (whole, fraction) = parse_decimal(value).ok_or(NOT_CPUS)?;
@@ -308,7 +336,9 @@ fn parse_memory_mib(value: &str) -> Result<u64, &'static str> {
         .find_map(|&(suffix, scale)| value.strip_suffix(suffix).map(|n| (n, scale)))
     else {
         // A plain integer: MiB.
-        let mib = parse_integer(value).ok_or(NOT_MEMORY)?.map_err(|_| TOO_LARGE)?;
+        let mib = parse_integer(value)
+            .ok_or(NOT_MEMORY)?
+            .map_err(|_| TOO_LARGE)?;
         return positive(mib);
     };
     let (whole, fraction) = parse_decimal(number).ok_or(NOT_MEMORY)?;
@@ -349,7 +379,6 @@ fn parse_decimal(s: &str) -> Option<(Result<u64, std::num::ParseIntError>, &str)
     Some((parse_integer(whole)?, fraction))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::SizeSource::{Annotations, Defaults, Resources};
@@ -359,17 +388,33 @@ mod tests {
     const MAX: i64 = i64::MAX;
 
     fn defaults() -> SizingDefaults {
-        SizingDefaults { cpus: 1, memory_mib: 128, host_cpus: 8, guest_reserve_mib: 64 }
+        SizingDefaults {
+            cpus: 1,
+            memory_mib: 128,
+            host_cpus: 8,
+            guest_reserve_mib: 64,
+        }
     }
 
     /// (cpu_quota, cpu_period, memory_limit_in_bytes)
     type Res = (i64, i64, i64);
 
-    fn resources((cpu_quota, cpu_period, memory_limit_in_bytes): Res) -> cri::LinuxContainerResources {
-        cri::LinuxContainerResources { cpu_quota, cpu_period, memory_limit_in_bytes, ..Default::default() }
+    fn resources(
+        (cpu_quota, cpu_period, memory_limit_in_bytes): Res,
+    ) -> cri::LinuxContainerResources {
+        cri::LinuxContainerResources {
+            cpu_quota,
+            cpu_period,
+            memory_limit_in_bytes,
+            ..Default::default()
+        }
     }
 
-    fn config(res: Option<Res>, overhead: Option<Res>, annotations: &[(&str, &str)]) -> cri::PodSandboxConfig {
+    fn config(
+        res: Option<Res>,
+        overhead: Option<Res>,
+        annotations: &[(&str, &str)],
+    ) -> cri::PodSandboxConfig {
         let linux = (res.is_some() || overhead.is_some()).then(|| cri::LinuxPodSandboxConfig {
             resources: res.map(resources),
             overhead: overhead.map(resources),
@@ -377,7 +422,10 @@ mod tests {
         });
         cri::PodSandboxConfig {
             linux,
-            annotations: annotations.iter().map(|&(k, v)| (k.to_string(), v.to_string())).collect(),
+            annotations: annotations
+                .iter()
+                .map(|&(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..Default::default()
         }
     }
@@ -433,7 +481,12 @@ mod tests {
             ("negative period, no quota", Some((0, -100, 0)), None, &[], Err("linux.resources.cpu_period = -100: must not be negative")),
         ];
         for (name, res, overhead, annotations, want) in cases {
-            check(name, &config(*res, *overhead, annotations), &defaults(), want.clone());
+            check(
+                name,
+                &config(*res, *overhead, annotations),
+                &defaults(),
+                want.clone(),
+            );
         }
     }
 
@@ -508,7 +561,12 @@ mod tests {
             let mut annotations = vec![("other.annotation", "1")];
             annotations.extend(cpus.map(|v| (ANNOTATION_CPUS, v)));
             annotations.extend(memory.map(|v| (ANNOTATION_MEMORY, v)));
-            check(name, &config(None, None, &annotations), &defaults(), want.clone());
+            check(
+                name,
+                &config(None, None, &annotations),
+                &defaults(),
+                want.clone(),
+            );
         }
     }
 
@@ -553,7 +611,10 @@ mod tests {
 
     #[test]
     fn check_fits_limits() {
-        let vm = VmSize { vcpus: 2, memory_mib: 256 };
+        let vm = VmSize {
+            vcpus: 2,
+            memory_mib: 256,
+        };
         let too_big = |cpus: u128, mib: u64| {
             Err(format!(
                 "the pod VM has 2 vCPUs and 256 MiB (of which 64 MiB for the guest); \
@@ -583,7 +644,9 @@ mod tests {
         }
         // The message of the brief, exactly.
         assert_eq!(
-            check_fits(&vm, 64, &resources((400_000, 100_000, 512 * MI))).unwrap_err().to_string(),
+            check_fits(&vm, 64, &resources((400_000, 100_000, 512 * MI)))
+                .unwrap_err()
+                .to_string(),
             "the pod VM has 2 vCPUs and 256 MiB (of which 64 MiB for the guest); \
              the container asks for 4 CPUs / 512 MiB"
         );

@@ -30,7 +30,7 @@ pub const VOLUME_SLOTS: usize = 6;
 const GUEST_CID: u64 = 3;
 /// A unix socket path has at most 107 bytes; the longest one a pod uses is
 /// the vsock socket plus the `_<port>` of guest-initiated connections.
-const MAX_SOCKET_PATH: usize = 100;
+const MAX_SOCKET_PATH: usize = 107;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -79,11 +79,11 @@ impl VmFiles {
     }
 
     pub fn api_socket(&self) -> PathBuf {
-        self.dir.join("api.sock")
+        self.dir.join("api")
     }
 
     pub fn vsock_socket(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+        self.dir.join("vsock")
     }
 
     pub fn console_log(&self) -> PathBuf {

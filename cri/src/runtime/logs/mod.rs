@@ -112,7 +112,10 @@ pub struct LineEncoder {
 
 impl LineEncoder {
     pub fn new(stream: StreamKind) -> Self {
-        LineEncoder { stream, pending: Vec::new() }
+        LineEncoder {
+            stream,
+            pending: Vec::new(),
+        }
     }
 
     /// Records for the complete lines (and 16 KiB pieces) in `data`; keeps the rest.
@@ -132,7 +135,8 @@ impl LineEncoder {
     /// The record for what is left when the stream broke off and may be
     /// resumed (a `P` record: the resumed stream's next record continues it).
     pub fn flush_partial(&mut self, now: SystemTime) -> Option<Vec<u8>> {
-        self.take_pending(Tag::Partial, now).map(|(record, _)| record)
+        self.take_pending(Tag::Partial, now)
+            .map(|(record, _)| record)
     }
 
     /// [`push`](Self::push), handing each record and its content length to `emit`.
@@ -154,7 +158,10 @@ impl LineEncoder {
                 };
             let timestamp = timestamp.get_or_insert_with(|| format_timestamp(now));
             let content_len = self.pending.len() + content_end;
-            emit(self.record(timestamp, tag, &rest[..content_end]), content_len);
+            emit(
+                self.record(timestamp, tag, &rest[..content_end]),
+                content_len,
+            );
             self.pending.clear();
             rest = &rest[consumed..];
         }
@@ -203,7 +210,10 @@ fn encode_record(timestamp: &str, stream: StreamKind, tag: Tag, content: &[&[u8]
 pub fn format_timestamp(t: SystemTime) -> String {
     // Seconds since the epoch (floored) and the nanoseconds past them.
     let (secs, nanos) = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (i64::try_from(d.as_secs()).unwrap_or(i64::MAX), d.subsec_nanos()),
+        Ok(d) => (
+            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            d.subsec_nanos(),
+        ),
         Err(before) => {
             let d = before.duration();
             let secs = i64::try_from(d.as_secs()).map_or(i64::MIN, |s| -s);
@@ -243,7 +253,11 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_from_march = (5 * day_of_year + 2) / 153; // [0, 11]
     let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-    let month = if month_from_march < 10 { month_from_march + 3 } else { month_from_march - 9 };
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
     let year = year_of_era + era.saturating_mul(400) + i64::from(month <= 2);
     // In range by construction: month in [1, 12], day in [1, 31].
     (year, month as u32, day as u32)
@@ -277,10 +291,16 @@ impl ContainerLog {
                 .recursive(true)
                 .mode(DIR_MODE)
                 .create(parent)
-                .map_err(|source| Error::CreateDir { path: parent.to_path_buf(), source })?;
+                .map_err(|source| Error::CreateDir {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
         }
         let file = open_file(path)?;
-        Ok(Arc::new(ContainerLog { path: path.to_path_buf(), file: Mutex::new(file) }))
+        Ok(Arc::new(ContainerLog {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        }))
     }
 
     pub fn path(&self) -> &Path {
@@ -300,8 +320,10 @@ impl ContainerLog {
     /// full, may leave part of it in the file, as with containerd.)
     pub fn write_record(&self, record: &[u8]) -> Result<(), Error> {
         let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
-        file.write_all(record)
-            .map_err(|source| Error::Write { path: self.path.clone(), source })
+        file.write_all(record).map_err(|source| Error::Write {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// Copies `source` (a stream of output chunks, e.g. the agent's
@@ -327,14 +349,16 @@ impl ContainerLog {
                     self.deliver(stream, &record, len, &mut loss)
                 }),
                 Some(Err(err)) => {
-                    if let Some((record, len)) = encoder.take_pending(Tag::Partial, SystemTime::now())
+                    if let Some((record, len)) =
+                        encoder.take_pending(Tag::Partial, SystemTime::now())
                     {
                         self.deliver(stream, &record, len, &mut loss);
                     }
                     break PumpEnd::Failed(err.to_string());
                 }
                 None => {
-                    if let Some((record, len)) = encoder.take_pending(Tag::Full, SystemTime::now()) {
+                    if let Some((record, len)) = encoder.take_pending(Tag::Full, SystemTime::now())
+                    {
                         self.deliver(stream, &record, len, &mut loss);
                     }
                     break PumpEnd::Eof;
@@ -354,11 +378,24 @@ impl ContainerLog {
 
     /// Writes a pump's record, or counts it in `loss` when writing fails;
     /// writes the notice of an earlier loss first.
-    fn deliver(&self, stream: StreamKind, record: &[u8], content_len: usize, loss: &mut Option<Loss>) {
+    fn deliver(
+        &self,
+        stream: StreamKind,
+        record: &[u8],
+        content_len: usize,
+        loss: &mut Option<Loss>,
+    ) {
         if let Some(lost) = loss {
-            let notice = format!("[frakti] {} bytes of {stream} were lost: {}", lost.bytes, lost.error);
-            let notice =
-                encode_record(&format_timestamp(SystemTime::now()), stream, Tag::Full, &[notice.as_bytes()]);
+            let notice = format!(
+                "[frakti] {} bytes of {stream} were lost: {}",
+                lost.bytes, lost.error
+            );
+            let notice = encode_record(
+                &format_timestamp(SystemTime::now()),
+                stream,
+                Tag::Full,
+                &[notice.as_bytes()],
+            );
             if self.write_record(&notice).is_err() {
                 lost.bytes = lost.bytes.saturating_add(content_len as u64);
                 return;
@@ -373,7 +410,10 @@ impl ContainerLog {
         if let Err(err) = self.write_record(record) {
             let error = crate::error_chain(&err);
             tracing::warn!("{error}: dropping {stream} records until writing works again");
-            *loss = Some(Loss { bytes: content_len as u64, error });
+            *loss = Some(Loss {
+                bytes: content_len as u64,
+                error,
+            });
         }
     }
 }
@@ -384,7 +424,10 @@ fn open_file(path: &Path) -> Result<File, Error> {
         .append(true)
         .mode(FILE_MODE)
         .open(path)
-        .map_err(|source| Error::Open { path: path.to_path_buf(), source })
+        .map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Content a pump dropped because writing failed.

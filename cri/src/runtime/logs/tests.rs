@@ -25,12 +25,19 @@ fn parse(log: &[u8], stream: &str) -> Vec<(char, Vec<u8>)> {
     let mut records = Vec::new();
     let mut rest = log;
     while !rest.is_empty() {
-        let end = rest.iter().position(|&b| b == b'\n').expect("record without its newline");
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .expect("record without its newline");
         let line = &rest[..end];
         rest = &rest[end + 1..];
         let mut fields = line.splitn(4, |&b| b == b' ');
         let ts = fields.next().unwrap();
-        assert!(ts.starts_with(b"20") && ts.ends_with(b"Z"), "{:?}", String::from_utf8_lossy(line));
+        assert!(
+            ts.starts_with(b"20") && ts.ends_with(b"Z"),
+            "{:?}",
+            String::from_utf8_lossy(line)
+        );
         assert_eq!(fields.next().unwrap(), stream.as_bytes());
         let tag = match fields.next().unwrap() {
             b"F" => 'F',
@@ -62,9 +69,18 @@ fn timestamps_are_go_rfc3339nano() {
         (at(951_868_800, 0), "2000-03-01T00:00:00Z"),
         (at(4_107_542_400, 0), "2100-03-01T00:00:00Z"),
         (at(253_402_300_799, 0), "9999-12-31T23:59:59Z"),
-        (UNIX_EPOCH - Duration::new(0, 1), "1969-12-31T23:59:59.999999999Z"),
-        (UNIX_EPOCH - Duration::new(86_400, 0), "1969-12-31T00:00:00Z"),
-        (UNIX_EPOCH - Duration::new(62_135_596_800, 0), "0001-01-01T00:00:00Z"),
+        (
+            UNIX_EPOCH - Duration::new(0, 1),
+            "1969-12-31T23:59:59.999999999Z",
+        ),
+        (
+            UNIX_EPOCH - Duration::new(86_400, 0),
+            "1969-12-31T00:00:00Z",
+        ),
+        (
+            UNIX_EPOCH - Duration::new(62_135_596_800, 0),
+            "0001-01-01T00:00:00Z",
+        ),
     ];
     for (t, want) in cases {
         assert_eq!(format_timestamp(t), want, "{t:?}");
@@ -75,12 +91,21 @@ fn timestamps_are_go_rfc3339nano() {
 fn simple_lines_give_exact_records() {
     let mut enc = LineEncoder::new(StreamKind::Stdout);
     let records = enc.push(b"hello\nworld\npart", at(T, 0));
-    assert_eq!(records, [record("stdout", 'F', b"hello"), record("stdout", 'F', b"world")]);
+    assert_eq!(
+        records,
+        [
+            record("stdout", 'F', b"hello"),
+            record("stdout", 'F', b"world")
+        ]
+    );
     assert_eq!(
         records[0],
         b"2023-11-14T22:13:20Z stdout F hello\n".to_vec(),
     );
-    assert_eq!(enc.push(b"ial\n", at(T, 0)), [record("stdout", 'F', b"partial")]);
+    assert_eq!(
+        enc.push(b"ial\n", at(T, 0)),
+        [record("stdout", 'F', b"partial")]
+    );
     assert_eq!(enc.finish(at(T, 0)), None);
 
     let mut enc = LineEncoder::new(StreamKind::Stderr);
@@ -95,11 +120,17 @@ fn empty_lines_cr_and_raw_bytes_are_kept() {
     let mut enc = LineEncoder::new(StreamKind::Stdout);
     assert_eq!(
         enc.push(b"\n\n", at(T, 0)),
-        [b"2023-11-14T22:13:20Z stdout F \n".to_vec(), record("stdout", 'F', b"")]
+        [
+            b"2023-11-14T22:13:20Z stdout F \n".to_vec(),
+            record("stdout", 'F', b"")
+        ]
     );
     assert_eq!(
         enc.push(b"dos\r\n\xff\xfe\0bin\n", at(T, 0)),
-        [record("stdout", 'F', b"dos\r"), record("stdout", 'F', b"\xff\xfe\0bin")]
+        [
+            record("stdout", 'F', b"dos\r"),
+            record("stdout", 'F', b"\xff\xfe\0bin")
+        ]
     );
     assert!(enc.push(b"", at(T, 0)).is_empty());
 }
@@ -109,11 +140,17 @@ fn finish_with_and_without_remainder() {
     let mut enc = LineEncoder::new(StreamKind::Stdout);
     assert_eq!(enc.finish(at(T, 0)), None);
     assert!(enc.push(b"no newline", at(T, 0)).is_empty());
-    assert_eq!(enc.finish(at(T, 0)), Some(record("stdout", 'F', b"no newline")));
+    assert_eq!(
+        enc.finish(at(T, 0)),
+        Some(record("stdout", 'F', b"no newline"))
+    );
     assert_eq!(enc.finish(at(T, 0)), None, "finish takes the remainder");
 
     assert!(enc.push(b"cut", at(T, 0)).is_empty());
-    assert_eq!(enc.flush_partial(at(T, 0)), Some(record("stdout", 'P', b"cut")));
+    assert_eq!(
+        enc.flush_partial(at(T, 0)),
+        Some(record("stdout", 'P', b"cut"))
+    );
     assert_eq!(enc.flush_partial(at(T, 0)), None);
 }
 
@@ -159,7 +196,10 @@ fn line_lengths_around_max_line() {
         let mut enc = LineEncoder::new(StreamKind::Stdout);
         let mut records = enc.push(&vec![b'x'; len], at(T, 0));
         records.extend(enc.finish(at(T, 0)));
-        let tags: String = strip(&records, "stdout").iter().map(|(tag, _)| *tag).collect();
+        let tags: String = strip(&records, "stdout")
+            .iter()
+            .map(|(tag, _)| *tag)
+            .collect();
         assert_eq!(tags, want, "unterminated line of {len} bytes");
     }
 }
@@ -195,7 +235,18 @@ fn chunk_boundaries_do_not_change_records() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     // Short lines, empty lines, CRs, lines around MAX_LINE, no final newline.
     let mut input = Vec::new();
-    for len in [0, 1, 5, 0, MAX_LINE - 1, MAX_LINE, MAX_LINE + 1, 3 * MAX_LINE + 7, 2, 40_000] {
+    for len in [
+        0,
+        1,
+        5,
+        0,
+        MAX_LINE - 1,
+        MAX_LINE,
+        MAX_LINE + 1,
+        3 * MAX_LINE + 7,
+        2,
+        40_000,
+    ] {
         for _ in 0..len {
             input.push(b"abc\r xyz"[rng.below(8)]);
         }
@@ -219,12 +270,19 @@ fn chunk_boundaries_do_not_change_records() {
             rebuilt.push(b'\n');
         }
     }
-    assert_eq!(rebuilt.pop(), Some(b'\n'), "the unterminated tail gets its F");
+    assert_eq!(
+        rebuilt.pop(),
+        Some(b'\n'),
+        "the unterminated tail gets its F"
+    );
     assert_eq!(rebuilt, input);
 }
 
 fn chunks(parts: &[&[u8]]) -> Vec<Result<Bytes, Infallible>> {
-    parts.iter().map(|p| Ok(Bytes::copy_from_slice(p))).collect()
+    parts
+        .iter()
+        .map(|p| Ok(Bytes::copy_from_slice(p)))
+        .collect()
 }
 
 #[tokio::test]
@@ -233,7 +291,13 @@ async fn open_creates_parents_and_appends() {
     let path = dir.path().join("pod/ctr/0.log");
     let log = ContainerLog::open(&path).unwrap();
     assert_eq!(log.path(), path);
-    let end = log.clone().pump(StreamKind::Stdout, stream::iter(chunks(&[b"a\nb", b"c\n", b"end"]))).await;
+    let end = log
+        .clone()
+        .pump(
+            StreamKind::Stdout,
+            stream::iter(chunks(&[b"a\nb", b"c\n", b"end"])),
+        )
+        .await;
     assert_eq!(end, PumpEnd::Eof);
     drop(log);
 
@@ -257,7 +321,10 @@ async fn open_creates_parents_and_appends() {
 /// with the other tests).
 fn umask() -> u32 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find_map(|l| l.strip_prefix("Umask:")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .unwrap();
     u32::from_str_radix(line.trim(), 8).unwrap()
 }
 
@@ -307,7 +374,10 @@ async fn concurrent_pumps_write_whole_records() {
     let mut by_stream = [(Vec::new(), "stdout", out), (Vec::new(), "stderr", err)];
     for line in file.split_inclusive(|&b| b == b'\n') {
         let fields: Vec<_> = line.splitn(3, |&b| b == b' ').collect();
-        let slot = by_stream.iter_mut().find(|s| fields[1] == s.1.as_bytes()).expect("stream");
+        let slot = by_stream
+            .iter_mut()
+            .find(|s| fields[1] == s.1.as_bytes())
+            .expect("stream");
         slot.0.extend_from_slice(line);
     }
     let mut switches = 0;
@@ -348,7 +418,10 @@ async fn reopen_after_rename_writes_to_the_new_file() {
     assert_eq!(log.pump(StreamKind::Stdout, source).await, PumpEnd::Eof);
 
     let contents = |p: &Path| -> Vec<Vec<u8>> {
-        parse(&std::fs::read(p).unwrap(), "stdout").into_iter().map(|(_, c)| c).collect()
+        parse(&std::fs::read(p).unwrap(), "stdout")
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect()
     };
     assert_eq!(contents(&rotated), [b"one".to_vec(), b"two".to_vec()]);
     assert_eq!(contents(&path), [b"three".to_vec(), b"four".to_vec()]);
@@ -367,11 +440,18 @@ async fn failed_source_flushes_pending_as_partial() {
     let end = log.clone().pump(StreamKind::Stderr, source).await;
     assert_eq!(end, PumpEnd::Failed("connection reset".to_string()));
     // A resumed pump continues the line.
-    let end = log.clone().pump(StreamKind::Stderr, stream::iter(chunks(&[b"f\n"]))).await;
+    let end = log
+        .clone()
+        .pump(StreamKind::Stderr, stream::iter(chunks(&[b"f\n"])))
+        .await;
     assert_eq!(end, PumpEnd::Eof);
     assert_eq!(
         parse(&std::fs::read(&path).unwrap(), "stderr"),
-        [('F', b"whole".to_vec()), ('P', b"hal".to_vec()), ('F', b"f".to_vec())]
+        [
+            ('F', b"whole".to_vec()),
+            ('P', b"hal".to_vec()),
+            ('F', b"f".to_vec())
+        ]
     );
 }
 
@@ -389,13 +469,14 @@ async fn write_errors_drop_records_and_are_reported_once_writing_works() {
     let (log2, path2) = (log.clone(), path.clone());
     // The disk is "full" for the first two chunks; then the path becomes a
     // regular file.
-    let source = stream::iter(chunks(&[b"lost one\nlost", b" two\n", b"kept\n"])).map(move |chunk| {
-        if chunk.as_ref().is_ok_and(|c| c.starts_with(b"kept")) {
-            std::fs::remove_file(&path2).unwrap();
-            log2.reopen().unwrap();
-        }
-        chunk
-    });
+    let source =
+        stream::iter(chunks(&[b"lost one\nlost", b" two\n", b"kept\n"])).map(move |chunk| {
+            if chunk.as_ref().is_ok_and(|c| c.starts_with(b"kept")) {
+                std::fs::remove_file(&path2).unwrap();
+                log2.reopen().unwrap();
+            }
+            chunk
+        });
     assert_eq!(log.pump(StreamKind::Stdout, source).await, PumpEnd::Eof);
 
     let records = parse(&std::fs::read(&path).unwrap(), "stdout");

@@ -78,21 +78,21 @@ impl Error {
     }
 }
 
-pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
     Error::Invalid {
         field: field.into(),
         reason: reason.into(),
     }
 }
 
-pub(crate) fn unsupported(field: impl Into<String>, reason: impl Into<String>) -> Error {
+fn unsupported(field: impl Into<String>, reason: impl Into<String>) -> Error {
     Error::Unsupported {
         field: field.into(),
         reason: reason.into(),
     }
 }
 
-pub(crate) fn precondition(field: impl Into<String>, reason: impl Into<String>) -> Error {
+fn precondition(field: impl Into<String>, reason: impl Into<String>) -> Error {
     Error::Precondition {
         field: field.into(),
         reason: reason.into(),

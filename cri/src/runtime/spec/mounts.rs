@@ -50,7 +50,12 @@ fn standard(privileged: bool) -> Vec<Mount> {
                 "gid=5",
             ],
         ),
-        mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"]),
+        mount(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        ),
         mount("/sys", "sysfs", "sysfs", sys),
         mount("/sys/fs/cgroup", "cgroup", "cgroup", cgroup),
         mount(
@@ -88,7 +93,8 @@ fn clean_destination(path: &str) -> Result<String, Error> {
 }
 
 fn is_under(path: &str, dir: &str) -> bool {
-    path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+    path.strip_prefix(dir)
+        .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The mount list being built: a later mount on a destination replaces an
@@ -130,7 +136,11 @@ fn guest_source(path: &str) -> Result<&str, Error> {
 
 fn guest_mount(destination: &str, m: &GuestMount) -> Result<Mount, Error> {
     match m.kind {
-        GuestMountKind::Bind => Ok(bind(destination, guest_source(&m.guest_source)?, m.readonly)),
+        GuestMountKind::Bind => Ok(bind(
+            destination,
+            guest_source(&m.guest_source)?,
+            m.readonly,
+        )),
         GuestMountKind::Tmpfs { size_bytes } => {
             let mut options = vec!["nosuid".to_string(), "nodev".to_string()];
             if let Some(size) = size_bytes {

@@ -60,8 +60,7 @@ pub fn resources(r: &cri::LinuxContainerResources) -> Result<LinuxResources, Err
     }
 
     let mut out = LinuxResources::default();
-    if period.is_some() || quota.is_some() || shares.is_some() || cpus.is_some() || mems.is_some()
-    {
+    if period.is_some() || quota.is_some() || shares.is_some() || cpus.is_some() || mems.is_some() {
         let mut cpu = LinuxCpu::default();
         cpu.set_period(period.and_then(|p| u64::try_from(p).ok()));
         cpu.set_quota(quota);
@@ -135,9 +134,8 @@ fn cpu_list(field: &str, list: &str) -> Result<Option<String>, Error> {
         return Ok(None);
     }
     let item_ok = |item: &str| -> bool {
-        let number = |s: &str| {
-            !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit())
-        };
+        let number =
+            |s: &str| !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit());
         match item.split_once('-') {
             None => number(item),
             Some((lo, hi)) => {
@@ -185,7 +183,10 @@ fn check_unified(key: &str, value: &str) -> Result<(), Error> {
         ));
     }
     if value.contains('\0') || value.len() > 4096 {
-        return Err(invalid(field, "the value contains a NUL byte or is too long"));
+        return Err(invalid(
+            field,
+            "the value contains a NUL byte or is too long",
+        ));
     }
     Ok(())
 }

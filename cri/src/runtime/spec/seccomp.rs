@@ -99,7 +99,12 @@ pub(super) const RUNTIME_DEFAULT_DENIED: [&str; 57] = [
 /// everything but `RUNTIME_DEFAULT_DENIED`, which fails with EPERM.
 pub fn runtime_default_seccomp() -> LinuxSeccomp {
     let mut denied = LinuxSyscall::default();
-    denied.set_names(RUNTIME_DEFAULT_DENIED.iter().map(|s| s.to_string()).collect());
+    denied.set_names(
+        RUNTIME_DEFAULT_DENIED
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    );
     denied.set_action(LinuxSeccompAction::ScmpActErrno);
     denied.set_errno_ret(Some(EPERM));
     denied.set_args(None);
@@ -147,7 +152,9 @@ pub(super) fn profile(
             Some(file) => load(PROFILE_PATH, file).map(Some),
             None => Err(invalid(
                 PROFILE_PATH,
-                format!("unknown profile {path:?}: expected runtime/default, unconfined or localhost/<path>"),
+                format!(
+                    "unknown profile {path:?}: expected runtime/default, unconfined or localhost/<path>"
+                ),
             )),
         },
     }

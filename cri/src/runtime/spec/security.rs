@@ -153,7 +153,10 @@ pub(super) fn capabilities(
         for (i, name) in caps.add_ambient_capabilities.iter().enumerate() {
             let field = format!("{CAPABILITIES}.add_ambient_capabilities[{i}]");
             if is_all(name) {
-                return Err(invalid(field, "ALL cannot be ambient: name each capability"));
+                return Err(invalid(
+                    field,
+                    "ALL cannot be ambient: name each capability",
+                ));
             }
             ambient.insert(parse_capability(&field, name)?);
         }

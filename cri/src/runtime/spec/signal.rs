@@ -54,7 +54,10 @@ pub(super) fn stop_signal(image_stop_signal: Option<&str>) -> i32 {
     match image_stop_signal.map(str::trim) {
         None | Some("") => SIGTERM,
         Some(name) => parse(name).unwrap_or_else(|| {
-            tracing::warn!(stop_signal = name, "the image's StopSignal names no signal; using SIGTERM");
+            tracing::warn!(
+                stop_signal = name,
+                "the image's StopSignal names no signal; using SIGTERM"
+            );
             SIGTERM
         }),
     }

@@ -74,9 +74,12 @@ impl Case {
                     ..Default::default()
                 }),
             }),
-            annotations: [("io.kubernetes.container.hash".to_string(), "1a2b".to_string())]
-                .into_iter()
-                .collect(),
+            annotations: [(
+                "io.kubernetes.container.hash".to_string(),
+                "1a2b".to_string(),
+            )]
+            .into_iter()
+            .collect(),
             ..Default::default()
         };
         let sandbox = cri::PodSandboxConfig {
@@ -107,7 +110,10 @@ impl Case {
                     "StopSignal": "SIGQUIT"
                 }
             })),
-            passwd: Some("root:x:0:0:root:/root:/bin/sh\nnginx:x:101:101:nginx:/nonexistent:/bin/false\n".to_string()),
+            passwd: Some(
+                "root:x:0:0:root:/root:/bin/sh\nnginx:x:101:101:nginx:/nonexistent:/bin/false\n"
+                    .to_string(),
+            ),
             group: Some("root:x:0:\nnginx:x:101:\n".to_string()),
             mounts: Vec::new(),
             resolv_conf: Some("/run/frakti/sandbox/resolv.conf".to_string()),
@@ -188,29 +194,46 @@ pub(super) fn strings(items: &[&str]) -> Vec<String> {
 #[test]
 fn command_table() {
     // (CRI command, CRI args, image Entrypoint, image Cmd) -> process args.
-    let table: [(&[&str], &[&str], &[&str], &[&str], &[&str]); 7] = [
+    type Row = (&'static [&'static str], &'static [&'static str]);
+    let table: [(Row, Row, &[&str]); 7] = [
         // Neither CRI field: the image's Entrypoint + Cmd.
-        (&[], &[], &["/ep.sh"], &["nginx", "-g"], &["/ep.sh", "nginx", "-g"]),
+        (
+            (&[], &[]),
+            (&["/ep.sh"], &["nginx", "-g"]),
+            &["/ep.sh", "nginx", "-g"],
+        ),
         // CRI args replace the image's Cmd only.
-        (&[], &["-v"], &["/ep.sh"], &["nginx"], &["/ep.sh", "-v"]),
+        ((&[], &["-v"]), (&["/ep.sh"], &["nginx"]), &["/ep.sh", "-v"]),
         // CRI command replaces the Entrypoint and drops the image's Cmd.
-        (&["sh", "-c"], &[], &["/ep.sh"], &["nginx"], &["sh", "-c"]),
+        (
+            (&["sh", "-c"], &[]),
+            (&["/ep.sh"], &["nginx"]),
+            &["sh", "-c"],
+        ),
         // CRI command + args: exactly those.
-        (&["sh"], &["-c", "id"], &["/ep.sh"], &["nginx"], &["sh", "-c", "id"]),
+        (
+            (&["sh"], &["-c", "id"]),
+            (&["/ep.sh"], &["nginx"]),
+            &["sh", "-c", "id"],
+        ),
         // Image Cmd alone (busybox).
-        (&[], &[], &[], &["sh"], &["sh"]),
+        ((&[], &[]), (&[], &["sh"]), &["sh"]),
         // Image Entrypoint alone.
-        (&[], &[], &["/pause"], &[], &["/pause"]),
+        ((&[], &[]), (&["/pause"], &[]), &["/pause"]),
         // CRI args with an image without Entrypoint.
-        (&[], &["top"], &[], &["sh"], &["top"]),
+        ((&[], &["top"]), (&[], &["sh"]), &["top"]),
     ];
-    for (command, cri_args, entrypoint, cmd, want) in table {
+    for ((command, cri_args), (entrypoint, cmd), want) in table {
         let mut case = Case::new();
         case.config.command = strings(command);
         case.config.args = strings(cri_args);
         case.image.config.entrypoint = Some(strings(entrypoint));
         case.image.config.cmd = Some(strings(cmd));
-        assert_eq!(args(&case.spec()), strings(want), "{command:?} {cri_args:?}");
+        assert_eq!(
+            args(&case.spec()),
+            strings(want),
+            "{command:?} {cri_args:?}"
+        );
     }
 }
 
@@ -318,7 +341,10 @@ fn working_dir_precedence() {
     let mut case = Case::new();
     assert_eq!(process(&case.spec()).cwd().to_str(), Some("/"));
     case.image.config.working_dir = Some("/usr/share/nginx".to_string());
-    assert_eq!(process(&case.spec()).cwd().to_str(), Some("/usr/share/nginx"));
+    assert_eq!(
+        process(&case.spec()).cwd().to_str(),
+        Some("/usr/share/nginx")
+    );
     case.config.working_dir = "/srv".to_string();
     assert_eq!(process(&case.spec()).cwd().to_str(), Some("/srv"));
 }
@@ -361,7 +387,12 @@ fn spec_shape() {
     assert_eq!(p.selinux_label(), &None);
 
     let annotations = spec.annotations().as_ref().expect("annotations");
-    assert_eq!(annotations.get("io.kubernetes.container.hash").map(String::as_str), Some("1a2b"));
+    assert_eq!(
+        annotations
+            .get("io.kubernetes.container.hash")
+            .map(String::as_str),
+        Some("1a2b")
+    );
 
     let linux = spec.linux().as_ref().expect("linux");
     assert_eq!(linux.sysctl(), &None);
@@ -373,8 +404,17 @@ fn spec_shape() {
         .flatten()
         .map(|n| n.typ())
         .collect();
-    assert_eq!(namespaces, [LinuxNamespaceType::Pid, LinuxNamespaceType::Mount]);
-    assert!(linux.namespaces().iter().flatten().all(|n| n.path().is_none()));
+    assert_eq!(
+        namespaces,
+        [LinuxNamespaceType::Pid, LinuxNamespaceType::Mount]
+    );
+    assert!(
+        linux
+            .namespaces()
+            .iter()
+            .flatten()
+            .all(|n| n.path().is_none())
+    );
 
     // It must travel as JSON and come back the same.
     let json = serde_json::to_string(spec).expect("serializes");

@@ -40,7 +40,10 @@ pub(super) struct GroupEntry<'a> {
 
 impl<'a> GroupEntry<'a> {
     pub fn members(&self) -> impl Iterator<Item = &'a str> {
-        self.members.split(',').map(str::trim).filter(|m| !m.is_empty())
+        self.members
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
     }
 }
 
@@ -224,7 +227,8 @@ fn image_user<'a>(
     group: &'a str,
 ) -> Result<Identity<'a>, Error> {
     let spec = image.config.user.as_deref().unwrap_or("");
-    let bad = |reason: String| precondition("image", format!("the image's User {spec:?}: {reason}"));
+    let bad =
+        |reason: String| precondition("image", format!("the image's User {spec:?}: {reason}"));
 
     let (user_part, group_part) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),

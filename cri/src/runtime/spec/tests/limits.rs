@@ -63,14 +63,23 @@ fn mount_order() {
             container_path: "/cache".to_string(),
             guest_source: "tmpfs".to_string(),
             readonly: false,
-            kind: GuestMountKind::Tmpfs { size_bytes: Some(64 << 20) },
+            kind: GuestMountKind::Tmpfs {
+                size_bytes: Some(64 << 20),
+            },
         },
     ];
     let spec = case.spec();
     let mut want: Vec<String> = STANDARD.iter().map(|s| s.to_string()).collect();
     want.extend(
-        ["/etc/resolv.conf", "/etc/hostname", "/etc/hosts", "/var/log/nginx", "/etc/nginx/conf.d", "/cache"]
-            .map(String::from),
+        [
+            "/etc/resolv.conf",
+            "/etc/hostname",
+            "/etc/hosts",
+            "/var/log/nginx",
+            "/etc/nginx/conf.d",
+            "/cache",
+        ]
+        .map(String::from),
     );
     assert_eq!(destinations(&spec), want);
 
@@ -91,7 +100,10 @@ fn mount_order() {
 
     let cache = find(&spec, "/cache");
     assert_eq!(cache.typ().as_deref(), Some("tmpfs"));
-    assert_eq!(cache.source().as_ref().and_then(|s| s.to_str()), Some("tmpfs"));
+    assert_eq!(
+        cache.source().as_ref().and_then(|s| s.to_str()),
+        Some("tmpfs")
+    );
     assert_eq!(options(&cache), ["nosuid", "nodev", "size=67108864"]);
 
     let shm = find(&spec, "/dev/shm");
@@ -112,7 +124,10 @@ fn pod_files_follow_readonly_rootfs_and_absence() {
     case.sc().readonly_rootfs = true;
     case.hostname_file = None;
     let spec = case.spec();
-    assert_eq!(options(&find(&spec, "/etc/resolv.conf")), ["rbind", "rprivate", "ro"]);
+    assert_eq!(
+        options(&find(&spec, "/etc/resolv.conf")),
+        ["rbind", "rprivate", "ro"]
+    );
     assert!(!destinations(&spec).contains(&"/etc/hostname".to_string()));
 
     // A readonly tmpfs says so.
@@ -123,7 +138,10 @@ fn pod_files_follow_readonly_rootfs_and_absence() {
         readonly: true,
         kind: GuestMountKind::Tmpfs { size_bytes: None },
     }];
-    assert_eq!(options(&find(&case.spec(), "/scratch")), ["nosuid", "nodev", "ro"]);
+    assert_eq!(
+        options(&find(&case.spec(), "/scratch")),
+        ["nosuid", "nodev", "ro"]
+    );
 }
 
 #[test]
@@ -131,7 +149,11 @@ fn cri_mount_replaces_standard_and_pod_files() {
     let mut case = Case::new();
     case.mounts = vec![
         bind("/dev/shm/", "/run/frakti/sandbox/shm", false),
-        bind("/etc/resolv.conf", "/run/frakti/disks/vol1/resolv.conf", true),
+        bind(
+            "/etc/resolv.conf",
+            "/run/frakti/disks/vol1/resolv.conf",
+            true,
+        ),
     ];
     let spec = case.spec();
     let dests = destinations(&spec);
@@ -159,8 +181,17 @@ fn cri_mount_replaces_standard_and_pod_files() {
     let mut case = Case::new();
     case.mounts = vec![bind("/data", "/a", false), bind("/data/./", "/b", false)];
     let spec = case.spec();
-    assert_eq!(destinations(&spec).iter().filter(|d| *d == "/data").count(), 1);
-    assert_eq!(find(&spec, "/data").source().as_ref().and_then(|s| s.to_str()), Some("/b"));
+    assert_eq!(
+        destinations(&spec).iter().filter(|d| *d == "/data").count(),
+        1
+    );
+    assert_eq!(
+        find(&spec, "/data")
+            .source()
+            .as_ref()
+            .and_then(|s| s.to_str()),
+        Some("/b")
+    );
 }
 
 #[test]
@@ -191,7 +222,10 @@ fn resources_mapping() {
         oom_score_adj: -997,
         cpuset_cpus: "0-1,3".to_string(),
         cpuset_mems: "0".to_string(),
-        hugepage_limits: vec![cri::HugepageLimit { page_size: "2MB".to_string(), limit: 1 << 30 }],
+        hugepage_limits: vec![cri::HugepageLimit {
+            page_size: "2MB".to_string(),
+            limit: 1 << 30,
+        }],
         unified: HashMap::from([("memory.high".to_string(), "400M".to_string())]),
     };
     let out = resources(&r).expect("resources");
@@ -217,7 +251,10 @@ fn resources_mapping() {
 #[test]
 fn resources_zero_and_unlimited() {
     let empty = resources(&cri::LinuxContainerResources::default()).expect("empty");
-    assert_eq!(serde_json::to_value(&empty).expect("json"), serde_json::json!({}));
+    assert_eq!(
+        serde_json::to_value(&empty).expect("json"),
+        serde_json::json!({})
+    );
 
     let r = cri::LinuxContainerResources {
         cpu_quota: -1,
@@ -238,8 +275,14 @@ fn bad_resources_are_invalid() {
         (|r| r.cpu_period = -100_000, "linux.resources.cpu_period"),
         (|r| r.cpu_quota = -2, "linux.resources.cpu_quota"),
         (|r| r.cpu_shares = -1, "linux.resources.cpu_shares"),
-        (|r| r.memory_limit_in_bytes = -1, "linux.resources.memory_limit_in_bytes"),
-        (|r| r.memory_swap_limit_in_bytes = -2, "linux.resources.memory_swap_limit_in_bytes"),
+        (
+            |r| r.memory_limit_in_bytes = -1,
+            "linux.resources.memory_limit_in_bytes",
+        ),
+        (
+            |r| r.memory_swap_limit_in_bytes = -2,
+            "linux.resources.memory_swap_limit_in_bytes",
+        ),
         (
             |r| {
                 r.memory_limit_in_bytes = 1 << 30;
@@ -247,15 +290,34 @@ fn bad_resources_are_invalid() {
             },
             "linux.resources.memory_swap_limit_in_bytes",
         ),
-        (|r| r.cpuset_cpus = "0-".to_string(), "linux.resources.cpuset_cpus"),
-        (|r| r.cpuset_cpus = "3-1".to_string(), "linux.resources.cpuset_cpus"),
-        (|r| r.cpuset_mems = "a".to_string(), "linux.resources.cpuset_mems"),
         (
-            |r| r.hugepage_limits = vec![cri::HugepageLimit { page_size: "2XB".to_string(), limit: 1 }],
+            |r| r.cpuset_cpus = "0-".to_string(),
+            "linux.resources.cpuset_cpus",
+        ),
+        (
+            |r| r.cpuset_cpus = "3-1".to_string(),
+            "linux.resources.cpuset_cpus",
+        ),
+        (
+            |r| r.cpuset_mems = "a".to_string(),
+            "linux.resources.cpuset_mems",
+        ),
+        (
+            |r| {
+                r.hugepage_limits = vec![cri::HugepageLimit {
+                    page_size: "2XB".to_string(),
+                    limit: 1,
+                }]
+            },
             "linux.resources.hugepage_limits[0].page_size",
         ),
         (
-            |r| r.hugepage_limits = vec![cri::HugepageLimit { page_size: "1GB".to_string(), limit: u64::MAX }],
+            |r| {
+                r.hugepage_limits = vec![cri::HugepageLimit {
+                    page_size: "1GB".to_string(),
+                    limit: u64::MAX,
+                }]
+            },
             "linux.resources.hugepage_limits[0].limit",
         ),
         (
@@ -307,7 +369,15 @@ fn stop_signals() {
     for (name, want) in table {
         assert_eq!(stop_signal(name), want, "{name:?}");
     }
-    for junk in ["-9", "+3", "SIGRTMIN-1", "RTMAX+1", "SIG", "SIGSIGTERM", "ＴＥＲＭ"] {
+    for junk in [
+        "-9",
+        "+3",
+        "SIGRTMIN-1",
+        "RTMAX+1",
+        "SIG",
+        "SIGSIGTERM",
+        "ＴＥＲＭ",
+    ] {
         assert_eq!(stop_signal(Some(junk)), SIGTERM, "{junk:?}");
     }
 

@@ -62,12 +62,21 @@ fn default_capabilities() {
     assert_eq!(c.ambient().as_ref().map(|s| s.len()), Some(0));
 
     let json = serde_json::to_value(&c).expect("json");
-    assert!(json["bounding"].as_array().expect("array").contains(&"CAP_CHOWN".into()));
+    assert!(
+        json["bounding"]
+            .as_array()
+            .expect("array")
+            .contains(&"CAP_CHOWN".into())
+    );
 }
 
 #[test]
 fn add_and_drop() {
-    let spec = with_caps(&["NET_ADMIN", "cap_sys_ptrace", "Sys_Time"], &["CHOWN", "CAP_MKNOD"]).spec();
+    let spec = with_caps(
+        &["NET_ADMIN", "cap_sys_ptrace", "Sys_Time"],
+        &["CHOWN", "CAP_MKNOD"],
+    )
+    .spec();
     let got = caps(&spec);
     for want in ["NET_ADMIN", "SYS_PTRACE", "SYS_TIME", "KILL"] {
         assert!(got.contains(want), "{want}");
@@ -104,7 +113,10 @@ fn every_capability_name_parses() {
     for cap in ALL_CAPABILITIES {
         let name = cap.to_string();
         assert_eq!(parse_capability("f", &name).ok(), Some(cap));
-        assert_eq!(parse_capability("f", &format!("CAP_{name}")).ok(), Some(cap));
+        assert_eq!(
+            parse_capability("f", &format!("CAP_{name}")).ok(),
+            Some(cap)
+        );
         assert_eq!(parse_capability("f", &name.to_lowercase()).ok(), Some(cap));
     }
     assert_eq!(names(&ALL_CAPABILITIES).len(), 41, "no duplicates");
@@ -126,7 +138,10 @@ fn ambient_capabilities() {
     if let Some(c) = case.sc().capabilities.as_mut() {
         c.add_ambient_capabilities = super::strings(&["ALL"]);
     }
-    assert!(case.error("add_ambient_capabilities[0]").is_invalid_argument());
+    assert!(
+        case.error("add_ambient_capabilities[0]")
+            .is_invalid_argument()
+    );
 }
 
 // --- Privileged ------------------------------------------------------------
@@ -139,7 +154,11 @@ fn privileged_container() {
     let spec = case.spec();
     assert_eq!(caps(&spec).len(), 41);
     let linux = spec.linux().as_ref().expect("linux");
-    assert_eq!(linux.seccomp(), &None, "RuntimeDefault does not apply to privileged");
+    assert_eq!(
+        linux.seccomp(),
+        &None,
+        "RuntimeDefault does not apply to privileged"
+    );
     assert_eq!(linux.masked_paths(), &None);
     assert_eq!(linux.readonly_paths(), &None);
     for dir in ["/sys", "/sys/fs/cgroup"] {
@@ -149,7 +168,10 @@ fn privileged_container() {
             .flatten()
             .find(|m| m.destination().to_str() == Some(dir))
             .expect("mounted");
-        assert!(!m.options().iter().flatten().any(|o| o == "ro"), "{dir} writable");
+        assert!(
+            !m.options().iter().flatten().any(|o| o == "ro"),
+            "{dir} writable"
+        );
     }
 }
 
@@ -163,7 +185,10 @@ fn unprivileged_container() {
         linux.masked_paths(),
         &Some(super::strings(&["/proc/kcore", "/sys/firmware"]))
     );
-    assert_eq!(linux.readonly_paths(), &Some(super::strings(&["/proc/sys"])));
+    assert_eq!(
+        linux.readonly_paths(),
+        &Some(super::strings(&["/proc/sys"]))
+    );
     let sys = spec
         .mounts()
         .iter()
@@ -210,7 +235,11 @@ fn seccomp(kind: cri::security_profile::ProfileType, localhost_ref: &str) -> Cas
 }
 
 fn denied(spec: &Spec) -> BTreeSet<String> {
-    let profile = spec.linux().as_ref().and_then(|l| l.seccomp().clone()).expect("seccomp");
+    let profile = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.seccomp().clone())
+        .expect("seccomp");
     profile
         .syscalls()
         .iter()
@@ -225,7 +254,10 @@ fn runtime_default_profile() {
     let profile = runtime_default_seccomp();
     assert_eq!(profile.default_action(), LinuxSeccompAction::ScmpActAllow);
     let arches = serde_json::to_value(profile.architectures()).expect("json");
-    assert_eq!(arches, serde_json::json!(["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]));
+    assert_eq!(
+        arches,
+        serde_json::json!(["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"])
+    );
     for s in profile.syscalls().iter().flatten() {
         assert_eq!(s.errno_ret(), Some(1), "EPERM");
     }
@@ -233,7 +265,16 @@ fn runtime_default_profile() {
     use cri::security_profile::ProfileType;
     let spec = seccomp(ProfileType::RuntimeDefault, "").spec();
     let denied = denied(&spec);
-    for name in ["mount", "umount2", "unshare", "setns", "ptrace", "bpf", "kexec_load", "open_tree"] {
+    for name in [
+        "mount",
+        "umount2",
+        "unshare",
+        "setns",
+        "ptrace",
+        "bpf",
+        "kexec_load",
+        "open_tree",
+    ] {
         assert!(denied.contains(name), "{name}");
     }
     for name in ["read", "clone", "personality", "execve"] {
@@ -245,7 +286,10 @@ fn runtime_default_profile() {
 fn unconfined_and_deprecated_paths() {
     use cri::security_profile::ProfileType;
     let spec = seccomp(ProfileType::Unconfined, "").spec();
-    assert_eq!(spec.linux().as_ref().and_then(|l| l.seccomp().clone()), None);
+    assert_eq!(
+        spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
+        None
+    );
 
     for (path, confined) in [
         ("", false),
@@ -301,7 +345,11 @@ fn localhost_profile() {
     let path = file.path().to_str().expect("utf-8 path").to_string();
 
     let spec = seccomp(ProfileType::Localhost, &path).spec();
-    let profile = spec.linux().as_ref().and_then(|l| l.seccomp().clone()).expect("seccomp");
+    let profile = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.seccomp().clone())
+        .expect("seccomp");
     assert_eq!(profile.default_action(), LinuxSeccompAction::ScmpActErrno);
     assert_eq!(profile.syscalls().as_ref().map(Vec::len), Some(2));
 
@@ -313,7 +361,12 @@ fn localhost_profile() {
         case.sc().seccomp_profile_path = format!("localhost/{path}");
     }
     let spec = case.spec();
-    assert!(spec.linux().as_ref().and_then(|l| l.seccomp().clone()).is_some());
+    assert!(
+        spec.linux()
+            .as_ref()
+            .and_then(|l| l.seccomp().clone())
+            .is_some()
+    );
 }
 
 #[test]
@@ -325,12 +378,17 @@ fn localhost_profile_errors() {
     assert!(err.is_invalid_argument());
     assert!(err.to_string().contains("/nonexistent/frakti/profile.json"));
 
-    assert!(seccomp(ProfileType::Localhost, "").error(field).is_invalid_argument());
+    assert!(
+        seccomp(ProfileType::Localhost, "")
+            .error(field)
+            .is_invalid_argument()
+    );
     let err = seccomp(ProfileType::Localhost, "profiles/audit.json").error(field);
     assert!(err.is_invalid_argument());
 
     let mut bad = tempfile::NamedTempFile::new().expect("temp file");
-    bad.write_all(b"{\"defaultAction\": \"SCMP_ACT_WHATEVER\"}").expect("write");
+    bad.write_all(b"{\"defaultAction\": \"SCMP_ACT_WHATEVER\"}")
+        .expect("write");
     let bad_path = bad.path().to_str().expect("utf-8").to_string();
     let err = seccomp(ProfileType::Localhost, &bad_path).error(field);
     assert!(err.is_invalid_argument());
@@ -357,10 +415,26 @@ fn node_namespaces_are_unsupported() {
     let target = cri::NamespaceMode::Target as i32;
     type Set = fn(&mut cri::NamespaceOption, i32);
     let cases: [(Set, i32, &str); 4] = [
-        (|n, m| n.pid = m, node, "namespace_options.pid: NODE is not supported"),
-        (|n, m| n.network = m, node, "namespace_options.network: NODE is not supported"),
-        (|n, m| n.ipc = m, node, "namespace_options.ipc: NODE is not supported"),
-        (|n, m| n.pid = m, target, "namespace_options.pid: TARGET is not supported"),
+        (
+            |n, m| n.pid = m,
+            node,
+            "namespace_options.pid: NODE is not supported",
+        ),
+        (
+            |n, m| n.network = m,
+            node,
+            "namespace_options.network: NODE is not supported",
+        ),
+        (
+            |n, m| n.ipc = m,
+            node,
+            "namespace_options.ipc: NODE is not supported",
+        ),
+        (
+            |n, m| n.pid = m,
+            target,
+            "namespace_options.pid: TARGET is not supported",
+        ),
     ];
     for (set, mode, message) in cases {
         let mut case = Case::new();
@@ -384,13 +458,24 @@ fn user_namespaces() {
     if let Some(ns) = case.sc().namespace_options.as_mut() {
         ns.userns_options = Some(cri::UserNamespace {
             mode: cri::NamespaceMode::Pod as i32,
-            uids: vec![cri::IdMapping { host_id: 65536, container_id: 0, length: 65536 }],
-            gids: vec![cri::IdMapping { host_id: 65536, container_id: 0, length: 65536 }],
+            uids: vec![cri::IdMapping {
+                host_id: 65536,
+                container_id: 0,
+                length: 65536,
+            }],
+            gids: vec![cri::IdMapping {
+                host_id: 65536,
+                container_id: 0,
+                length: 65536,
+            }],
         });
     }
     let err = case.error("userns_options.mode");
     assert!(!err.is_invalid_argument());
-    assert!(err.to_string().contains("user namespaces are not supported yet"));
+    assert!(
+        err.to_string()
+            .contains("user namespaces are not supported yet")
+    );
 
     // NODE (kubelet's hostUsers default) and absent are fine.
     let mut case = Case::new();

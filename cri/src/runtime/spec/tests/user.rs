@@ -79,7 +79,10 @@ fn run_as_username() {
 
     case.sc().run_as_username = "ghost".to_string();
     let err = case.error("linux.security_context.run_as_username");
-    assert!(!err.is_invalid_argument(), "a valid request the image cannot satisfy");
+    assert!(
+        !err.is_invalid_argument(),
+        "a valid request the image cannot satisfy"
+    );
     assert!(err.to_string().contains("ghost"));
 }
 
@@ -88,7 +91,9 @@ fn run_as_group() {
     let mut case = fixture();
     case.sc().run_as_user = int(1000);
     case.sc().run_as_group = int(3000);
-    assert_eq!(ids(&case), (1000, 3000, vec![4, 33, 50, 1000, 3000]));
+    // The passwd group (1000) gives way to run_as_group; the user's own
+    // group in /etc/group is not a supplement (containerd's rule).
+    assert_eq!(ids(&case), (1000, 3000, vec![4, 33, 50, 3000]));
 }
 
 #[test]
@@ -180,7 +185,11 @@ fn supplemental_groups_merge_and_strict() {
     assert_eq!(ids(&case).2, vec![4, 33, 50, 1000, 5000]);
 
     case.sc().supplemental_groups_policy = cri::SupplementalGroupsPolicy::Strict as i32;
-    assert_eq!(ids(&case).2, vec![33, 1000, 5000], "no /etc/group memberships");
+    assert_eq!(
+        ids(&case).2,
+        vec![33, 1000, 5000],
+        "no /etc/group memberships"
+    );
 
     case.sc().supplemental_groups_policy = 7;
     let err = case.error("supplemental_groups_policy");
@@ -207,7 +216,12 @@ minimal:x:11:12
         .collect();
     assert_eq!(
         entries,
-        [("root", 0, 0), ("noname", 7, 7), ("crlf", 10, 10), ("minimal", 11, 12)]
+        [
+            ("root", 0, 0),
+            ("noname", 7, 7),
+            ("crlf", 10, 10),
+            ("minimal", 11, 12)
+        ]
     );
 
     let group = "g1:x:1:a,b,,c\nbad:x:z:a\ng2::2\ng3:x:3:a:b\n";
@@ -247,7 +261,10 @@ fn junk(seed: u64, len: usize) -> String {
 
 #[test]
 fn hostile_files_never_panic() {
-    let huge_line = format!("app:x:1000:1000:{}:/home/app:/bin/sh\n", "g".repeat(3 * MAX_FILE));
+    let huge_line = format!(
+        "app:x:1000:1000:{}:/home/app:/bin/sh\n",
+        "g".repeat(3 * MAX_FILE)
+    );
     let many_members = format!("big:x:7:{}app\n", "m,".repeat(MAX_FILE));
     let past_cap = format!("{}\napp:x:1000:1000:::\n", "#".repeat(MAX_FILE + 10));
     // A multi-byte character straddling the cap must not split it.
@@ -269,7 +286,13 @@ fn hostile_files_never_panic() {
     inputs.extend((1..40u64).map(|seed| junk(seed, 4096)));
 
     for text in &inputs {
-        for user in [None, Some("app"), Some("1000"), Some("app:app"), Some("0:big")] {
+        for user in [
+            None,
+            Some("app"),
+            Some("1000"),
+            Some("app:app"),
+            Some("0:big"),
+        ] {
             let mut case = fixture();
             case.passwd = Some(text.clone());
             case.group = Some(text.clone());

@@ -1,0 +1,18 @@
+//! The CRI daemon for real (issue 13): `frakti daemon` runs in the lab's
+//! L1 with our VMM, kernel and agent, and a CRI client built from k8s-cri
+//! drives it as kubelet would. The image store is filled on the host (mkfs
+//! runs there) and unpacked into each daemon's root.
+
+pub mod harness;
+mod lifecycle;
+mod recovery;
+
+use libtest_mimic::Trial;
+
+pub use harness::prepare;
+
+pub fn tests() -> Vec<Trial> {
+    let mut tests = lifecycle::tests();
+    tests.extend(recovery::tests());
+    tests
+}

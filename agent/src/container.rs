@@ -425,8 +425,10 @@ impl Containers {
         let cgroup =
             tokio::task::spawn_blocking(move || Cgroup::create(&cgroup_root, &cgroup_name))
                 .await??;
+        // The cgroup namespace comes later (see InitConfig::new_cgroup_ns).
+        let new_cgroup_ns = plan.new.contains(CloneFlags::CLONE_NEWCGROUP);
         let spawn = SpawnSpec {
-            new_namespaces: plan.new,
+            new_namespaces: plan.new - CloneFlags::CLONE_NEWCGROUP,
             join: plan.join,
             child_fds: vec![child.stdin, child.stdout, child.stderr, theirs.into()],
         };
@@ -450,6 +452,7 @@ impl Containers {
                 rootfs: rootfs.to_path_buf(),
                 spec: spec.clone(),
                 new_uts: plan.new_uts,
+                new_cgroup_ns,
             }));
             let sync = ours.try_clone().map_err(Error::Helper)?;
             let reply =

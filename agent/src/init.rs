@@ -80,6 +80,12 @@ pub struct InitConfig {
     pub spec: Spec,
     /// The container has a UTS namespace of its own (hostname applies).
     pub new_uts: bool,
+    /// Make the container's cgroup namespace here, once the agent has put
+    /// this process in the container's cgroup: made at clone time it would
+    /// be rooted at the agent's cgroup, and the container's /sys/fs/cgroup
+    /// would show the guest's root instead of its own limits.
+    #[serde(default)]
+    pub new_cgroup_ns: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +196,10 @@ fn run_init(sync: &OwnedFd, config: InitConfig) -> Result<Infallible, Error> {
         .process()
         .as_ref()
         .ok_or_else(|| Error::Invalid("the spec has no process".into()))?;
+    if config.new_cgroup_ns {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+            .map_err(Error::sys("cannot create the cgroup namespace"))?;
+    }
     setup_rootfs(&config.rootfs, spec)?;
     if config.new_uts
         && let Some(hostname) = spec.hostname()

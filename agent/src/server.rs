@@ -477,6 +477,7 @@ impl AgentApi for Service {
             uid: r.uid,
             gid: r.gid,
             version: r.version,
+            in_place: r.in_place,
         };
         let agent = self.agent.clone();
         let (path, written) = tokio::task::spawn_blocking(move || agent.storage.copy_file(&file))
@@ -498,6 +499,20 @@ impl AgentApi for Service {
             .await
             .map_err(join_error)??;
         Ok(Response::new(pb::RemoveFileResponse {}))
+    }
+
+    async fn read_file(
+        &self,
+        request: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<pb::ReadFileResponse>, Status> {
+        let path = request.into_inner().path;
+        let agent = self.agent.clone();
+        let (data, truncated) = tokio::task::spawn_blocking(move || {
+            agent.storage.read_file(&path, storage::MAX_READ_BYTES)
+        })
+        .await
+        .map_err(join_error)??;
+        Ok(Response::new(pb::ReadFileResponse { data, truncated }))
     }
 
     async fn create_container(

@@ -1030,6 +1030,7 @@ async fn copy_file(c: &mut Client, path: &str, data: &str, version: u64) -> pb::
         uid: 1000,
         gid: 2000,
         version,
+        in_place: false,
     })
     .await
     .unwrap()
@@ -1115,6 +1116,80 @@ async fn copied_files_reach_containers_and_stay_in_sync() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+}
+
+#[tokio::test]
+async fn file_binds_see_in_place_copies_and_writes_read_back() {
+    let mut agent = Agent::start().await;
+    let state = agent.state_dir();
+    let c = &mut agent.client;
+    copy_file(c, "containers/w/0", "host v1\n", 0).await;
+    copy_file(c, "containers/w/1", "", 0).await;
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "echo 'it ended badly' > /dev/termination-log; sleep 1000",
+    ]);
+    let mounts = s["mounts"].as_array_mut().unwrap();
+    mounts.push(json!({
+        "destination": "/etc/hosts", "type": "bind",
+        "source": state.join("files/containers/w/0"), "options": ["rbind", "ro"]
+    }));
+    mounts.push(json!({
+        "destination": "/dev/termination-log", "type": "bind",
+        "source": state.join("files/containers/w/1"), "options": ["rbind", "rw"]
+    }));
+    run(c, "writer", &s).await;
+    // A file bind follows an in-place copy.
+    c.copy_file(pb::CopyFileRequest {
+        path: "containers/w/0".into(),
+        kind: pb::FileKind::File as i32,
+        data: b"host v2\n".to_vec(),
+        mode: 0o644,
+        in_place: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    exec(c, "writer", "cat", process(&["cat", "/etc/hosts"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_all(c, "writer", "cat", pb::OutputStream::Stdout).await,
+        "host v2\n"
+    );
+    // What the container wrote comes back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = c
+            .read_file(pb::ReadFileRequest {
+                path: "containers/w/1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if !read.data.is_empty() {
+            assert_eq!(read.data, b"it ended badly\n");
+            assert!(!read.truncated);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the container wrote nothing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = c
+        .read_file(pb::ReadFileRequest {
+            path: "containers/w/2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = c
+        .read_file(pb::ReadFileRequest {
+            path: "../etc/passwd".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
 
 #[tokio::test]

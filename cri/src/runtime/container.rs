@@ -17,6 +17,7 @@ use super::logs::{ContainerLog, StreamKind};
 use super::pod::Pod;
 use super::spec::{self, SpecInput};
 use super::state::{self, ContainerPhase, ContainerRecord};
+use super::sync::{self, SyncHandle, SyncedMount};
 use super::{Error, Result, Runtime, agent_call, lock, mounts, now_ns, sizing};
 use crate::sandbox::agent::AgentClient;
 
@@ -37,6 +38,8 @@ pub struct Container {
     /// Resources as last set (create or UpdateContainerResources).
     pub(crate) resources: Mutex<Option<cri::LinuxContainerResources>>,
     pub(crate) log: Mutex<Option<Arc<ContainerLog>>>,
+    /// Keeps its copied mounts in sync with the host until it exits.
+    pub(crate) sync: Mutex<Option<SyncHandle>>,
     /// Set once the container has exited.
     pub(crate) exited: watch::Sender<bool>,
 }
@@ -69,6 +72,7 @@ impl Container {
             dir,
             record: Mutex::new(record),
             log: Mutex::new(None),
+            sync: Mutex::new(None),
             exited: watch::channel(exited).0,
         }
     }
@@ -223,6 +227,14 @@ impl Container {
     }
 }
 
+/// What the guest made of a container: its spec and its mounts.
+struct Created {
+    spec: serde_json::Value,
+    stop_signal: i32,
+    synced: Vec<SyncedMount>,
+    copy_back: Vec<(String, std::path::PathBuf)>,
+}
+
 fn image_spec(record: &ContainerRecord, config: &cri::ContainerConfig) -> cri::ImageSpec {
     let requested = config.image.clone().unwrap_or_default();
     cri::ImageSpec {
@@ -273,7 +285,9 @@ impl Runtime {
             .map(|i| i.image.clone())
             .filter(|i| !i.is_empty())
             .ok_or_else(|| Error::InvalidArgument("config.image.image is required".into()))?;
+        let entered = std::time::Instant::now();
         let _ops = pod.ops.lock().await;
+        tracing::debug!(pod = %pod.id, waited_ms = entered.elapsed().as_millis() as u64, "CreateContainer: pod lock held");
         pod.agent()?;
         if let Some(resources) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
             let size = pod.record().size;
@@ -334,7 +348,7 @@ impl Runtime {
             "container creation timing"
         );
         match result {
-            Ok((spec, stop_signal)) => {
+            Ok(created) => {
                 let dir = self.inner.layout.container_dir(&pod.id, id);
                 let record = ContainerRecord {
                     id: id.to_string(),
@@ -355,8 +369,14 @@ impl Runtime {
                         .unwrap_or_else(|| record.id.to_string()),
                     image_disk,
                     log_path: log_path(pod, &config),
-                    stop_signal,
-                    spec,
+                    stop_signal: created.stop_signal,
+                    spec: created.spec,
+                    synced: created
+                        .synced
+                        .iter()
+                        .map(|m| (m.host_path.clone(), m.guest_base.clone()))
+                        .collect(),
+                    copy_back: created.copy_back,
                 };
                 let container = Arc::new(Container::new(record, config, dir, pod));
                 std::fs::create_dir_all(&container.dir).map_err(|source| Error::Io {
@@ -366,6 +386,9 @@ impl Runtime {
                 })?;
                 state::write_proto(&container.dir.join("config.pb"), &container.config)?;
                 container.save();
+                if let Ok(agent) = pod.agent() {
+                    *lock(&container.sync) = Some(sync::spawn(agent, id.to_string(), created.synced));
+                }
                 lock(&self.inner.containers).insert(id.to_string(), container.clone());
                 Ok(container)
             }
@@ -385,9 +408,9 @@ impl Runtime {
         image: &crate::image::records::ImageRecord,
         image_disk: &str,
         (passwd, group): (Option<String>, Option<String>),
-    ) -> Result<(serde_json::Value, i32)> {
+    ) -> Result<Created> {
         let mut agent = pod.agent()?;
-        let guest_mounts = mounts::prepare(pod, id, &config.mounts, &mut agent).await?;
+        let prepared = mounts::prepare(pod, id, &config.mounts, &mut agent).await?;
         let built = spec::build(&SpecInput {
             container_id: id,
             config,
@@ -395,7 +418,7 @@ impl Runtime {
             image: &image.config,
             passwd: passwd.as_deref(),
             group: group.as_deref(),
-            mounts: &guest_mounts,
+            mounts: &prepared.mounts,
             resolv_conf: pod.config.dns_config.is_some().then_some(GUEST_RESOLV_CONF),
             hostname_file: (!pod.config.hostname.is_empty()).then_some(GUEST_HOSTNAME),
         })?;
@@ -414,7 +437,12 @@ impl Runtime {
             devices: Vec::new(),
         };
         agent_call("CreateContainer", agent.create_container(request)).await?;
-        Ok((spec_json, built.stop_signal))
+        Ok(Created {
+            spec: spec_json,
+            stop_signal: built.stop_signal,
+            synced: prepared.synced,
+            copy_back: prepared.copy_back,
+        })
     }
 
     /// StartContainer: the process runs, its output goes to the CRI log.
@@ -503,6 +531,11 @@ impl Runtime {
             match agent.wait_process(request).await {
                 Ok(response) => {
                     let status = response.into_inner().status.unwrap_or_default();
+                    lock(&container.sync).take();
+                    let copy_back = container.record().copy_back;
+                    if !copy_back.is_empty() {
+                        sync::copy_back(&mut agent, &copy_back).await;
+                    }
                     if container.record_exit(&status) {
                         tracing::info!(container = %container.id, code = status.exit_code, "container exited");
                         runtime.emit(&container, cri::ContainerEventType::ContainerStoppedEvent);
@@ -558,6 +591,7 @@ impl Runtime {
 
     /// Drops a container's record, directory and name.
     pub(crate) fn forget_container(&self, container: &Arc<Container>) {
+        lock(&container.sync).take();
         if let Err(e) = std::fs::remove_dir_all(&container.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(container = %container.id, "cannot remove {}: {e}", container.dir.display());

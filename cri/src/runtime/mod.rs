@@ -19,6 +19,7 @@ mod mounts;
 mod pod;
 mod recover;
 mod stats;
+mod sync;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

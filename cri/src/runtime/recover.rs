@@ -15,6 +15,7 @@ use super::container::Container;
 use super::logs::ContainerLog;
 use super::pod::{MountedImage, Pod};
 use super::state::{self, ContainerPhase, PodPhase, PodRecord};
+use super::sync::{self, SyncedMount};
 use super::{Result, Runtime, agent_call, lock};
 use crate::sandbox::agent::{self, AgentClient};
 use crate::sandbox::vmm;
@@ -165,9 +166,12 @@ async fn resume(runtime: &Runtime, pod: &Arc<Pod>, mut agent: AgentClient, conta
             container.mark_lost("the container is gone from the pod VM");
             continue;
         };
+
         match pb::ContainerState::try_from(info.state) {
             Ok(pb::ContainerState::Stopped) => {
                 let status = info.exit_status.clone().unwrap_or_default();
+                let copy_back = container.record().copy_back;
+                sync::copy_back(&mut agent, &copy_back).await;
                 container.record_exit(&status);
             }
             Ok(pb::ContainerState::Running) if container.phase() == ContainerPhase::Running => {
@@ -180,6 +184,19 @@ async fn resume(runtime: &Runtime, pod: &Arc<Pod>, mut agent: AgentClient, conta
                         .ok()
                 };
                 *lock(&container.log) = log.clone();
+                // Unknown snapshots: the first poll sends the host's content.
+                let synced = container
+                    .record()
+                    .synced
+                    .into_iter()
+                    .map(|(host_path, guest_base)| SyncedMount {
+                        host_path,
+                        guest_base,
+                        snapshot: None,
+                    })
+                    .collect();
+                *lock(&container.sync) =
+                    Some(sync::spawn(agent.clone(), container.id.clone(), synced));
                 runtime.start_pumps(&container, &agent, log);
                 runtime.watch_exit(container.clone(), agent.clone());
             }

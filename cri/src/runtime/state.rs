@@ -111,6 +111,12 @@ pub struct ContainerRecord {
     pub stop_signal: i32,
     /// The OCI spec the agent got (exec processes inherit from it).
     pub spec: serde_json::Value,
+    /// Copied mounts kept in sync: (host root, guest CopyFile path).
+    #[serde(default)]
+    pub synced: Vec<(PathBuf, String)>,
+    /// Writable file mounts copied back at exit: (guest path, host path).
+    #[serde(default)]
+    pub copy_back: Vec<(String, PathBuf)>,
 }
 
 /// Writes `data` to `path` atomically (temp file, fsync, rename).

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail, ensure};
 use frakti_cri::image::{ImageStore, StoreConfig};
 use k8s_cri::v1 as cri;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
@@ -22,7 +21,6 @@ pub const FRAKTI_ENV: &str = "FRAKTI_BIN";
 pub const IMAGE: &str = "frakti.test/busybox:latest";
 
 pub type Runtime = RuntimeServiceClient<Channel>;
-pub type Images = ImageServiceClient<Channel>;
 
 /// Imports the busybox test image into an image store on the host and
 /// tars the store; returns `(env var, file)` pairs for the lab.
@@ -163,12 +161,6 @@ impl Daemon {
         ))
     }
 
-    pub async fn images(&self) -> anyhow::Result<Images> {
-        Ok(ImageServiceClient::new(
-            frakti_cri::client::connect(&self.socket()).await?,
-        ))
-    }
-
     /// The last lines of the daemon's log (for failure messages).
     pub fn log(&self) -> String {
         let text = std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default();
@@ -180,19 +172,6 @@ impl Daemon {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM and wait.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
             let _ = child.wait();
         }
     }
@@ -246,6 +225,15 @@ fn pids_naming(dir: &Path) -> Vec<i32> {
                 .map(|c| String::from_utf8_lossy(&c).contains(&needle))
                 .unwrap_or(false)
         })
+        .collect()
+}
+
+/// Processes whose command line names the daemon's root and `program`.
+pub fn processes_named(daemon: &Daemon, program: &str) -> Vec<String> {
+    pids_naming(&daemon.root())
+        .into_iter()
+        .map(describe_process)
+        .filter(|p| p.contains(program))
         .collect()
 }
 

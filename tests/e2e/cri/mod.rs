@@ -3,6 +3,7 @@
 //! drives it as kubelet would. The image store is filled on the host (mkfs
 //! runs there) and unpacked into each daemon's root.
 
+mod features;
 pub mod harness;
 mod lifecycle;
 mod recovery;
@@ -13,6 +14,7 @@ pub use harness::prepare;
 
 pub fn tests() -> Vec<Trial> {
     let mut tests = lifecycle::tests();
+    tests.extend(features::tests());
     tests.extend(recovery::tests());
     tests
 }

@@ -11,9 +11,94 @@ use libtest_mimic::Trial;
 use super::harness::*;
 
 pub fn tests() -> Vec<Trial> {
-    vec![Trial::test("cri::a_restarted_daemon_finds_its_pods", || {
-        with_daemon(&[], restart)
-    })]
+    vec![
+        Trial::test("cri::a_restarted_daemon_finds_its_pods", || {
+            with_daemon(&[], restart)
+        }),
+        Trial::test("cri::a_daemon_killed_mid_run_pod_sandbox_cleans_up", || {
+            with_daemon(&[], killed_mid_run)
+        }),
+        Trial::test("cri::ten_pods_start_and_go_in_parallel", || {
+            with_daemon(&[], ten_pods)
+        }),
+    ]
+}
+
+/// kill -9 while a pod boots: the restarted daemon removes the half-made
+/// pod (its VMM, directory and name) and the name can be used again.
+async fn killed_mid_run(daemon: &mut Daemon) -> anyhow::Result<()> {
+    let c = daemon.runtime().await?;
+    let config = pod_config("interrupted", &daemon.log_dir());
+    let pending = {
+        let mut c = c.clone();
+        let config = config.clone();
+        tokio::spawn(async move { run_pod(&mut c, config).await })
+    };
+    // Until the VMM is up and booting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while processes_named(daemon, "frakti-vmm").is_empty() {
+        ensure!(std::time::Instant::now() < deadline, "no VMM started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.kill();
+    let _ = pending.await;
+    daemon.spawn().await?;
+    let mut c2 = daemon.runtime().await?;
+    let pods = c2.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await?.into_inner().items;
+    ensure!(pods.is_empty(), "a half-made pod survived: {pods:?}");
+    let leaks = daemon.leaks();
+    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    let pod = run_pod(&mut c2, config).await?;
+    c2.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await?;
+    drop(c);
+    let leaks = daemon.leaks();
+    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    Ok(())
+}
+
+/// Ten pods with a container each, started at once, then removed at once:
+/// nothing is left (processes, pod directories, mounts).
+async fn ten_pods(daemon: &mut Daemon) -> anyhow::Result<()> {
+    let c = daemon.runtime().await?;
+    let log_dir = daemon.log_dir();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let mut c = c.clone();
+        let config = pod_config(&format!("p{i}"), &log_dir);
+        tasks.push(tokio::spawn(async move {
+            let pod = run_pod(&mut c, config).await?;
+            let id = create(&mut c, &pod, container_config("main", &["sleep", "1000"])).await?;
+            start(&mut c, &id).await?;
+            anyhow::Ok(pod)
+        }));
+    }
+    let mut pods = Vec::new();
+    for task in tasks {
+        pods.push(task.await??);
+    }
+    let running = c
+        .clone()
+        .list_containers(cri::ListContainersRequest::default())
+        .await?
+        .into_inner()
+        .containers
+        .iter()
+        .filter(|c| c.state == cri::ContainerState::ContainerRunning as i32)
+        .count();
+    ensure!(running == 10, "{running} containers running");
+    let mut removals = Vec::new();
+    for pod in pods {
+        let mut c = c.clone();
+        removals.push(tokio::spawn(async move {
+            c.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await
+        }));
+    }
+    for removal in removals {
+        removal.await??;
+    }
+    let leaks = daemon.leaks();
+    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    Ok(())
 }
 
 async fn restart(daemon: &mut Daemon) -> anyhow::Result<()> {

@@ -257,12 +257,17 @@ pub fn exec_process(spec: &Spec, cmd: &[String], tty: bool) -> Result<Process, E
     Ok(process)
 }
 
-/// Namespaces of every container: its own mount namespace and a PID
+/// Namespaces of every container: its own mount namespace, a PID
 /// namespace (the agent puts the pod's shared one in its place when the
-/// sandbox shares PIDs). No network, UTS, IPC: the VM is the pod, so
-/// containers share the guest's.
+/// sandbox shares PIDs) and, as containerd gives on cgroup v2, a cgroup
+/// namespace (its /sys/fs/cgroup is its own cgroup). No network, UTS, IPC:
+/// the VM is the pod, so containers share the guest's.
 fn namespaces() -> Vec<LinuxNamespace> {
-    [LinuxNamespaceType::Pid, LinuxNamespaceType::Mount]
+    [
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Mount,
+        LinuxNamespaceType::Cgroup,
+    ]
         .into_iter()
         .map(|typ| {
             let mut ns = LinuxNamespace::default();

@@ -406,7 +406,11 @@ fn spec_shape() {
         .collect();
     assert_eq!(
         namespaces,
-        [LinuxNamespaceType::Pid, LinuxNamespaceType::Mount]
+        [
+            LinuxNamespaceType::Pid,
+            LinuxNamespaceType::Mount,
+            LinuxNamespaceType::Cgroup
+        ]
     );
     assert!(
         linux

@@ -277,6 +277,20 @@ impl Storage {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         };
+        // A slot filled at run time (an image disk) shows size 0 until the
+        // guest has handled the config-change interrupt: wait for it.
+        if !request.fs_type.is_empty() {
+            let size = self.sys_block.join(&name).join("size");
+            while fs::read_to_string(&size).is_ok_and(|s| s.trim() == "0") {
+                if std::time::Instant::now() >= deadline {
+                    return Err(Error::NotFound(format!(
+                        "virtio-blk disk with serial '{}' has no backing file (waited {:?})",
+                        request.serial, request.timeout
+                    )));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         let device = self.dev.join(&name);
         if request.fs_type.is_empty() {
             disks.insert(

@@ -12,10 +12,10 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::image::{ImageStore, StoreConfig};
+use crate::runtime::{Runtime, RuntimeConfig};
 use crate::server::image_service::ImageService;
 use crate::server::images_admin::ImagesAdmin;
 use crate::server::runtime_service::RuntimeService;
-use crate::runtime::{Runtime, RuntimeConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -85,18 +85,19 @@ fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, Error> {
     if let Some(name) = group {
         let gid = match name.parse::<u32>() {
             Ok(gid) => nix::unistd::Gid::from_raw(gid),
-            Err(_) => nix::unistd::Group::from_name(name)
-                .ok()
-                .flatten()
-                .ok_or_else(|| Error::UnknownGroup(name.to_string()))?
-                .gid,
+            Err(_) => {
+                nix::unistd::Group::from_name(name)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| Error::UnknownGroup(name.to_string()))?
+                    .gid
+            }
         };
-        nix::unistd::chown(path, None, Some(gid))
-            .map_err(|e| Error::Io {
-                what: "cannot chown",
-                path: path.to_path_buf(),
-                source: e.into(),
-            })?;
+        nix::unistd::chown(path, None, Some(gid)).map_err(|e| Error::Io {
+            what: "cannot chown",
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?;
     }
     Ok(listener)
 }

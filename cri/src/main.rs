@@ -47,7 +47,7 @@ enum Command {
     /// Serve CRI on a unix socket (kubelet: --container-runtime-endpoint=unix:///run/frakti/frakti.sock).
     ///
     /// Example: frakti daemon --root /var/lib/frakti --kernel /usr/lib/frakti/vmlinux
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Pull, list, remove, import and export images.
     #[command(subcommand)]
     Image(cli_image::ImageCommand),
@@ -151,12 +151,24 @@ fn daemon_options(args: DaemonArgs) -> anyhow::Result<(daemon::Options, String)>
     let runtime = RuntimeConfig {
         root: state_dir.clone(),
         assets: VmAssets {
-            vmm: args.vmm.or(file.vmm).unwrap_or_else(|| assets.join("frakti-vmm")),
-            kernel: args.kernel.or(file.kernel).unwrap_or_else(|| assets.join("vmlinux")),
-            initrd: args.initrd.or(file.initrd).unwrap_or_else(|| assets.join("initrd.cpio")),
+            vmm: args
+                .vmm
+                .or(file.vmm)
+                .unwrap_or_else(|| assets.join("frakti-vmm")),
+            kernel: args
+                .kernel
+                .or(file.kernel)
+                .unwrap_or_else(|| assets.join("vmlinux")),
+            initrd: args
+                .initrd
+                .or(file.initrd)
+                .unwrap_or_else(|| assets.join("initrd.cpio")),
         },
         sizing: SizingDefaults {
-            cpus: args.default_cpus.or(file.default_cpus).unwrap_or(DEFAULT_CPUS),
+            cpus: args
+                .default_cpus
+                .or(file.default_cpus)
+                .unwrap_or(DEFAULT_CPUS),
             memory_mib: args
                 .default_memory
                 .or(file.default_memory)
@@ -219,7 +231,7 @@ fn daemon_options(args: DaemonArgs) -> anyhow::Result<(daemon::Options, String)>
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Daemon(args) => {
-            let (options, log) = daemon_options(args)?;
+            let (options, log) = daemon_options(*args)?;
             init_logs(&log)?;
             daemon::run(options).await?;
             Ok(())

@@ -185,17 +185,20 @@ impl Container {
     pub fn status(&self, verbose: bool) -> cri::ContainerStatus {
         let record = self.record();
         let _ = verbose;
-        let user = record.spec.pointer("/process/user").map(|user| cri::ContainerUser {
-            linux: Some(cri::LinuxContainerUser {
-                uid: user.get("uid").and_then(|v| v.as_i64()).unwrap_or(0),
-                gid: user.get("gid").and_then(|v| v.as_i64()).unwrap_or(0),
-                supplemental_groups: user
-                    .get("additionalGids")
-                    .and_then(|v| v.as_array())
-                    .map(|gids| gids.iter().filter_map(|g| g.as_i64()).collect())
-                    .unwrap_or_default(),
-            }),
-        });
+        let user = record
+            .spec
+            .pointer("/process/user")
+            .map(|user| cri::ContainerUser {
+                linux: Some(cri::LinuxContainerUser {
+                    uid: user.get("uid").and_then(|v| v.as_i64()).unwrap_or(0),
+                    gid: user.get("gid").and_then(|v| v.as_i64()).unwrap_or(0),
+                    supplemental_groups: user
+                        .get("additionalGids")
+                        .and_then(|v| v.as_array())
+                        .map(|gids| gids.iter().filter_map(|g| g.as_i64()).collect())
+                        .unwrap_or_default(),
+                }),
+            });
         cri::ContainerStatus {
             id: self.id.clone(),
             metadata: self.config.metadata.clone(),
@@ -212,10 +215,12 @@ impl Container {
             annotations: self.config.annotations.clone(),
             mounts: self.config.mounts.clone(),
             log_path: record.log_path.clone(),
-            resources: lock(&self.resources).clone().map(|linux| cri::ContainerResources {
-                linux: Some(linux),
-                windows: None,
-            }),
+            resources: lock(&self.resources)
+                .clone()
+                .map(|linux| cri::ContainerResources {
+                    linux: Some(linux),
+                    windows: None,
+                }),
             image_id: record.image_id.clone(),
             user,
         }
@@ -387,7 +392,8 @@ impl Runtime {
                 state::write_proto(&container.dir.join("config.pb"), &container.config)?;
                 container.save();
                 if let Ok(agent) = pod.agent() {
-                    *lock(&container.sync) = Some(sync::spawn(agent, id.to_string(), created.synced));
+                    *lock(&container.sync) =
+                        Some(sync::spawn(agent, id.to_string(), created.synced));
                 }
                 lock(&self.inner.containers).insert(id.to_string(), container.clone());
                 Ok(container)
@@ -424,7 +430,12 @@ impl Runtime {
         })?;
         let spec_json = serde_json::to_value(&built.spec)
             .map_err(|e| Error::InvalidArgument(format!("cannot encode the OCI spec: {e}")))?;
-        let readonly = built.spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
+        let readonly = built
+            .spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false);
         let request = pb::CreateContainerRequest {
             container_id: id.to_string(),
             oci_spec_json: spec_json.to_string().into_bytes(),
@@ -615,8 +626,12 @@ impl Runtime {
                 "container {id} has exited: its resources cannot change"
             )));
         }
-        sizing::check_fits(&pod.record().size, self.inner.config.sizing.guest_reserve_mib, &resources)
-            .map_err(Error::TooBig)?;
+        sizing::check_fits(
+            &pod.record().size,
+            self.inner.config.sizing.guest_reserve_mib,
+            &resources,
+        )
+        .map_err(Error::TooBig)?;
         let oci = spec::resources(&resources)?;
         let json = serde_json::to_vec(&oci)
             .map_err(|e| Error::InvalidArgument(format!("cannot encode resources: {e}")))?;

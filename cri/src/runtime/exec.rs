@@ -96,7 +96,8 @@ impl Runtime {
             Some(limit) => match tokio::time::timeout(limit, wait).await {
                 Ok(result) => result,
                 Err(_) => {
-                    self.kill_exec(&mut agent, &container.id, &exec_id, wait_request).await;
+                    self.kill_exec(&mut agent, &container.id, &exec_id, wait_request)
+                        .await;
                     stdout.abort();
                     stderr.abort();
                     return Err(Error::DeadlineExceeded(format!(

@@ -67,7 +67,10 @@ pub enum Error {
     #[error("the pod's agent")]
     AgentConnect(#[from] agent::Error),
     #[error("agent {call}: {}", status.message())]
-    Agent { call: &'static str, status: tonic::Status },
+    Agent {
+        call: &'static str,
+        status: tonic::Status,
+    },
     #[error("agent {0}: no answer within {AGENT_CALL_TIMEOUT:?}")]
     AgentTimeout(&'static str),
     #[error(transparent)]

@@ -19,8 +19,8 @@ use super::state::{self, ContainerPhase, PodPhase, PodRecord, SlotRecord};
 use super::{Error, Result, Runtime, agent_call, lock, now_ns, pod_name, sizing};
 use crate::image::DiskLease;
 use crate::sandbox::agent::{self, AgentClient};
-use crate::sandbox::vmm::{self, VmFiles};
 use crate::sandbox::api;
+use crate::sandbox::vmm::{self, VmFiles};
 
 /// How long a powered-off VM's VMM may take to exit before it is killed.
 const VMM_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -144,10 +144,7 @@ impl Pod {
             created_at: self.created_at,
             network: Some(cri::PodSandboxNetworkStatus::default()),
             linux: Some(cri::LinuxPodSandboxStatus {
-                namespaces: Some(cri::Namespace {
-                    options,
-                    ..Default::default()
-                }),
+                namespaces: Some(cri::Namespace { options }),
             }),
             labels: self.config.labels.clone(),
             annotations: self.config.annotations.clone(),
@@ -173,10 +170,12 @@ fn resolv_conf(dns: &cri::DnsConfig) -> Vec<u8> {
 
 fn sysctl_allowed(name: &str, allowed: &[String]) -> bool {
     SAFE_SYSCTLS.contains(&name)
-        || allowed.iter().any(|pattern| match pattern.strip_suffix('*') {
-            Some(prefix) => name.starts_with(prefix),
-            None => pattern == name,
-        })
+        || allowed
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => pattern == name,
+            })
 }
 
 fn namespace_mode(mode: i32) -> cri::NamespaceMode {
@@ -325,7 +324,12 @@ impl Runtime {
             .is_none_or(|o| namespace_mode(o.pid) == cri::NamespaceMode::Pod);
         let request = pb::SetupSandboxRequest {
             hostname: pod.config.hostname.clone(),
-            resolv_conf: pod.config.dns_config.as_ref().map(resolv_conf).unwrap_or_default(),
+            resolv_conf: pod
+                .config
+                .dns_config
+                .as_ref()
+                .map(resolv_conf)
+                .unwrap_or_default(),
             sysctls: linux.sysctls.clone(),
             shared_pid_namespace: shared_pid,
             resources_json: Vec::new(),
@@ -588,7 +592,10 @@ mod tests {
     fn dns_config_becomes_resolv_conf() {
         let dns = cri::DnsConfig {
             servers: vec!["10.0.0.10".into(), "10.0.0.11".into()],
-            searches: vec!["default.svc.cluster.local".into(), "svc.cluster.local".into()],
+            searches: vec![
+                "default.svc.cluster.local".into(),
+                "svc.cluster.local".into(),
+            ],
             options: vec!["ndots:5".into()],
         };
         assert_eq!(
@@ -629,7 +636,10 @@ mod tests {
         });
         let err = validate(&host_network, &[]).unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
-        assert!(err.to_string().contains("namespace_options.network"), "{err}");
+        assert!(
+            err.to_string().contains("namespace_options.network"),
+            "{err}"
+        );
         let mut sysctls = config("web");
         sysctls.linux = Some(cri::LinuxPodSandboxConfig {
             sysctls: [("kernel.msgmax".to_string(), "1".to_string())].into(),

@@ -83,7 +83,9 @@ async fn recover_pod(runtime: &Runtime, id: &str) -> Result<()> {
 
 /// The running VM's agent, or None (the pod is then NOTREADY).
 async fn reconnect(runtime: &Runtime, pod: &Arc<Pod>, record: &PodRecord) -> Option<AgentClient> {
-    let pid = record.vmm_pid.filter(|pid| vmm::is_our_vmm(*pid, &pod.files));
+    let pid = record
+        .vmm_pid
+        .filter(|pid| vmm::is_our_vmm(*pid, &pod.files));
     let reason = match pid {
         Some(pid) => {
             runtime.watch_vm(pod.clone(), pid);
@@ -149,8 +151,18 @@ fn load_containers(runtime: &Runtime, pod: &Arc<Pod>) -> Vec<Arc<Container>> {
 
 /// Re-reads each container's state from the agent and restarts what a
 /// running container needs.
-async fn resume(runtime: &Runtime, pod: &Arc<Pod>, mut agent: AgentClient, containers: Vec<Arc<Container>>) {
-    let known = match agent_call("ListContainers", agent.list_containers(pb::ListContainersRequest {})).await {
+async fn resume(
+    runtime: &Runtime,
+    pod: &Arc<Pod>,
+    mut agent: AgentClient,
+    containers: Vec<Arc<Container>>,
+) {
+    let known = match agent_call(
+        "ListContainers",
+        agent.list_containers(pb::ListContainersRequest {}),
+    )
+    .await
+    {
         Ok(list) => list.containers,
         Err(e) => {
             tracing::warn!(pod = %pod.id, "{}", crate::error_chain(&e));
@@ -169,7 +181,7 @@ async fn resume(runtime: &Runtime, pod: &Arc<Pod>, mut agent: AgentClient, conta
 
         match pb::ContainerState::try_from(info.state) {
             Ok(pb::ContainerState::Stopped) => {
-                let status = info.exit_status.clone().unwrap_or_default();
+                let status = info.exit_status.unwrap_or_default();
                 let copy_back = container.record().copy_back;
                 sync::copy_back(&mut agent, &copy_back).await;
                 container.record_exit(&status);
@@ -227,7 +239,9 @@ fn relet_images(runtime: &Runtime, pod: &Pod, containers: &[Arc<Container>]) {
                     },
                 );
             }
-            Err(e) => tracing::warn!(pod = %pod.id, image = %slot.image_id, "{}", crate::error_chain(&e)),
+            Err(e) => {
+                tracing::warn!(pod = %pod.id, image = %slot.image_id, "{}", crate::error_chain(&e))
+            }
         }
     }
 }
@@ -240,7 +254,11 @@ fn kill_orphan_vmms(runtime: &Runtime) {
         return;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
@@ -257,7 +275,10 @@ fn kill_orphan_vmms(runtime: &Runtime) {
         if pod_dir.parent() != Some(pods_dir.as_path()) {
             continue;
         }
-        let id = pod_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let id = pod_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if runtime.pod(&id).is_err() {
             tracing::warn!(pid, pod = %id, "killing a VMM whose pod is unknown");
             vmm::kill(pid);

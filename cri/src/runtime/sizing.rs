@@ -443,6 +443,7 @@ mod tests {
     fn resources_and_overhead() {
         let ann = &[(ANNOTATION_CPUS, "4"), (ANNOTATION_MEMORY, "bad")][..];
         #[rustfmt::skip]
+        #[allow(clippy::type_complexity)] // a table: name, resources, overhead, annotations, result
         let cases: &[(&str, Option<Res>, Option<Res>, &[(&str, &str)], Want)] = &[
             ("nothing", None, None, &[], Ok((1, 128, Defaults))),
             ("resources without limits", Some((0, 100_000, 0)), None, &[], Ok((1, 128, Defaults))),
@@ -485,7 +486,7 @@ mod tests {
                 name,
                 &config(*res, *overhead, annotations),
                 &defaults(),
-                want.clone(),
+                *want,
             );
         }
     }
@@ -561,12 +562,7 @@ mod tests {
             let mut annotations = vec![("other.annotation", "1")];
             annotations.extend(cpus.map(|v| (ANNOTATION_CPUS, v)));
             annotations.extend(memory.map(|v| (ANNOTATION_MEMORY, v)));
-            check(
-                name,
-                &config(None, None, &annotations),
-                &defaults(),
-                want.clone(),
-            );
+            check(name, &config(None, None, &annotations), &defaults(), *want);
         }
     }
 
@@ -605,7 +601,7 @@ mod tests {
             ("sum just fits", &max_memory, d(1, 0, 8, 0), Ok((1, 1 << 20, Resources))),
         ];
         for (name, config, defaults, want) in cases {
-            check(name, config, defaults, want.clone());
+            check(name, config, defaults, *want);
         }
     }
 

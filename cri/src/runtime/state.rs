@@ -122,7 +122,8 @@ pub struct ContainerRecord {
 /// Writes `data` to `path` atomically (temp file, fsync, rename).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io_error("cannot write in", dir))?;
+    let mut file =
+        tempfile::NamedTempFile::new_in(dir).map_err(io_error("cannot write in", dir))?;
     file.write_all(data)
         .and_then(|()| file.as_file().sync_all())
         .map_err(io_error("cannot write", path))?;
@@ -208,7 +209,10 @@ impl Layout {
 
 /// Ids are 64 lowercase hex digits.
 pub fn is_id(text: &str) -> bool {
-    text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A new random id (as containerd makes them: 32 random bytes in hex).

@@ -22,7 +22,10 @@ fn attributes(container: &Container) -> cri::ContainerAttributes {
     }
 }
 
-fn container_stats(container: &Container, stats: Option<pb::StatsContainerResponse>) -> cri::ContainerStats {
+fn container_stats(
+    container: &Container,
+    stats: Option<pb::StatsContainerResponse>,
+) -> cri::ContainerStats {
     let mut out = cri::ContainerStats {
         attributes: Some(attributes(container)),
         ..Default::default()
@@ -43,7 +46,9 @@ fn container_stats(container: &Container, stats: Option<pb::StatsContainerRespon
         out.memory = Some(cri::MemoryUsage {
             timestamp: at,
             working_set_bytes: value(memory.working_set_bytes),
-            available_bytes: (memory.limit_bytes > 0).then_some(available).and_then(value),
+            available_bytes: (memory.limit_bytes > 0)
+                .then_some(available)
+                .and_then(value),
             usage_bytes: value(memory.usage_bytes),
             rss_bytes: value(memory.rss_bytes),
             page_faults: value(memory.page_faults),
@@ -81,7 +86,9 @@ impl Runtime {
         let request = pb::StatsContainerRequest {
             container_id: container.id.clone(),
         };
-        Ok(Some(agent_call("StatsContainer", agent.stats_container(request)).await?))
+        Ok(Some(
+            agent_call("StatsContainer", agent.stats_container(request)).await?,
+        ))
     }
 
     /// Pod-wide stats: the guest's memory and network, and its containers.
@@ -106,9 +113,15 @@ impl Runtime {
             linux.containers.push(container_stats(&container, raw));
         }
         if let Ok(mut agent) = pod.agent() {
-            let guest = agent_call("StatsSandbox", agent.stats_sandbox(pb::StatsSandboxRequest {})).await?;
+            let guest = agent_call(
+                "StatsSandbox",
+                agent.stats_sandbox(pb::StatsSandboxRequest {}),
+            )
+            .await?;
             let at = guest.timestamp_ns;
-            let used = guest.mem_total_bytes.saturating_sub(guest.mem_available_bytes);
+            let used = guest
+                .mem_total_bytes
+                .saturating_sub(guest.mem_available_bytes);
             linux.memory = Some(cri::MemoryUsage {
                 timestamp: at,
                 working_set_bytes: value(used),

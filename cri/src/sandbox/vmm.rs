@@ -129,10 +129,14 @@ fn read_end(path: &Path, max: u64) -> io::Result<Vec<u8>> {
 
 fn slot_args(command: &mut Command) {
     for i in 0..IMAGE_SLOTS {
-        command.arg("--disk").arg(format!("serial={IMAGE_SLOT_PREFIX}{i},ro"));
+        command
+            .arg("--disk")
+            .arg(format!("serial={IMAGE_SLOT_PREFIX}{i},ro"));
     }
     for i in 0..VOLUME_SLOTS {
-        command.arg("--disk").arg(format!("serial={VOLUME_SLOT_PREFIX}{i}"));
+        command
+            .arg("--disk")
+            .arg(format!("serial={VOLUME_SLOT_PREFIX}{i}"));
     }
 }
 
@@ -178,9 +182,7 @@ pub fn spawn(assets: &VmAssets, files: &VmFiles, size: VmSize) -> Result<u32, Er
     // Its own session: the daemon's signals and death do not reach it.
     // SAFETY: setsid is async-signal-safe and touches no memory of ours.
     unsafe {
-        command.pre_exec(|| {
-            nix::unistd::setsid().map(drop).map_err(io::Error::from)
-        });
+        command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
     }
     let child = command.spawn().map_err(|source| Error::Spawn {
         vmm: assets.vmm.clone(),
@@ -242,8 +244,10 @@ pub async fn wait_exit(pid: u32) -> Result<VmmExit, Error> {
         Ok(fd) => {
             // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it
             // open (its number unchanged) for as long as it is registered.
-            let fd = unsafe { AsyncFd::register(fd) }
-                .map_err(|e| Error::Watch { pid, source: e.into_parts().1 })?;
+            let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| Error::Watch {
+                pid,
+                source: e.into_parts().1,
+            })?;
             let _ready = fd
                 .readable()
                 .await
@@ -297,6 +301,8 @@ mod tests {
         assert_eq!(files.console_tail(10), "a\nb\nc\nd");
     }
 
+    // wait_exit reaps the children (what the test checks).
+    #[allow(clippy::zombie_processes)]
     #[tokio::test]
     async fn exits_are_seen_and_reaped() {
         let child = Command::new("sh").args(["-c", "exit 7"]).spawn().unwrap();

@@ -58,7 +58,10 @@ fn pod_state(phase: PodPhase) -> cri::PodSandboxState {
 }
 
 fn timeout(seconds: i64) -> Option<Duration> {
-    u64::try_from(seconds).ok().filter(|s| *s > 0).map(Duration::from_secs)
+    u64::try_from(seconds)
+        .ok()
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs)
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
@@ -87,7 +90,9 @@ impl CriRuntimeService for RuntimeService {
             .run_pod(config, request.runtime_handler)
             .await
             .map_err(runtime_status)?;
-        Ok(Response::new(cri::RunPodSandboxResponse { pod_sandbox_id: id }))
+        Ok(Response::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: id,
+        }))
     }
 
     async fn stop_pod_sandbox(
@@ -195,7 +200,9 @@ impl CriRuntimeService for RuntimeService {
             .create_container(&request.pod_sandbox_id, config)
             .await
             .map_err(runtime_status)?;
-        Ok(Response::new(cri::CreateContainerResponse { container_id: id }))
+        Ok(Response::new(cri::CreateContainerResponse {
+            container_id: id,
+        }))
     }
 
     async fn start_container(
@@ -305,7 +312,10 @@ impl CriRuntimeService for RuntimeService {
         Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
 
-    async fn exec_sync(&self, request: Request<cri::ExecSyncRequest>) -> Reply<cri::ExecSyncResponse> {
+    async fn exec_sync(
+        &self,
+        request: Request<cri::ExecSyncRequest>,
+    ) -> Reply<cri::ExecSyncResponse> {
         let request = request.into_inner();
         required(&request.container_id, "container_id")?;
         if request.cmd.is_empty() {
@@ -362,7 +372,9 @@ impl CriRuntimeService for RuntimeService {
             .container_stats(&container)
             .await
             .map_err(runtime_status)?;
-        Ok(Response::new(cri::ContainerStatsResponse { stats: Some(stats) }))
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(stats),
+        }))
     }
 
     async fn list_container_stats(
@@ -378,7 +390,9 @@ impl CriRuntimeService for RuntimeService {
             if wanted {
                 match self.runtime.container_stats(&container).await {
                     Ok(s) => stats.push(s),
-                    Err(e) => tracing::debug!(container = %container.id, "stats: {}", crate::error_chain(&e)),
+                    Err(e) => {
+                        tracing::debug!(container = %container.id, "stats: {}", crate::error_chain(&e))
+                    }
                 }
             }
         }
@@ -393,7 +407,9 @@ impl CriRuntimeService for RuntimeService {
         required(&id, "pod_sandbox_id")?;
         let pod = self.runtime.pod(&id).map_err(runtime_status)?;
         let stats = self.runtime.pod_stats(&pod).await.map_err(runtime_status)?;
-        Ok(Response::new(cri::PodSandboxStatsResponse { stats: Some(stats) }))
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(stats),
+        }))
     }
 
     async fn list_pod_sandbox_stats(
@@ -403,7 +419,9 @@ impl CriRuntimeService for RuntimeService {
         let filter = request.into_inner().filter.unwrap_or_default();
         let mut stats = Vec::new();
         for pod in self.runtime.pods() {
-            if id_matches(&pod.id, &filter.id) && labels_match(&pod.config.labels, &filter.label_selector) {
+            if id_matches(&pod.id, &filter.id)
+                && labels_match(&pod.config.labels, &filter.label_selector)
+            {
                 match self.runtime.pod_stats(&pod).await {
                     Ok(s) => stats.push(s),
                     Err(e) => tracing::debug!(pod = %pod.id, "stats: {}", crate::error_chain(&e)),
@@ -439,7 +457,11 @@ impl CriRuntimeService for RuntimeService {
         let runtime_ready = cri::RuntimeCondition {
             r#type: "RuntimeReady".into(),
             status: missing.is_empty() && std::path::Path::new("/dev/kvm").exists(),
-            reason: if missing.is_empty() { String::new() } else { "MissingVmAssets".into() },
+            reason: if missing.is_empty() {
+                String::new()
+            } else {
+                "MissingVmAssets".into()
+            },
             message: if missing.is_empty() {
                 String::new()
             } else {
@@ -492,7 +514,9 @@ impl CriRuntimeService for RuntimeService {
         &self,
         _: Request<cri::CheckpointContainerRequest>,
     ) -> Reply<cri::CheckpointContainerResponse> {
-        Err(Status::unimplemented("frakti does not checkpoint containers"))
+        Err(Status::unimplemented(
+            "frakti does not checkpoint containers",
+        ))
     }
 
     type GetContainerEventsStream = EventStream;
@@ -549,12 +573,24 @@ mod tests {
 
     #[test]
     fn label_selectors_need_every_pair() {
-        let labels: HashMap<String, String> =
-            [("app".into(), "web".into()), ("tier".into(), "front".into())].into();
+        let labels: HashMap<String, String> = [
+            ("app".into(), "web".into()),
+            ("tier".into(), "front".into()),
+        ]
+        .into();
         assert!(labels_match(&labels, &HashMap::new()));
-        assert!(labels_match(&labels, &[("app".into(), "web".into())].into()));
-        assert!(!labels_match(&labels, &[("app".into(), "db".into())].into()));
-        assert!(!labels_match(&labels, &[("zone".into(), "a".into())].into()));
+        assert!(labels_match(
+            &labels,
+            &[("app".into(), "web".into())].into()
+        ));
+        assert!(!labels_match(
+            &labels,
+            &[("app".into(), "db".into())].into()
+        ));
+        assert!(!labels_match(
+            &labels,
+            &[("zone".into(), "a".into())].into()
+        ));
     }
 
     #[test]

@@ -69,7 +69,11 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
         &pod,
         container_config(
             "long",
-            &["sh", "-c", "s=a; i=0; while [ $i -lt 17 ]; do s=$s$s; i=$((i+1)); done; echo $s; echo after"],
+            &[
+                "sh",
+                "-c",
+                "s=a; i=0; while [ $i -lt 17 ]; do s=$s$s; i=$((i+1)); done; echo $s; echo after",
+            ],
         ),
     )
     .await?;
@@ -84,14 +88,28 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
         .take_while(|(_, _, content)| content != "after")
         .map(|(_, _, content)| content.as_str())
         .collect();
-    ensure!(line.len() == 131072 && line.bytes().all(|b| b == b'a'), "line of {} bytes", line.len());
-    ensure!(partial == 7 && recs.iter().all(|(_, _, c)| c.len() <= 16384), "{partial} P records");
+    ensure!(
+        line.len() == 131072 && line.bytes().all(|b| b == b'a'),
+        "line of {} bytes",
+        line.len()
+    );
+    ensure!(
+        partial == 7 && recs.iter().all(|(_, _, c)| c.len() <= 16384),
+        "{partial} P records"
+    );
 
     // ReopenContainerLog: kubelet renames the file, the runtime reopens.
     let ticker = create(
         &mut c,
         &pod,
-        container_config("ticker", &["sh", "-c", "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.2; done"]),
+        container_config(
+            "ticker",
+            &[
+                "sh",
+                "-c",
+                "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.2; done",
+            ],
+        ),
     )
     .await?;
     start(&mut c, &ticker).await?;
@@ -105,9 +123,22 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
     .await?;
     let fresh = wait_for_text(&log, "line", Duration::from_secs(10)).await?;
     let old = std::fs::read_to_string(&rotated)?;
-    let last_old: u64 = old.lines().last().and_then(|l| l.rsplit(' ').next()).and_then(|n| n.parse().ok()).context("old log")?;
-    let first_new: u64 = fresh.lines().next().and_then(|l| l.rsplit(' ').next()).and_then(|n| n.parse().ok()).context("new log")?;
-    ensure!(first_new == last_old + 1, "lost lines across the rotation: {last_old} then {first_new}");
+    let last_old: u64 = old
+        .lines()
+        .last()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .context("old log")?;
+    let first_new: u64 = fresh
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .context("new log")?;
+    ensure!(
+        first_new == last_old + 1,
+        "lost lines across the rotation: {last_old} then {first_new}"
+    );
 
     // UpdateContainerResources lands in the container's cgroup.
     c.update_container_resources(cri::UpdateContainerResourcesRequest {
@@ -121,7 +152,13 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
         ..Default::default()
     })
     .await?;
-    let out = exec(&mut c, &ticker, &["cat", "/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/memory.max"], 10).await?;
+    let out = exec(
+        &mut c,
+        &ticker,
+        &["cat", "/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/memory.max"],
+        10,
+    )
+    .await?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
         text.contains("50000 100000") && text.contains(&(100u64 << 20).to_string()),
@@ -129,7 +166,10 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let status = status(&mut c, &ticker).await?;
-    let memory = status.resources.and_then(|r| r.linux).map(|l| l.memory_limit_in_bytes);
+    let memory = status
+        .resources
+        .and_then(|r| r.linux)
+        .map(|l| l.memory_limit_in_bytes);
     ensure!(memory == Some(100 << 20), "status resources {memory:?}");
     // Beyond the VM: refused, naming both sizes.
     let too_big = c
@@ -143,7 +183,10 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
         })
         .await;
     let err = too_big.err().context("a 4 GiB limit in a 512 MiB VM")?;
-    ensure!(err.code() == tonic::Code::FailedPrecondition && err.message().contains("512 MiB"), "{err:?}");
+    ensure!(
+        err.code() == tonic::Code::FailedPrecondition && err.message().contains("512 MiB"),
+        "{err:?}"
+    );
 
     // Stats are non-zero and plausible.
     let stats = c
@@ -156,7 +199,11 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
         .await?
         .into_inner()
         .stats;
-    let cpu = stats.first().and_then(|s| s.cpu.as_ref()).and_then(|c| c.usage_core_nano_seconds.as_ref()).map(|v| v.value);
+    let cpu = stats
+        .first()
+        .and_then(|s| s.cpu.as_ref())
+        .and_then(|c| c.usage_core_nano_seconds.as_ref())
+        .map(|v| v.value);
     ensure!(cpu.is_some_and(|ns| ns > 0), "cpu {cpu:?}");
     let pod_stats = c
         .pod_sandbox_stats(cri::PodSandboxStatsRequest {
@@ -167,9 +214,19 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
         .stats
         .and_then(|s| s.linux)
         .context("no pod stats")?;
-    let working_set = pod_stats.memory.and_then(|m| m.working_set_bytes).map(|v| v.value);
-    ensure!(working_set.is_some_and(|b| b > 1 << 20 && b < 512 << 20), "pod memory {working_set:?}");
-    ensure!(pod_stats.containers.len() == 2, "{} container stats", pod_stats.containers.len());
+    let working_set = pod_stats
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map(|v| v.value);
+    ensure!(
+        working_set.is_some_and(|b| b > 1 << 20 && b < 512 << 20),
+        "pod memory {working_set:?}"
+    );
+    ensure!(
+        pod_stats.containers.len() == 2,
+        "{} container stats",
+        pod_stats.containers.len()
+    );
 
     // The OOM killer: exit 137, reason OOMKilled.
     let mut hog = container_config("hog", &["sh", "-c", "s=a; while true; do s=$s$s; done"]);
@@ -186,13 +243,19 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
     ensure!(st.reason == "OOMKilled" && st.exit_code == 137, "{st:?}");
 
     // An emptyDir is shared by the pod's containers.
-    let volume = daemon.dir.path().join("kubelet/pods/uid-features/volumes/kubernetes.io~empty-dir/shared");
+    let volume = daemon
+        .dir
+        .path()
+        .join("kubelet/pods/uid-features/volumes/kubernetes.io~empty-dir/shared");
     let mount = cri::Mount {
         container_path: "/shared".into(),
         host_path: volume.to_string_lossy().into_owned(),
         ..Default::default()
     };
-    let mut writer = container_config("writer", &["sh", "-c", "echo from-writer > /shared/note; sleep 1000"]);
+    let mut writer = container_config(
+        "writer",
+        &["sh", "-c", "echo from-writer > /shared/note; sleep 1000"],
+    );
     writer.mounts = vec![mount.clone()];
     let writer = create(&mut c, &pod, writer).await?;
     start(&mut c, &writer).await?;
@@ -223,10 +286,16 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
         ..Default::default()
     }];
     let (code, message) = code_of(create(&mut c, &pod, bad).await);
-    ensure!(code == tonic::Code::InvalidArgument && message.contains("relative"), "{code:?} {message}");
+    ensure!(
+        code == tonic::Code::InvalidArgument && message.contains("relative"),
+        "{code:?} {message}"
+    );
 
     // Events, in order, for the container that ran to the end.
-    c.remove_container(cri::RemoveContainerRequest { container_id: long.clone() }).await?;
+    c.remove_container(cri::RemoveContainerRequest {
+        container_id: long.clone(),
+    })
+    .await?;
     let mut kinds: Vec<i32> = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while kinds.len() < 4 {
@@ -234,7 +303,10 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
         let Ok(Some(event)) = next else { break };
         let event = event?;
         if event.container_id == long {
-            ensure!(event.pod_sandbox_status.is_some(), "an event without the pod's status");
+            ensure!(
+                event.pod_sandbox_status.is_some(),
+                "an event without the pod's status"
+            );
             kinds.push(event.container_event_type);
         }
     }
@@ -249,7 +321,10 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
     .collect();
     ensure!(kinds == expected, "events {kinds:?}");
 
-    c.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await?;
+    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await?;
     let leaks = daemon.leaks();
     ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
     Ok(())
@@ -278,7 +353,10 @@ async fn configmap_and_termination_message(
     c: &mut Runtime,
     pod: &str,
 ) -> anyhow::Result<()> {
-    let volume = daemon.dir.path().join("kubelet/pods/uid-features/volumes/kubernetes.io~configmap/cm");
+    let volume = daemon
+        .dir
+        .path()
+        .join("kubelet/pods/uid-features/volumes/kubernetes.io~configmap/cm");
     write_configmap(&volume, 1, "v1")?;
     let mut config = container_config("cm", &["sleep", "1000"]);
     config.mounts = vec![cri::Mount {
@@ -290,7 +368,11 @@ async fn configmap_and_termination_message(
     let cm = create(c, pod, config).await?;
     start(c, &cm).await?;
     let out = exec(c, &cm, &["cat", "/config/key"], 10).await?;
-    ensure!(out.stdout == b"v1", "before the swap: {:?}", String::from_utf8_lossy(&out.stdout));
+    ensure!(
+        out.stdout == b"v1",
+        "before the swap: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let write = exec(c, &cm, &["sh", "-c", "echo x > /config/key"], 10).await?;
     ensure!(write.exit_code != 0, "a read-only configmap was writable");
     write_configmap(&volume, 2, "v2")?;
@@ -308,9 +390,15 @@ async fn configmap_and_termination_message(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("cri: the configmap change was seen after {:.2} s", swapped.elapsed().as_secs_f64());
+    eprintln!(
+        "cri: the configmap change was seen after {:.2} s",
+        swapped.elapsed().as_secs_f64()
+    );
 
-    let message = daemon.dir.path().join("kubelet/pods/uid-features/containers/msg/termination-log");
+    let message = daemon
+        .dir
+        .path()
+        .join("kubelet/pods/uid-features/containers/msg/termination-log");
     std::fs::create_dir_all(message.parent().context("no parent")?)?;
     std::fs::write(&message, "")?;
     let mut config = container_config("msg", &["sh", "-c", "echo goodbye > /dev/termination-log"]);
@@ -323,20 +411,40 @@ async fn configmap_and_termination_message(
     start(c, &msg).await?;
     wait_exited(c, &msg, Duration::from_secs(30)).await?;
     let text = std::fs::read_to_string(&message)?;
-    ensure!(text == "goodbye\n", "the termination message on the host: {text:?}");
+    ensure!(
+        text == "goodbye\n",
+        "the termination message on the host: {text:?}"
+    );
     Ok(())
 }
 
 async fn bad_requests(daemon: &mut Daemon) -> anyhow::Result<()> {
     let mut c = daemon.runtime().await?;
     let unknown = "f".repeat(64);
-    let status = c.container_status(cri::ContainerStatusRequest { container_id: unknown.clone(), verbose: false }).await;
+    let status = c
+        .container_status(cri::ContainerStatusRequest {
+            container_id: unknown.clone(),
+            verbose: false,
+        })
+        .await;
     ensure!(code(status) == tonic::Code::NotFound);
-    let pod = c.pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: unknown.clone(), verbose: false }).await;
+    let pod = c
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: unknown.clone(),
+            verbose: false,
+        })
+        .await;
     ensure!(code(pod) == tonic::Code::NotFound);
-    let exec = c.exec_sync(cri::ExecSyncRequest { container_id: unknown.clone(), cmd: vec!["true".into()], timeout: 0 }).await;
+    let exec = c
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: unknown.clone(),
+            cmd: vec!["true".into()],
+            timeout: 0,
+        })
+        .await;
     ensure!(code(exec) == tonic::Code::NotFound);
-    let (code_create, _) = code_of(create(&mut c, &unknown, container_config("x", &["true"])).await);
+    let (code_create, _) =
+        code_of(create(&mut c, &unknown, container_config("x", &["true"])).await);
     ensure!(code_create == tonic::Code::NotFound, "{code_create:?}");
     let update = c
         .update_container_resources(cri::UpdateContainerResourcesRequest {
@@ -347,21 +455,50 @@ async fn bad_requests(daemon: &mut Daemon) -> anyhow::Result<()> {
         .await;
     ensure!(code(update) == tonic::Code::NotFound);
     // Idempotent on unknown ids.
-    c.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: unknown.clone() }).await?;
-    c.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: unknown.clone() }).await?;
-    c.stop_container(cri::StopContainerRequest { container_id: unknown.clone(), timeout: 1 }).await?;
+    c.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: unknown.clone(),
+    })
+    .await?;
+    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: unknown.clone(),
+    })
+    .await?;
+    c.stop_container(cri::StopContainerRequest {
+        container_id: unknown.clone(),
+        timeout: 1,
+    })
+    .await?;
     // Malformed: named fields.
     let mut nameless = pod_config("x", &daemon.log_dir());
     nameless.metadata = Some(cri::PodSandboxMetadata::default());
-    let run = c.run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(nameless), runtime_handler: String::new() }).await;
+    let run = c
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(nameless),
+            runtime_handler: String::new(),
+        })
+        .await;
     let err = run.err().context("a pod without a name")?;
-    ensure!(err.code() == tonic::Code::InvalidArgument && err.message().contains("metadata.name"), "{err:?}");
+    ensure!(
+        err.code() == tonic::Code::InvalidArgument && err.message().contains("metadata.name"),
+        "{err:?}"
+    );
     let mut bad_annotation = pod_config("y", &daemon.log_dir());
-    bad_annotation.annotations = HashMap::from([("io.frakti.vm.cpus".to_string(), "lots".to_string())]);
-    let run = c.run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(bad_annotation), runtime_handler: String::new() }).await;
+    bad_annotation.annotations =
+        HashMap::from([("io.frakti.vm.cpus".to_string(), "lots".to_string())]);
+    let run = c
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(bad_annotation),
+            runtime_handler: String::new(),
+        })
+        .await;
     let err = run.err().context("a pod with a bad cpus annotation")?;
-    ensure!(err.code() == tonic::Code::InvalidArgument && err.message().contains("io.frakti.vm.cpus"), "{err:?}");
-    let empty = c.run_pod_sandbox(cri::RunPodSandboxRequest::default()).await;
+    ensure!(
+        err.code() == tonic::Code::InvalidArgument && err.message().contains("io.frakti.vm.cpus"),
+        "{err:?}"
+    );
+    let empty = c
+        .run_pod_sandbox(cri::RunPodSandboxRequest::default())
+        .await;
     ensure!(code(empty) == tonic::Code::InvalidArgument);
     let leaks = daemon.leaks();
     ensure!(leaks.is_empty(), "left behind: {leaks:#?}");

@@ -2,6 +2,7 @@
 //! its socket, its log; CRI clients; and the leak check that runs when a
 //! test is done.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -147,10 +148,18 @@ impl Daemon {
                     return Ok(());
                 }
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!("the daemon exited ({status}):\n{}", self.log());
             }
-            ensure!(Instant::now() < deadline, "the daemon does not serve:\n{}", self.log());
+            ensure!(
+                Instant::now() < deadline,
+                "the daemon does not serve:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -187,11 +196,20 @@ impl Daemon {
             .collect();
         let pods = self.root().join("pods");
         if let Ok(entries) = std::fs::read_dir(&pods) {
-            leaks.extend(entries.flatten().map(|e| format!("pod dir {}", e.path().display())));
+            leaks.extend(
+                entries
+                    .flatten()
+                    .map(|e| format!("pod dir {}", e.path().display())),
+            );
         }
         let root = self.root().to_string_lossy().into_owned();
         if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
-            leaks.extend(mounts.lines().filter(|l| l.contains(&root)).map(|l| format!("mount {l}")));
+            leaks.extend(
+                mounts
+                    .lines()
+                    .filter(|l| l.contains(&root))
+                    .map(|l| format!("mount {l}")),
+            );
         }
         leaks
     }
@@ -228,18 +246,27 @@ fn pids_naming(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
-/// Processes whose command line names the daemon's root and `program`.
+/// Processes running `program` (argv[0]'s file name) whose command line
+/// names the daemon's root.
 pub fn processes_named(daemon: &Daemon, program: &str) -> Vec<String> {
     pids_naming(&daemon.root())
         .into_iter()
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+            Path::new(std::ffi::OsStr::from_bytes(argv0)).file_name()
+                == Some(std::ffi::OsStr::new(program))
+        })
         .map(describe_process)
-        .filter(|p| p.contains(program))
         .collect()
 }
 
 fn describe_process(pid: i32) -> String {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    format!("process {pid}: {}", String::from_utf8_lossy(&cmdline).replace('\0', " "))
+    format!(
+        "process {pid}: {}",
+        String::from_utf8_lossy(&cmdline).replace('\0', " ")
+    )
 }
 
 pub fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
@@ -279,7 +306,10 @@ pub fn container_config(name: &str, command: &[&str]) -> cri::ContainerConfig {
     }
 }
 
-pub async fn run_pod(client: &mut Runtime, config: cri::PodSandboxConfig) -> anyhow::Result<String> {
+pub async fn run_pod(
+    client: &mut Runtime,
+    config: cri::PodSandboxConfig,
+) -> anyhow::Result<String> {
     let started = Instant::now();
     let id = client
         .run_pod_sandbox(cri::RunPodSandboxRequest {
@@ -290,7 +320,11 @@ pub async fn run_pod(client: &mut Runtime, config: cri::PodSandboxConfig) -> any
         .context("RunPodSandbox")?
         .into_inner()
         .pod_sandbox_id;
-    eprintln!("cri: pod {} ready in {:.2} s", &id[..12], started.elapsed().as_secs_f64());
+    eprintln!(
+        "cri: pod {} ready in {:.2} s",
+        &id[..12],
+        started.elapsed().as_secs_f64()
+    );
     Ok(id)
 }
 
@@ -334,7 +368,11 @@ pub async fn status(client: &mut Runtime, id: &str) -> anyhow::Result<cri::Conta
         .ok_or_else(|| anyhow!("ContainerStatus without a status"))
 }
 
-pub async fn pod_status(client: &mut Runtime, id: &str, verbose: bool) -> anyhow::Result<cri::PodSandboxStatusResponse> {
+pub async fn pod_status(
+    client: &mut Runtime,
+    id: &str,
+    verbose: bool,
+) -> anyhow::Result<cri::PodSandboxStatusResponse> {
     Ok(client
         .pod_sandbox_status(cri::PodSandboxStatusRequest {
             pod_sandbox_id: id.into(),
@@ -357,7 +395,11 @@ pub async fn wait_exited(
         if status.state == cri::ContainerState::ContainerExited as i32 {
             return Ok(status);
         }
-        ensure!(Instant::now() < deadline, "container {id} still {:?} after {timeout:?}", status.state);
+        ensure!(
+            Instant::now() < deadline,
+            "container {id} still {:?} after {timeout:?}",
+            status.state
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -44,13 +44,33 @@ async fn killed_mid_run(daemon: &mut Daemon) -> anyhow::Result<()> {
     let _ = pending.await;
     daemon.spawn().await?;
     let mut c2 = daemon.runtime().await?;
-    let pods = c2.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await?.into_inner().items;
+    let pods = c2
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await?
+        .into_inner()
+        .items;
     ensure!(pods.is_empty(), "a half-made pod survived: {pods:?}");
     let leaks = daemon.leaks();
     ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
     let pod = run_pod(&mut c2, config).await?;
-    c2.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await?;
-    drop(c);
+    drop((c, c2));
+    // A VMM whose pod record is gone (its directory removed while the
+    // daemon was down) is killed when the daemon starts.
+    daemon.kill();
+    std::fs::remove_dir_all(daemon.root().join("pods").join(&pod))?;
+    ensure!(
+        !processes_named(daemon, "frakti-vmm").is_empty(),
+        "the VMM should still run"
+    );
+    daemon.spawn().await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !processes_named(daemon, "frakti-vmm").is_empty() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the orphan VMM still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let leaks = daemon.leaks();
     ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
     Ok(())
@@ -90,7 +110,10 @@ async fn ten_pods(daemon: &mut Daemon) -> anyhow::Result<()> {
     for pod in pods {
         let mut c = c.clone();
         removals.push(tokio::spawn(async move {
-            c.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await
+            c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod,
+            })
+            .await
         }));
     }
     for removal in removals {
@@ -107,11 +130,23 @@ async fn restart(daemon: &mut Daemon) -> anyhow::Result<()> {
     let ticker = create(
         &mut c,
         &pod,
-        container_config("ticker", &["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done"]),
+        container_config(
+            "ticker",
+            &[
+                "sh",
+                "-c",
+                "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done",
+            ],
+        ),
     )
     .await?;
     start(&mut c, &ticker).await?;
-    let quitter = create(&mut c, &pod, container_config("quitter", &["sh", "-c", "sleep 3; exit 42"])).await?;
+    let quitter = create(
+        &mut c,
+        &pod,
+        container_config("quitter", &["sh", "-c", "sleep 3; exit 42"]),
+    )
+    .await?;
     start(&mut c, &quitter).await?;
     let log = daemon.log_dir().join("ticker.log");
     wait_for_text(&log, "tick 2\n", Duration::from_secs(30)).await?;
@@ -122,19 +157,36 @@ async fn restart(daemon: &mut Daemon) -> anyhow::Result<()> {
     daemon.spawn().await?;
     let mut c = daemon.runtime().await?;
 
-    let st = pod_status(&mut c, &pod, false).await?.status.map(|s| s.state);
-    ensure!(st == Some(cri::PodSandboxState::SandboxReady as i32), "pod state {st:?}");
+    let st = pod_status(&mut c, &pod, false)
+        .await?
+        .status
+        .map(|s| s.state);
+    ensure!(
+        st == Some(cri::PodSandboxState::SandboxReady as i32),
+        "pod state {st:?}"
+    );
     let st = status(&mut c, &ticker).await?;
-    ensure!(st.state == cri::ContainerState::ContainerRunning as i32, "{st:?}");
+    ensure!(
+        st.state == cri::ContainerState::ContainerRunning as i32,
+        "{st:?}"
+    );
     let st = wait_exited(&mut c, &quitter, Duration::from_secs(10)).await?;
     ensure!(st.exit_code == 42, "{st:?}");
     // The log goes on after the restart.
     let before = std::fs::read_to_string(&log)?.lines().count();
-    wait_for_text(&log, &format!("tick {}\n", before + 3), Duration::from_secs(30)).await?;
+    wait_for_text(
+        &log,
+        &format!("tick {}\n", before + 3),
+        Duration::from_secs(30),
+    )
+    .await?;
     let out = exec(&mut c, &ticker, &["echo", "still here"], 10).await?;
     ensure!(out.stdout == b"still here\n", "{out:?}");
 
-    c.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await?;
+    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await?;
     let leaks = daemon.leaks();
     ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
     Ok(())

@@ -268,14 +268,14 @@ fn namespaces() -> Vec<LinuxNamespace> {
         LinuxNamespaceType::Mount,
         LinuxNamespaceType::Cgroup,
     ]
-        .into_iter()
-        .map(|typ| {
-            let mut ns = LinuxNamespace::default();
-            ns.set_typ(typ);
-            ns.set_path(None);
-            ns
-        })
-        .collect()
+    .into_iter()
+    .map(|typ| {
+        let mut ns = LinuxNamespace::default();
+        ns.set_typ(typ);
+        ns.set_path(None);
+        ns
+    })
+    .collect()
 }
 
 fn process(

@@ -147,6 +147,18 @@ const MAX_ACCOUNT_FILE: u64 = 1024 * 1024;
 /// The image's account files the runtime resolves users and groups in.
 pub const ACCOUNT_FILES: [&str; 2] = ["passwd", "group"];
 
+/// Moves the account files made beside a disk built at `partial` to
+/// beside its committed path `out`.
+pub fn commit_account_files(partial: &Path, out: &Path) -> io::Result<()> {
+    for name in ACCOUNT_FILES {
+        match fs::rename(partial.with_extension(name), out.with_extension(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Keeps the image's /etc/passwd and /etc/group beside its disk (as
 /// `<disk stem>.passwd`, `.group`): CreateContainer resolves
 /// `run_as_username` and the image's `User` in them without mounting the

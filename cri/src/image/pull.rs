@@ -273,6 +273,10 @@ impl ImageStore {
                 &scratch,
                 &partial,
             )?;
+            build::commit_account_files(&partial, &out).map_err(super::store::io_error(
+                "cannot commit account files of",
+                &out,
+            ))?;
             super::content::commit_rename(&partial, &out)
                 .map_err(super::store::io_error("cannot commit", &out))?;
             Ok::<u64, Error>(size)

@@ -278,6 +278,34 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
     // and a termination message comes back to the host at exit.
     configmap_and_termination_message(daemon, &mut c, &pod).await?;
 
+    // run_as_username resolves in the image's /etc/passwd; RuntimeDefault
+    // seccomp is a filter (mode 2), Unconfined none.
+    let mut user = container_config("user", &["sh", "-c", "id -u; id -g; cat /proc/self/status"]);
+    let profile = |kind: cri::security_profile::ProfileType| cri::SecurityProfile {
+        profile_type: kind as i32,
+        localhost_ref: String::new(),
+    };
+    user.linux = Some(cri::LinuxContainerConfig {
+        resources: None,
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_username: "frakti".into(),
+            seccomp: Some(profile(cri::security_profile::ProfileType::RuntimeDefault)),
+            ..Default::default()
+        }),
+    });
+    let user = create(&mut c, &pod, user).await?;
+    start(&mut c, &user).await?;
+    wait_exited(&mut c, &user, Duration::from_secs(30)).await?;
+    let out = records(&daemon.log_dir().join("user.log"))?;
+    let lines: Vec<&str> = out.iter().map(|(_, _, content)| content.as_str()).collect();
+    ensure!(lines.first() == Some(&"1000"), "uid: {lines:?}");
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("Seccomp:") && l.ends_with('2')),
+        "no seccomp filter: {lines:?}"
+    );
+
     // A mount with a relative container path is a malformed request.
     let mut bad = container_config("bad", &["true"]);
     bad.mounts = vec![cri::Mount {

@@ -180,6 +180,21 @@ async fn restart(daemon: &mut Daemon) -> anyhow::Result<()> {
         Duration::from_secs(30),
     )
     .await?;
+    // Nothing was lost while the daemon was down: the ticks are all there.
+    let text = std::fs::read_to_string(&log)?;
+    let ticks: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    let gaps: Vec<(u64, u64)> = ticks
+        .windows(2)
+        .filter(|w| w[1] != w[0] + 1)
+        .map(|w| (w[0], w[1]))
+        .collect();
+    ensure!(
+        ticks.first() == Some(&0) && gaps.is_empty(),
+        "ticks missing or repeated: {gaps:?}"
+    );
     let out = exec(&mut c, &ticker, &["echo", "still here"], 10).await?;
     ensure!(out.stdout == b"still here\n", "{out:?}");
 

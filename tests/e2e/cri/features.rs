@@ -22,20 +22,6 @@ pub fn tests() -> Vec<Trial> {
     ]
 }
 
-fn code<T>(result: Result<T, tonic::Status>) -> tonic::Code {
-    result.err().map_or(tonic::Code::Ok, |s| s.code())
-}
-
-fn code_of<T>(result: anyhow::Result<T>) -> (tonic::Code, String) {
-    match result {
-        Ok(_) => (tonic::Code::Ok, String::new()),
-        Err(e) => match e.downcast_ref::<tonic::Status>() {
-            Some(s) => (s.code(), s.message().to_string()),
-            None => (tonic::Code::Unknown, format!("{e:#}")),
-        },
-    }
-}
-
 /// CRI log records of `path`: (stream, tag, content).
 fn records(path: &std::path::Path) -> anyhow::Result<Vec<(String, String, String)>> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
@@ -99,20 +85,17 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
     );
 
     // ReopenContainerLog: kubelet renames the file, the runtime reopens.
-    let ticker = create(
+    let ticker = run_container(
         &mut c,
         &pod,
-        container_config(
-            "ticker",
-            &[
-                "sh",
-                "-c",
-                "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.2; done",
-            ],
-        ),
+        "ticker",
+        &[
+            "sh",
+            "-c",
+            "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.2; done",
+        ],
     )
     .await?;
-    start(&mut c, &ticker).await?;
     let log = daemon.log_dir().join("ticker.log");
     wait_for_text(&log, "line 3\n", Duration::from_secs(20)).await?;
     let rotated = daemon.log_dir().join("ticker.log.1");
@@ -349,12 +332,7 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
     .collect();
     ensure!(kinds == expected, "events {kinds:?}");
 
-    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .await?;
-    let leaks = daemon.leaks();
-    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    remove_pod_without_leaks(daemon, &mut c, &pod).await?;
     Ok(())
 }
 
@@ -528,7 +506,6 @@ async fn bad_requests(daemon: &mut Daemon) -> anyhow::Result<()> {
         .run_pod_sandbox(cri::RunPodSandboxRequest::default())
         .await;
     ensure!(code(empty) == tonic::Code::InvalidArgument);
-    let leaks = daemon.leaks();
-    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    ensure_no_leaks(daemon)?;
     Ok(())
 }

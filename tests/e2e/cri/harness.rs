@@ -455,3 +455,52 @@ where
         result.map_err(|e| format!("{e:#}\n--- daemon log (tail) ---\n{log}").into())
     })
 }
+
+/// CreateContainer + StartContainer of `command` in `pod`.
+pub async fn run_container(
+    client: &mut Runtime,
+    pod: &str,
+    name: &str,
+    command: &[&str],
+) -> anyhow::Result<String> {
+    let id = create(client, pod, container_config(name, command)).await?;
+    start(client, &id).await?;
+    Ok(id)
+}
+
+/// RemovePodSandbox, then nothing of the daemon's may be left.
+pub async fn remove_pod_without_leaks(
+    daemon: &Daemon,
+    client: &mut Runtime,
+    pod: &str,
+) -> anyhow::Result<()> {
+    client
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        })
+        .await
+        .context("RemovePodSandbox")?;
+    ensure_no_leaks(daemon)
+}
+
+pub fn ensure_no_leaks(daemon: &Daemon) -> anyhow::Result<()> {
+    let leaks = daemon.leaks();
+    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    Ok(())
+}
+
+/// The gRPC code of an RPC's result.
+pub fn code<T>(result: Result<T, tonic::Status>) -> tonic::Code {
+    result.err().map_or(tonic::Code::Ok, |s| s.code())
+}
+
+/// The gRPC code and message behind a helper's error.
+pub fn code_of<T>(result: anyhow::Result<T>) -> (tonic::Code, String) {
+    match result {
+        Ok(_) => (tonic::Code::Ok, String::new()),
+        Err(e) => match e.downcast_ref::<tonic::Status>() {
+            Some(s) => (s.code(), s.message().to_string()),
+            None => (tonic::Code::Unknown, format!("{e:#}")),
+        },
+    }
+}

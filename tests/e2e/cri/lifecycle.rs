@@ -19,23 +19,6 @@ pub fn tests() -> Vec<Trial> {
     ]
 }
 
-fn code<T>(result: Result<T, tonic::Status>) -> tonic::Code {
-    match result {
-        Ok(_) => tonic::Code::Ok,
-        Err(status) => status.code(),
-    }
-}
-
-/// The gRPC code behind a helper's error.
-fn code_of<T>(result: anyhow::Result<T>) -> tonic::Code {
-    match result {
-        Ok(_) => tonic::Code::Ok,
-        Err(e) => e
-            .downcast_ref::<tonic::Status>()
-            .map_or(tonic::Code::Unknown, |s| s.code()),
-    }
-}
-
 async fn lifecycle(daemon: &mut Daemon) -> anyhow::Result<()> {
     let mut c = daemon.runtime().await?;
     let version = c
@@ -217,26 +200,19 @@ async fn lifecycle(daemon: &mut Daemon) -> anyhow::Result<()> {
     );
 
     // Exit codes and reasons.
-    let failing = create(
-        &mut c,
-        &pod,
-        container_config("fails", &["sh", "-c", "exit 7"]),
-    )
-    .await?;
-    start(&mut c, &failing).await?;
+    let failing = run_container(&mut c, &pod, "fails", &["sh", "-c", "exit 7"]).await?;
     let st = wait_exited(&mut c, &failing, Duration::from_secs(30)).await?;
     ensure!(
         st.exit_code == 7 && st.reason == "Error" && st.finished_at >= st.started_at,
         "{st:?}"
     );
-    let done = create(&mut c, &pod, container_config("done", &["true"])).await?;
-    start(&mut c, &done).await?;
+    let done = run_container(&mut c, &pod, "done", &["true"]).await?;
     let st = wait_exited(&mut c, &done, Duration::from_secs(30)).await?;
     ensure!(st.exit_code == 0 && st.reason == "Completed", "{st:?}");
     // A name in use, and starting twice.
     let dup = create(&mut c, &pod, container_config("done", &["true"])).await;
     ensure!(
-        code_of(dup) == tonic::Code::AlreadyExists,
+        code_of(dup).0 == tonic::Code::AlreadyExists,
         "two containers named done"
     );
     let twice = start(&mut c, &done).await;
@@ -307,7 +283,7 @@ async fn lifecycle(daemon: &mut Daemon) -> anyhow::Result<()> {
         .await?;
     }
     ensure!(
-        code_of(status(&mut c, &cid).await) == tonic::Code::NotFound,
+        code_of(status(&mut c, &cid).await).0 == tonic::Code::NotFound,
         "a removed container"
     );
     let malformed = c
@@ -340,29 +316,17 @@ async fn lifecycle(daemon: &mut Daemon) -> anyhow::Result<()> {
         })
         .await;
     ensure!(code(gone) == tonic::Code::NotFound, "a removed pod");
-    let leaks = daemon.leaks();
-    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    ensure_no_leaks(daemon)?;
     // The name is free again.
     let pod = run_pod(&mut c, config).await?;
-    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .await?;
-    let leaks = daemon.leaks();
-    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    remove_pod_without_leaks(daemon, &mut c, &pod).await?;
     Ok(())
 }
 
 async fn vm_death(daemon: &mut Daemon) -> anyhow::Result<()> {
     let mut c = daemon.runtime().await?;
     let pod = run_pod(&mut c, pod_config("doomed", &daemon.log_dir())).await?;
-    let cid = create(
-        &mut c,
-        &pod,
-        container_config("sleeper", &["sleep", "1000"]),
-    )
-    .await?;
-    start(&mut c, &cid).await?;
+    let cid = run_container(&mut c, &pod, "sleeper", &["sleep", "1000"]).await?;
     let info = pod_status(&mut c, &pod, true)
         .await?
         .info
@@ -389,11 +353,6 @@ async fn vm_death(daemon: &mut Daemon) -> anyhow::Result<()> {
     ensure!(pod_state == Some(cri::PodSandboxState::SandboxNotready as i32));
     let refused = create(&mut c, &pod, container_config("late", &["true"])).await;
     ensure!(refused.is_err(), "created a container in a dead pod");
-    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .await?;
-    let leaks = daemon.leaks();
-    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    remove_pod_without_leaks(daemon, &mut c, &pod).await?;
     Ok(())
 }

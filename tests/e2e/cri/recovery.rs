@@ -50,8 +50,7 @@ async fn killed_mid_run(daemon: &mut Daemon) -> anyhow::Result<()> {
         .into_inner()
         .items;
     ensure!(pods.is_empty(), "a half-made pod survived: {pods:?}");
-    let leaks = daemon.leaks();
-    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    ensure_no_leaks(daemon)?;
     let pod = run_pod(&mut c2, config).await?;
     drop((c, c2));
     // A VMM whose pod record is gone (its directory removed while the
@@ -71,8 +70,7 @@ async fn killed_mid_run(daemon: &mut Daemon) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let leaks = daemon.leaks();
-    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    ensure_no_leaks(daemon)?;
     Ok(())
 }
 
@@ -119,35 +117,25 @@ async fn ten_pods(daemon: &mut Daemon) -> anyhow::Result<()> {
     for removal in removals {
         removal.await??;
     }
-    let leaks = daemon.leaks();
-    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    ensure_no_leaks(daemon)?;
     Ok(())
 }
 
 async fn restart(daemon: &mut Daemon) -> anyhow::Result<()> {
     let mut c = daemon.runtime().await?;
     let pod = run_pod(&mut c, pod_config("survivor", &daemon.log_dir())).await?;
-    let ticker = create(
+    let ticker = run_container(
         &mut c,
         &pod,
-        container_config(
-            "ticker",
-            &[
-                "sh",
-                "-c",
-                "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done",
-            ],
-        ),
+        "ticker",
+        &[
+            "sh",
+            "-c",
+            "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done",
+        ],
     )
     .await?;
-    start(&mut c, &ticker).await?;
-    let quitter = create(
-        &mut c,
-        &pod,
-        container_config("quitter", &["sh", "-c", "sleep 3; exit 42"]),
-    )
-    .await?;
-    start(&mut c, &quitter).await?;
+    let quitter = run_container(&mut c, &pod, "quitter", &["sh", "-c", "sleep 3; exit 42"]).await?;
     let log = daemon.log_dir().join("ticker.log");
     wait_for_text(&log, "tick 2\n", Duration::from_secs(30)).await?;
 
@@ -198,11 +186,6 @@ async fn restart(daemon: &mut Daemon) -> anyhow::Result<()> {
     let out = exec(&mut c, &ticker, &["echo", "still here"], 10).await?;
     ensure!(out.stdout == b"still here\n", "{out:?}");
 
-    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .await?;
-    let leaks = daemon.leaks();
-    ensure!(leaks.is_empty(), "left behind: {leaks:#?}");
+    remove_pod_without_leaks(daemon, &mut c, &pod).await?;
     Ok(())
 }

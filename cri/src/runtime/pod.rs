@@ -16,7 +16,7 @@ use k8s_cri::v1 as cri;
 use tokio::sync::watch;
 
 use super::state::{self, ContainerPhase, PodPhase, PodRecord, SlotRecord};
-use super::{Error, Result, Runtime, agent_call, lock, now_ns, pod_name, sizing};
+use super::{Error, Result, Runtime, agent_call, lock, now_ns, pod_name, sizing, spec};
 use crate::image::DiskLease;
 use crate::sandbox::agent::{self, AgentClient};
 use crate::sandbox::api;
@@ -322,6 +322,13 @@ impl Runtime {
             .as_ref()
             .and_then(|s| s.namespace_options.as_ref())
             .is_none_or(|o| namespace_mode(o.pid) == cri::NamespaceMode::Pod);
+        // kubelet's pod-level limits (the sum of its containers') bound the
+        // pod's cgroup in the guest, as its pod cgroup does on a node.
+        let resources_json = match &linux.resources {
+            Some(resources) => serde_json::to_vec(&spec::resources(resources)?)
+                .map_err(|e| Error::InvalidArgument(format!("linux.resources: {e}")))?,
+            None => Vec::new(),
+        };
         let request = pb::SetupSandboxRequest {
             hostname: pod.config.hostname.clone(),
             resolv_conf: pod
@@ -332,7 +339,7 @@ impl Runtime {
                 .unwrap_or_default(),
             sysctls: linux.sysctls.clone(),
             shared_pid_namespace: shared_pid,
-            resources_json: Vec::new(),
+            resources_json,
         };
         agent_call("SetupSandbox", client.setup_sandbox(request)).await?;
         Ok(())

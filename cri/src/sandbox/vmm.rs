@@ -326,7 +326,12 @@ mod tests {
             .arg(files.api_socket())
             .spawn()
             .unwrap();
-        assert!(is_our_vmm(child.id(), &files));
+        // Until the child has executed (before, it shows our command line).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !is_our_vmm(child.id(), &files) {
+            assert!(std::time::Instant::now() < deadline, "never seen as ours");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         child.kill().unwrap();
         child.wait().unwrap();
     }

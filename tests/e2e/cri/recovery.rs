@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::ensure;
+use anyhow::{Context, ensure};
 use k8s_cri::v1 as cri;
 use libtest_mimic::Trial;
 
@@ -82,7 +82,19 @@ async fn ten_pods(daemon: &mut Daemon) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for i in 0..10 {
         let mut c = c.clone();
-        let config = pod_config(&format!("p{i}"), &log_dir);
+        let mut config = pod_config(&format!("p{i}"), &log_dir);
+        // As kubelet sends a pod with limits: the VM is sized from them
+        // (half a CPU: 1 vCPU; 40 MiB + the 64 MiB reserve: 104 MiB, below
+        // the 128 MiB default) and the pod's cgroup in the guest gets them.
+        config.linux = Some(cri::LinuxPodSandboxConfig {
+            resources: Some(cri::LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: 50_000,
+                memory_limit_in_bytes: 40 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
         tasks.push(tokio::spawn(async move {
             let pod = run_pod(&mut c, config).await?;
             let id = create(&mut c, &pod, container_config("main", &["sleep", "1000"])).await?;
@@ -94,6 +106,16 @@ async fn ten_pods(daemon: &mut Daemon) -> anyhow::Result<()> {
     for task in tasks {
         pods.push(task.await??);
     }
+    let info = pod_status(&mut c.clone(), &pods[0], true)
+        .await?
+        .info
+        .remove("info")
+        .context("no verbose info")?;
+    let info: serde_json::Value = serde_json::from_str(&info)?;
+    ensure!(
+        info["vm"]["vcpus"] == 1 && info["vm"]["memory_mib"] == 128,
+        "a pod sized from its resources: {info}"
+    );
     let running = c
         .clone()
         .list_containers(cri::ListContainersRequest::default())

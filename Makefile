@@ -67,6 +67,7 @@ bench: assets
 	$(CARGO) build --release -p frakti-cri
 	$(CARGO) run -q --release -p frakti-bench --bin images
 	$(CARGO) run -q --release -p frakti-bench --bin image_disks
+	$(CARGO) run -q --release -p frakti-bench --bin cri
 
 # Each fuzz target for FUZZ_SECONDS (not part of `make test`). cargo-fuzz on
 # stable Rust needs RUSTC_BOOTSTRAP=1 for libFuzzer's sanitizer flags.

@@ -1,0 +1,427 @@
+//! CRI benchmark (issue 13): pod + container start and memory per pod,
+//! `frakti daemon` against containerd 1.6 + runc, in one run (inside the
+//! lab where the host needs it), with the same CRI client code and image.
+//!
+//! Timed per pod: RunPodSandbox → CreateContainer → StartContainer →
+//! ContainerStatus RUNNING (the container runs `sleep 3600`); the pod is
+//! removed afterwards, untimed. N pods one after another, then N pods
+//! `--concurrency` at a time; the runtimes alternate which goes first. With
+//! the first concurrent batch running: memory per pod (frakti: VMM outside
+//! guest RAM, guest RAM resident, daemon RSS / pods; containerd: shim +
+//! pause + container RSS, containerd RSS / pods). Prints p50/p95 and
+//! ratios frakti/containerd.
+
+#[path = "../../cri/tests/support/mod.rs"]
+mod support;
+
+#[path = "cri/containerd.rs"]
+mod containerd;
+#[path = "cri/prepare.rs"]
+mod prepare;
+#[path = "cri/runtime.rs"]
+mod runtime;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure};
+use clap::Parser;
+use frakti_lab::guest::{self, GuestAssets};
+use frakti_lab::mode::{IN_LAB_ENV, Mode};
+use frakti_lab::rerun::{Placement, run_here_or_in_lab};
+use frakti_lab::runner::TIMEOUT_ENV;
+use runtime::{Client, Memory, Pod};
+
+/// Pod + container start time and memory per pod: frakti vs containerd +
+/// runc through the CRI (ratios).
+#[derive(Debug, Parser)]
+struct Args {
+    /// Pods each runtime starts one after another, and again `--concurrency` at a time.
+    #[arg(long, default_value_t = 20)]
+    pods: usize,
+    /// Pods started at once in the concurrent round (memory is measured with this many running).
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Untimed pods each runtime starts and removes first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+}
+
+/// Issue 13's goal: pod start at most this times containerd + runc's.
+const GOAL: f64 = 1.5;
+
+fn main() -> ExitCode {
+    match run(&Args::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    ensure!(args.pods >= 1, "--pods must be at least 1");
+    ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    let in_lab = std::env::var_os(IN_LAB_ENV).is_some();
+    // Holds what the host prepares until the run is over.
+    let host_dir = tempfile::Builder::new()
+        .prefix("frakti-bench-cri")
+        .tempdir()?;
+    let mut programs = vec![(guest::VMM_ENV, guest::vmm_binary()?)];
+    if !in_lab {
+        let nested = Mode::detect()?.is_nested();
+        programs.extend(prepare::prepare(host_dir.path(), nested)?);
+        if nested && std::env::var_os(TIMEOUT_ENV).is_none() {
+            // Two runtimes, each warm-up + 2 x pods starts and removals.
+            let secs = 900 + 90 * (args.pods + args.warmup);
+            // SAFETY: no other thread runs yet.
+            unsafe { std::env::set_var(TIMEOUT_ENV, secs.to_string()) };
+        }
+    }
+    match run_here_or_in_lab(&programs)? {
+        Placement::Here(mode) => eprintln!("bench: running here ({mode})"),
+        Placement::RanInLab(status) => {
+            return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
+        }
+    }
+    let assets = GuestAssets::locate()?;
+    programs.push((guest::KERNEL_ENV, assets.kernel));
+    programs.push((guest::INITRD_ENV, assets.initrd));
+    for (env, path) in &programs {
+        // SAFETY: no other thread runs yet (the runtime starts below).
+        unsafe { std::env::set_var(env, path) };
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(bench(args, in_lab))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One runtime under test and what it measured.
+struct Target {
+    name: &'static str,
+    client: Client,
+    /// Where pods' log directories go.
+    logs: PathBuf,
+    /// The daemon's own log.
+    log: PathBuf,
+    pid: u32,
+    sequential: Vec<f64>,
+    concurrent: Vec<f64>,
+    memory: Option<Memory>,
+}
+
+impl Target {
+    /// `e` with the tail of the daemon's log.
+    fn failed(&self, e: anyhow::Error) -> anyhow::Error {
+        anyhow!(
+            "{}: {e:#}\n--- {} log (tail) ---\n{}",
+            self.name,
+            self.name,
+            runtime::log_tail(&self.log, 60)
+        )
+    }
+
+    async fn start(&mut self, name: &str) -> anyhow::Result<Pod> {
+        let result = runtime::start_pod(&mut self.client, name, &self.logs).await;
+        result.map_err(|e| self.failed(e))
+    }
+
+    async fn remove(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        let result = runtime::remove_pod(&mut self.client, pod).await;
+        result.map_err(|e| self.failed(e))
+    }
+
+    /// `n` pods started at once; all of them, or the first error.
+    async fn start_batch(&mut self, prefix: &str, n: usize) -> anyhow::Result<Vec<Pod>> {
+        let mut set = tokio::task::JoinSet::new();
+        for j in 0..n {
+            let (mut client, logs) = (self.client.clone(), self.logs.clone());
+            let name = format!("{prefix}-{j}");
+            set.spawn(async move { runtime::start_pod(&mut client, &name, &logs).await });
+        }
+        let (mut pods, mut error) = (Vec::new(), None);
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok(Ok(pod)) => pods.push(pod),
+                Ok(Err(e)) => error = error.or(Some(e)),
+                Err(e) => error = error.or(Some(anyhow!("a start task failed: {e}"))),
+            }
+        }
+        match error {
+            None => Ok(pods),
+            Some(e) => {
+                for pod in &pods {
+                    let _ = runtime::remove_pod(&mut self.client, pod).await;
+                }
+                Err(self.failed(e))
+            }
+        }
+    }
+
+    async fn measure_memory(&mut self, pods: &[Pod]) -> anyhow::Result<Memory> {
+        let result = if self.name == "frakti" {
+            runtime::frakti_memory(&mut self.client, pods, self.pid).await
+        } else {
+            runtime::containerd_memory(&mut self.client, pods, self.pid).await
+        };
+        result.map_err(|e| self.failed(e))
+    }
+}
+
+async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
+    let cgroups = containerd::prepare_node(in_lab)?;
+    // Short: frakti's pod sockets live below its root.
+    let work = tempfile::Builder::new().prefix("fb").tempdir_in("/tmp")?;
+    eprintln!("bench: starting frakti daemon and containerd (importing the images)");
+    let frakti = runtime::Frakti::start(&work.path().join("f")).await?;
+    let containerd = containerd::Containerd::start(&work.path().join("c")).await?;
+    let mut targets = [
+        Target {
+            name: "frakti",
+            client: runtime::connect(&frakti.socket()).await?,
+            logs: frakti.log_dir(),
+            log: frakti.log(),
+            pid: frakti.pid(),
+            sequential: Vec::new(),
+            concurrent: Vec::new(),
+            memory: None,
+        },
+        Target {
+            name: "containerd",
+            client: runtime::connect(&containerd.socket).await?,
+            logs: containerd.log_dir(),
+            log: containerd.log(),
+            pid: containerd.pid(),
+            sequential: Vec::new(),
+            concurrent: Vec::new(),
+            memory: None,
+        },
+    ];
+    // Alternate which runtime goes first so drift hurts both alike.
+    let order = |i: usize| if i % 2 == 0 { [0, 1] } else { [1, 0] };
+
+    for target in &mut targets {
+        for i in 0..args.warmup {
+            let pod = target.start(&format!("warm-{i}")).await?;
+            eprintln!("bench: {} warm-up pod {i}: {:.2} s", target.name, pod.secs);
+            target.remove(&pod).await?;
+        }
+    }
+    for i in 0..args.pods {
+        for w in order(i) {
+            let target = &mut targets[w];
+            let pod = target.start(&format!("seq-{i}")).await?;
+            eprintln!(
+                "bench: {} sequential pod {i}: {:.2} s",
+                target.name, pod.secs
+            );
+            target.remove(&pod).await?;
+            target.sequential.push(pod.secs);
+        }
+    }
+    let batch_size = args.concurrency.min(args.pods);
+    for b in 0..args.pods.div_ceil(args.concurrency) {
+        let n = args.concurrency.min(args.pods - b * args.concurrency);
+        for w in order(b) {
+            let target = &mut targets[w];
+            let pods = target.start_batch(&format!("conc-{b}"), n).await?;
+            let secs: Vec<String> = pods.iter().map(|p| format!("{:.2}", p.secs)).collect();
+            eprintln!(
+                "bench: {} concurrent batch {b}: {} s",
+                target.name,
+                secs.join(" ")
+            );
+            if target.memory.is_none() && n == batch_size {
+                // Let the pods settle after their start.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                target.memory = Some(target.measure_memory(&pods).await?);
+            }
+            for pod in &pods {
+                target.remove(pod).await?;
+            }
+            target.concurrent.extend(pods.iter().map(|p| p.secs));
+        }
+    }
+    for target in &mut targets {
+        let left = runtime::pods_left(&mut target.client).await?;
+        if left > 0 {
+            eprintln!(
+                "bench: warning: {} still lists {left} pods after removal",
+                target.name
+            );
+        }
+    }
+    print_warnings(&frakti.log());
+    report(args, &cgroups, batch_size, &targets);
+    Ok(())
+}
+
+/// frakti daemon's WARN and ERROR lines, if any (to stderr).
+fn print_warnings(log: &std::path::Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    if !lines.is_empty() {
+        eprintln!(
+            "bench: frakti daemon logged {} warnings/errors; the first:",
+            lines.len()
+        );
+        for line in lines.iter().take(20) {
+            eprintln!("  {line}");
+        }
+    }
+}
+
+/// Nearest-rank percentile (NaN for none).
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted
+        .get(rank.min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+fn report(args: &Args, cgroups: &str, batch: usize, targets: &[Target; 2]) {
+    let [frakti, containerd] = targets;
+    println!(
+        "CRI pod + container start: frakti vs {} (lab, ratios only)",
+        containerd::versions()
+    );
+    println!(
+        "  same CRI v1 client code (k8s-cri), same image {} (the busybox test image), \
+         container `sleep 3600`",
+        prepare::IMAGE
+    );
+    println!(
+        "  timed per pod: RunPodSandbox -> CreateContainer -> StartContainer -> ContainerStatus \
+         RUNNING; each pod removed after, untimed; {} untimed warm-up pod(s) per runtime; the \
+         runtimes alternate which goes first",
+        args.warmup
+    );
+    println!(
+        "  containerd: CRI plugin, overlayfs snapshotter, runc (cgroupfs driver{}), {cgroups}; \
+         sandbox image: busybox `sleep 2147483647` built here",
+        if containerd::root_is_initramfs() {
+            ", NoPivotRoot: / is an initramfs, which pivot_root refuses"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "  containerd's figure INCLUDES its CNI setup (loopback + bridge, host-local IPAM {}, \
+         no masquerade); frakti does no pod networking yet",
+        containerd::POD_SUBNET
+    );
+    println!(
+        "  absolute times are the emulated lab's (QEMU TCG L1, nested KVM): quote the ratios only"
+    );
+    println!();
+    println!(
+        "  {:<28} {:>10} {:>13} {:>18}",
+        "start time", "frakti s", "containerd s", "frakti/containerd"
+    );
+    let rounds = [
+        (
+            format!("sequential ({} pods)", args.pods),
+            &frakti.sequential,
+            &containerd.sequential,
+        ),
+        (
+            format!("concurrency {} ({} pods)", args.concurrency, args.pods),
+            &frakti.concurrent,
+            &containerd.concurrent,
+        ),
+    ];
+    let mut over = Vec::new();
+    for (label, ours, theirs) in &rounds {
+        for (name, p) in [("p50", 50.0), ("p95", 95.0)] {
+            let (a, b) = (percentile(ours, p), percentile(theirs, p));
+            let ratio = a / b;
+            println!(
+                "  {:<28} {a:>10.3} {b:>13.3} {ratio:>17.2}x",
+                format!("{label} {name}")
+            );
+            if ratio.is_nan() || ratio > GOAL {
+                over.push(format!("{label} {name} {ratio:.2}x"));
+            }
+        }
+    }
+    if over.is_empty() {
+        println!(
+            "  goal (issue 13): pod start <= {GOAL}x containerd+runc: HOLDS (p50 and p95, both rounds)"
+        );
+    } else {
+        println!(
+            "  goal (issue 13): pod start <= {GOAL}x containerd+runc: DOES NOT HOLD ({})",
+            over.join(", ")
+        );
+    }
+    println!();
+    let (Some(ours), Some(theirs)) = (&frakti.memory, &containerd.memory) else {
+        println!("  memory: not measured");
+        return;
+    };
+    println!(
+        "  memory per pod with {batch} pods running (RSS from smaps, MiB; means over the pods)"
+    );
+    let mib = |kib: f64| kib / 1024.0;
+    for (name, memory, daemon) in [
+        ("frakti", ours, "frakti daemon RSS / pods"),
+        ("containerd", theirs, "containerd RSS / pods"),
+    ] {
+        for (part, kib) in &memory.parts {
+            println!("    {name:<11} {part:<32} {:>8.2}", mib(*kib));
+        }
+        println!(
+            "    {name:<11} {:<32} {:>8.2}",
+            "= per pod",
+            mib(memory.per_pod())
+        );
+        println!(
+            "    {name:<11} {:<32} {:>8.2}",
+            format!("+ {daemon}"),
+            mib(memory.daemon_share)
+        );
+        let total = memory.per_pod() + memory.daemon_share;
+        println!(
+            "    {name:<11} {:<32} {:>8.2}",
+            "= with the daemon's share",
+            mib(total)
+        );
+    }
+    println!(
+        "  ratio frakti/containerd: per pod {:.2}x, with the daemon's share {:.2}x \
+         (frakti's includes the guest's kernel and agent; containerd's pods share the host kernel)",
+        ours.per_pod() / theirs.per_pod(),
+        (ours.per_pod() + ours.daemon_share) / (theirs.per_pod() + theirs.daemon_share)
+    );
+    println!(
+        "  PSS per pod (pages shared between processes split among them): frakti {:.2} MiB, \
+         containerd {:.2} MiB, ratio {:.2}x",
+        mib(ours.pss),
+        mib(theirs.pss),
+        ours.pss / theirs.pss
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 11.0);
+        assert_eq!(percentile(&v, 95.0), 19.0);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
+}

@@ -13,10 +13,8 @@
 mod support;
 
 use std::collections::HashSet;
-use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -459,12 +457,7 @@ impl Drop for Containerd {
         let _ = self.daemon.kill();
         // A containerd killed mid-unpack may leave a mount in its root;
         // removing the temp dir must not reach through it.
-        for mount in mounts_under(&self.dir) {
-            if let Ok(path) = CString::new(mount.as_os_str().as_bytes()) {
-                // SAFETY: `path` is a valid NUL-terminated string.
-                unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
+        frakti_bench::unmount_under(&self.dir);
     }
 }
 
@@ -592,21 +585,6 @@ fn files_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
-}
-
-/// Mount points at or under `dir`, deepest first.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mut found: Vec<PathBuf> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        // /proc/self/mounts escapes spaces and the like as \040; the temp
-        // dirs have none.
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    found
 }
 
 fn percentile(values: &[f64], p: f64) -> f64 {

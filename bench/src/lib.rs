@@ -124,6 +124,28 @@ pub fn median(values: &mut [f64]) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Detaches every mount at or under `dir`, deepest first (what a killed
+/// containerd may leave in its root before the temp dir is removed).
+pub fn unmount_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut found: Vec<std::path::PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        // /proc/self/mounts escapes spaces and the like as \040; the temp
+        // dirs have none.
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for mount in found {
+        if let Ok(path) = std::ffi::CString::new(mount.as_os_str().as_encoded_bytes()) {
+            // SAFETY: `path` is a valid NUL-terminated string that lives
+            // across the call.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

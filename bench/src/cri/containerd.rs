@@ -162,7 +162,7 @@ impl Drop for Containerd {
         // Shims outlive containerd (and hold the pods' processes): the
         // ones started for this root name its socket.
         runtime::kill_processes_naming(&self.dir);
-        runtime::unmount_under(&self.dir);
+        frakti_bench::unmount_under(&self.dir);
     }
 }
 

@@ -92,7 +92,7 @@ impl Drop for Frakti {
         let _ = self.daemon.kill();
         // Pod VMs outlive the daemon; theirs name its root.
         kill_processes_naming(&self.dir.join("r"));
-        unmount_under(&self.dir);
+        frakti_bench::unmount_under(&self.dir);
     }
 }
 
@@ -520,24 +520,6 @@ pub fn kill_processes_naming(dir: &Path) {
                 // SAFETY: kill(2) with a pid and a signal number.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
-        }
-    }
-}
-
-/// Detaches every mount at or under `dir`, deepest first.
-pub fn unmount_under(dir: &Path) {
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mut found: Vec<PathBuf> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for mount in found {
-        if let Ok(path) = std::ffi::CString::new(mount.as_os_str().as_encoded_bytes()) {
-            // SAFETY: `path` is a valid NUL-terminated string.
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
         }
     }
 }

@@ -177,9 +177,105 @@ impl Seed {
     }
 }
 
+/// The runtime's hostile inputs (see `fuzz_targets/runtime_inputs.rs`):
+/// `data` split at the first two NULs into passwd, group and the rest.
+pub fn runtime_inputs(data: &[u8]) {
+    use frakti_cri::image::records::ImageConfig;
+    use frakti_cri::runtime::logs::{LineEncoder, MAX_LINE, StreamKind};
+    use frakti_cri::runtime::sizing::{self, SizingDefaults};
+    use frakti_cri::runtime::spec::{self, SpecInput};
+    use k8s_cri::v1 as cri;
+
+    let mut parts = data.splitn(3, |b| *b == 0);
+    let passwd = String::from_utf8_lossy(parts.next().unwrap_or_default());
+    let group = String::from_utf8_lossy(parts.next().unwrap_or_default());
+    let rest = parts.next().unwrap_or_default();
+    let text = String::from_utf8_lossy(rest);
+    let mut line = text.lines();
+    let user = line.next().unwrap_or_default().to_string();
+    let username = line.next().unwrap_or_default().to_string();
+
+    // Users and groups resolved in the image's files.
+    let mut image = ImageConfig::default();
+    image.config.user = Some(user.clone());
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata { name: "c".into(), attempt: 0 }),
+        command: vec!["sh".into()],
+        linux: Some(cri::LinuxContainerConfig {
+            resources: None,
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                run_as_username: username,
+                ..Default::default()
+            }),
+        }),
+        ..Default::default()
+    };
+    let sandbox = cri::PodSandboxConfig::default();
+    let _ = spec::build(&SpecInput {
+        container_id: "c",
+        config: &config,
+        sandbox: &sandbox,
+        image: &image,
+        passwd: Some(&passwd),
+        group: Some(&group),
+        mounts: &[],
+        resolv_conf: None,
+        hostname_file: None,
+    });
+
+    // The container's output, in chunks: every byte but the line ends comes
+    // back in the records' contents, in order, none longer than MAX_LINE.
+    let mut encoder = LineEncoder::new(StreamKind::Stdout);
+    let now = std::time::UNIX_EPOCH;
+    let mut records = Vec::new();
+    for chunk in rest.chunks(7) {
+        records.extend(encoder.push(chunk, now));
+    }
+    records.extend(encoder.finish(now));
+    let mut contents = Vec::new();
+    for record in &records {
+        let mut fields = record.splitn(4, |b| *b == b' ');
+        let (_time, _stream, tag) = (fields.next(), fields.next(), fields.next());
+        assert!(matches!(tag, Some(b"F") | Some(b"P")), "bad tag in {record:?}");
+        let content = fields.next().unwrap_or_default();
+        let content = content.strip_suffix(b"\n").expect("a record ends its line");
+        assert!(content.len() <= MAX_LINE);
+        contents.extend_from_slice(content);
+    }
+    let expected: Vec<u8> = rest.iter().copied().filter(|b| *b != b'\n').collect();
+    assert_eq!(contents, expected, "the log lost or changed bytes");
+
+    // Annotations as an API client sends them.
+    let mut pod = cri::PodSandboxConfig::default();
+    pod.annotations = [
+        (sizing::ANNOTATION_CPUS.to_string(), user),
+        (sizing::ANNOTATION_MEMORY.to_string(), text.into_owned()),
+    ]
+    .into();
+    let defaults = SizingDefaults {
+        cpus: 1,
+        memory_mib: 128,
+        host_cpus: 4,
+        guest_reserve_mib: 64,
+    };
+    if let Ok((size, _)) = sizing::size_pod(&pod, &defaults) {
+        assert!(size.vcpus >= 1 && size.vcpus <= 4);
+        assert!(size.memory_mib >= 128 && size.memory_mib % 2 == 0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::runtime_inputs;
     use frakti_cri::image::unpack::{Compression, Limits, apply_layer};
+
+    #[test]
+    fn runtime_inputs_take_hostile_bytes() {
+        runtime_inputs(b"root:x:0:0::/:/bin/sh\nbad\0root:x:0:\n::::\0root\nnobody\n");
+        runtime_inputs(b"\0\0");
+        runtime_inputs(&[0xff; 40_000]);
+        runtime_inputs(b"a:b:c\0x\0999999999999999999999:1\n\n1500m\n");
+    }
 
     #[test]
     fn seeds_apply_and_stay_inside() {

@@ -202,6 +202,24 @@ impl Cgroup {
         fs::read_to_string(self.path.as_ref()?.join(file)).ok()
     }
 
+    /// SIGKILLs every process in the cgroup: `cgroup.kill` (Linux 5.14+),
+    /// else each pid of `cgroup.procs`. What a container started outlives
+    /// its process tree when orphaned (an exec's background child is
+    /// reparented away from the container's init), never its cgroup.
+    pub fn kill_all(&self) {
+        let Some(dir) = &self.path else { return };
+        if fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+            return;
+        }
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
     /// Removes the (empty) cgroup.
     pub fn remove(&self) -> Result<(), Error> {
         let Some(path) = &self.path else {

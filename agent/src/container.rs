@@ -725,6 +725,10 @@ impl Containers {
             return Err(Error::Invalid(format!("{signal} is not a signal number")));
         }
         let (container, process) = self.process(id, exec_id).await?;
+        if all && signal == libc::SIGKILL {
+            // Everything in its cgroup, orphans included.
+            container.cgroup.kill_all();
+        }
         if all {
             for info in self.processes(&container).await {
                 let _ = nix::sys::signal::kill(
@@ -880,6 +884,7 @@ impl Containers {
             );
         }
         let _ = init.signal(libc::SIGKILL);
+        container.cgroup.kill_all();
         let execs: Vec<_> = container.execs.lock().await.values().cloned().collect();
         for p in &execs {
             let _ = p.signal(libc::SIGKILL);

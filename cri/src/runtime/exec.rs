@@ -3,13 +3,14 @@
 //! timeout, a command still running when it expires is killed, and the RPC
 //! says it timed out.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use frakti_proto::agent::v1 as pb;
 use futures_util::StreamExt;
 
 use super::state::{self, ContainerPhase};
-use super::{Error, Result, Runtime, agent_call, spec};
+use super::{Error, Result, Runtime, agent_call, lock, spec};
 use crate::sandbox::agent::AgentClient;
 
 /// What ExecSync keeps of each stream (kubelet's probes read little; a
@@ -17,6 +18,8 @@ use crate::sandbox::agent::AgentClient;
 pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
 /// After the kill of a timed-out command, how long its exit may take.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// After the command's exit, how long its output may take to drain.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 pub struct ExecOutput {
@@ -25,27 +28,65 @@ pub struct ExecOutput {
     pub exit_code: i32,
 }
 
+/// Collects one output stream into `output` until the stream ends.
 async fn read_stream(
     mut agent: AgentClient,
     container_id: String,
     exec_id: String,
     stream: pb::OutputStream,
-) -> Vec<u8> {
+    output: Arc<Mutex<Vec<u8>>>,
+) {
     let request = pb::ReadOutputRequest {
         container_id,
         exec_id,
         stream: stream as i32,
     };
     let Ok(response) = agent.read_output(request).await else {
-        return Vec::new();
+        return;
     };
-    let mut output = Vec::new();
     let mut chunks = response.into_inner();
     while let Some(Ok(chunk)) = chunks.next().await {
+        let mut output = lock(&output);
         let room = MAX_EXEC_OUTPUT.saturating_sub(output.len());
         output.extend_from_slice(&chunk.data[..chunk.data.len().min(room)]);
     }
-    output
+}
+
+/// A stream being read in the background.
+struct Collector {
+    task: tokio::task::JoinHandle<()>,
+    output: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Collector {
+    fn spawn(
+        agent: &AgentClient,
+        container_id: &str,
+        exec_id: &str,
+        stream: pb::OutputStream,
+    ) -> Collector {
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn(read_stream(
+            agent.clone(),
+            container_id.to_string(),
+            exec_id.to_string(),
+            stream,
+            output.clone(),
+        ));
+        Collector { task, output }
+    }
+
+    /// What was read, once the stream ended or [`DRAIN_WAIT`] passed: a
+    /// background child of the command may hold the pipe open forever.
+    async fn finish(mut self) -> Vec<u8> {
+        if tokio::time::timeout(DRAIN_WAIT, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
+        std::mem::take(&mut *lock(&self.output))
+    }
 }
 
 impl Runtime {
@@ -74,18 +115,8 @@ impl Runtime {
             process_json,
         };
         agent_call("ExecProcess", agent.exec_process(request)).await?;
-        let stdout = tokio::spawn(read_stream(
-            agent.clone(),
-            container.id.clone(),
-            exec_id.clone(),
-            pb::OutputStream::Stdout,
-        ));
-        let stderr = tokio::spawn(read_stream(
-            agent.clone(),
-            container.id.clone(),
-            exec_id.clone(),
-            pb::OutputStream::Stderr,
-        ));
+        let stdout = Collector::spawn(&agent, &container.id, &exec_id, pb::OutputStream::Stdout);
+        let stderr = Collector::spawn(&agent, &container.id, &exec_id, pb::OutputStream::Stderr);
         let wait_request = pb::WaitProcessRequest {
             container_id: container.id.clone(),
             exec_id: exec_id.clone(),
@@ -98,8 +129,8 @@ impl Runtime {
                 Err(_) => {
                     self.kill_exec(&mut agent, &container.id, &exec_id, wait_request)
                         .await;
-                    stdout.abort();
-                    stderr.abort();
+                    stdout.task.abort();
+                    stderr.task.abort();
                     return Err(Error::DeadlineExceeded(format!(
                         "command {cmd:?} timed out after {}s and was killed",
                         limit.as_secs_f64()
@@ -117,8 +148,8 @@ impl Runtime {
             .status
             .unwrap_or_default();
         Ok(ExecOutput {
-            stdout: stdout.await.unwrap_or_default(),
-            stderr: stderr.await.unwrap_or_default(),
+            stdout: stdout.finish().await,
+            stderr: stderr.finish().await,
             exit_code: status.exit_code,
         })
     }

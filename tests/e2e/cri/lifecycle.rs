@@ -198,6 +198,15 @@ async fn lifecycle(daemon: &mut Daemon) -> anyhow::Result<()> {
         !String::from_utf8_lossy(&ps.stdout).contains("sleep 77"),
         "the timed-out exec still runs"
     );
+    // A background child holding the output pipe does not hold the RPC.
+    let started = Instant::now();
+    let out = exec(&mut c, &cid, &["sh", "-c", "sleep 60 & echo started"], 0).await?;
+    ensure!(out.stdout == b"started\n", "{out:?}");
+    ensure!(
+        started.elapsed() < Duration::from_secs(15),
+        "ExecSync waited {:?} for a background child",
+        started.elapsed()
+    );
 
     // Exit codes and reasons.
     let failing = run_container(&mut c, &pod, "fails", &["sh", "-c", "exit 7"]).await?;

@@ -21,6 +21,7 @@ const DEFAULT_CONFIG: &str = "/etc/frakti/config.toml";
 const DEFAULT_ASSETS: &str = "/usr/lib/frakti";
 const DEFAULT_CPUS: u32 = 1;
 const DEFAULT_MEMORY_MIB: u64 = 128;
+const DEFAULT_EMPTY_DIR_MIB: u64 = 10 << 10;
 /// What the guest kernel and agent take besides the containers: measured
 /// in the lab (MemTotal - MemAvailable of an idle 128 MiB guest, rounded
 /// up; see the README).
@@ -88,6 +89,10 @@ struct DaemonArgs {
     /// Address of the streaming server (exec, attach, port-forward) [default: 127.0.0.1:0].
     #[arg(long)]
     streaming_addr: Option<String>,
+    /// MiB of each disk-backed emptyDir volume (a sparse ext4 file per volume, made at first
+    /// use); 0 keeps emptyDirs in guest memory [default: 10240].
+    #[arg(long)]
+    empty_dir_size: Option<u64>,
     /// Group owning the CRI socket (mode 0660), by name or gid [default: root].
     #[arg(long)]
     socket_group: Option<String>,
@@ -187,6 +192,12 @@ fn daemon_options(args: DaemonArgs) -> anyhow::Result<(daemon::Options, String)>
             .streaming_addr
             .or(file.streaming_addr)
             .unwrap_or_else(|| "127.0.0.1:0".into()),
+        empty_dir_bytes: args
+            .empty_dir_size
+            .or(file.empty_dir_size)
+            .unwrap_or(DEFAULT_EMPTY_DIR_MIB)
+            .checked_mul(1 << 20)
+            .ok_or_else(|| anyhow::anyhow!("empty-dir-size is too large"))?,
     };
     anyhow::ensure!(runtime.sizing.cpus > 0, "default-cpus must be at least 1");
     anyhow::ensure!(

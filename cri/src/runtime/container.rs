@@ -416,7 +416,9 @@ impl Runtime {
         (passwd, group): (Option<String>, Option<String>),
     ) -> Result<Created> {
         let mut agent = pod.agent()?;
-        let prepared = mounts::prepare(pod, id, &config.mounts, &mut agent).await?;
+        let empty_dir_bytes = self.inner.config.empty_dir_bytes;
+        let prepared =
+            mounts::prepare(pod, id, &config.mounts, &mut agent, empty_dir_bytes).await?;
         let built = spec::build(&SpecInput {
             container_id: id,
             config,

@@ -18,6 +18,7 @@ mod exec;
 mod mounts;
 mod pod;
 mod recover;
+mod scratch;
 mod stats;
 mod sync;
 
@@ -114,6 +115,9 @@ pub struct RuntimeConfig {
     pub allowed_unsafe_sysctls: Vec<String>,
     /// `ip:port` of the streaming server (exec/attach/port-forward URLs).
     pub streaming_addr: String,
+    /// Size of each disk-backed emptyDir volume (sparse); 0 keeps every
+    /// emptyDir in guest memory.
+    pub empty_dir_bytes: u64,
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -17,15 +17,13 @@ use k8s_cri::v1 as cri;
 use super::pod::Pod;
 use super::spec::{GuestMount, GuestMountKind};
 use super::sync::{Snapshot, SyncedMount};
-use super::{Error, Result, agent_call};
+use super::{Error, Result, agent_call, scratch};
 use crate::sandbox::agent::AgentClient;
 
 /// The most a container's copied mounts may hold, together.
 pub const MAX_COPY_BYTES: u64 = 64 * 1024 * 1024;
 /// The most entries one mount may have.
 pub(crate) const MAX_COPY_ENTRIES: usize = 10_000;
-/// kubelet's emptyDir volumes live under this path component.
-const EMPTY_DIR_MARKER: &str = "/volumes/kubernetes.io~empty-dir/";
 
 /// What a walk saw of one entry: metadata only, the content is read when
 /// the entry is copied.
@@ -272,6 +270,7 @@ pub(crate) async fn prepare(
     container_id: &str,
     mounts: &[cri::Mount],
     agent: &mut AgentClient,
+    empty_dir_bytes: u64,
 ) -> Result<Prepared> {
     let mut budget = MAX_COPY_BYTES;
     let mut prepared = Prepared {
@@ -282,18 +281,11 @@ pub(crate) async fn prepare(
     for (index, mount) in mounts.iter().enumerate() {
         check(mount)?;
         let readonly = mount.readonly || mount.recursive_read_only;
-        let guest_source = match mount.host_path.split_once(EMPTY_DIR_MARKER) {
-            Some((_, volume)) if !volume.is_empty() && !volume.contains('/') => {
-                // Shared by the pod's containers: made once, never copied.
-                let request = pb::CopyFileRequest {
-                    path: format!("emptydir/{volume}"),
-                    kind: pb::FileKind::Directory as i32,
-                    mode: 0o777,
-                    ..Default::default()
-                };
-                agent_call("CopyFile", agent.copy_file(request))
-                    .await?
-                    .guest_path
+        let guest_source = match scratch::empty_dir_volume(&mount.host_path) {
+            // Shared by the pod's containers: made once, never copied.
+            Some(volume) => {
+                let host = Path::new(&mount.host_path);
+                scratch::empty_dir(pod, volume, host, agent, empty_dir_bytes).await?
             }
             _ => {
                 let base = format!("containers/{container_id}/{index}");

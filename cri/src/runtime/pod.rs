@@ -260,6 +260,7 @@ impl Runtime {
             message: String::new(),
             runtime_handler,
             images: Vec::new(),
+            volumes: Vec::new(),
         };
         let pod = Arc::new(Pod::new(record, config, dir));
         self.reserve_name(&pod.name, &id)?;

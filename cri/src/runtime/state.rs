@@ -65,6 +65,9 @@ pub struct PodRecord {
     /// Image disks in the VM's slots (found again after a restart).
     #[serde(default)]
     pub images: Vec<SlotRecord>,
+    /// Writable disks in the VM's slots (emptyDir volumes).
+    #[serde(default)]
+    pub volumes: Vec<SlotRecord>,
 }
 
 /// An image disk in one of the VM's slots.
@@ -245,6 +248,7 @@ mod tests {
             message: String::new(),
             runtime_handler: String::new(),
             images: Vec::new(),
+            volumes: Vec::new(),
         };
         write_json(&path, &record).unwrap();
         assert_eq!(read_json::<PodRecord>(&path).unwrap(), record);

@@ -282,6 +282,11 @@ pub fn kill(pid: u32) {
     }
 }
 
+/// Serial of writable slot `index`.
+pub fn volume_slot(index: usize) -> String {
+    format!("{VOLUME_SLOT_PREFIX}{index}")
+}
+
 /// Serial of image slot `index`.
 pub fn image_slot(index: usize) -> String {
     format!("{IMAGE_SLOT_PREFIX}{index}")

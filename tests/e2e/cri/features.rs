@@ -256,6 +256,10 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     ensure!(seen == "from-writer\n", "the reader sees {seen:?}");
+    // On a disk of its own (ext4), not in guest memory.
+    let mounts = exec(&mut c, &reader, &["cat", "/proc/self/mounts"], 10).await?;
+    let mounts = String::from_utf8_lossy(&mounts.stdout);
+    ensure!(mounts.contains(" /shared ext4 "), "the emptyDir is not on a disk: {mounts}");
 
     // A configmap-like volume follows kubelet's `..data` swap within 2 s,
     // and a termination message comes back to the host at exit.

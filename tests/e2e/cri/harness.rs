@@ -122,6 +122,7 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))?;
         let child = Command::new(env_path(FRAKTI_ENV)?)
+            .env("PATH", self.tool_path()?)
             .arg("daemon")
             .arg("--listen")
             .arg(self.socket())
@@ -162,6 +163,22 @@ impl Daemon {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// PATH for the daemon: the lab's mke2fs as `mkfs.ext4` (emptyDir
+    /// disks) before the usual directories.
+    fn tool_path(&self) -> anyhow::Result<std::ffi::OsString> {
+        let bin = self.dir.path().join("bin");
+        if let Some(mke2fs) = std::env::var_os(frakti_lab::guest::MKE2FS_ENV) {
+            std::fs::create_dir_all(&bin)?;
+            let link = bin.join("mkfs.ext4");
+            if !link.exists() {
+                std::os::unix::fs::symlink(mke2fs, &link)?;
+            }
+        }
+        let mut dirs = vec![bin];
+        dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+        Ok(std::env::join_paths(dirs)?)
     }
 
     pub async fn runtime(&self) -> anyhow::Result<Runtime> {

@@ -259,7 +259,10 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
     // On a disk of its own (ext4), not in guest memory.
     let mounts = exec(&mut c, &reader, &["cat", "/proc/self/mounts"], 10).await?;
     let mounts = String::from_utf8_lossy(&mounts.stdout);
-    ensure!(mounts.contains(" /shared ext4 "), "the emptyDir is not on a disk: {mounts}");
+    ensure!(
+        mounts.contains(" /shared ext4 "),
+        "the emptyDir is not on a disk: {mounts}"
+    );
 
     // A configmap-like volume follows kubelet's `..data` swap within 2 s,
     // and a termination message comes back to the host at exit.

@@ -177,7 +177,9 @@ impl Daemon {
             }
         }
         let mut dirs = vec![bin];
-        dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+        dirs.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
         Ok(std::env::join_paths(dirs)?)
     }
 

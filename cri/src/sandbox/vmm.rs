@@ -326,8 +326,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = VmFiles::new(dir.path());
         assert!(!is_our_vmm(std::process::id(), &files));
-        let mut child = Command::new("sleep")
-            .arg("30")
+        // `sh -c CMD NAME`: NAME is only $0, in the command line.
+        let mut child = Command::new("sh")
+            .args(["-c", "sleep 30; true"])
             .arg(files.api_socket())
             .spawn()
             .unwrap();

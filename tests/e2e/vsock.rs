@@ -39,20 +39,39 @@ fn guest_script() -> String {
     )
 }
 
+/// How long the host server waits for the guest's connections: a guest
+/// that opens fewer must fail the test, not hang it.
+const ACCEPT_DEADLINE: Duration = Duration::from_secs(300);
+
 /// Echoes `connections` streams accepted on `listener`; returns the bytes.
 fn host_echo_server(listener: UnixListener, connections: u64) -> JoinHandle<std::io::Result<u64>> {
     thread::spawn(move || {
-        let workers: Vec<_> = (0..connections)
-            .map(|_| {
-                let (mut stream, _) = listener.accept()?;
-                Ok(thread::spawn(move || -> std::io::Result<u64> {
-                    let mut reader = stream.try_clone()?;
-                    let n = std::io::copy(&mut reader, &mut stream)?;
-                    stream.shutdown(std::net::Shutdown::Write)?;
-                    Ok(n)
-                }))
-            })
-            .collect::<std::io::Result<_>>()?;
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + ACCEPT_DEADLINE;
+        let mut workers = Vec::new();
+        while (workers.len() as u64) < connections {
+            let mut stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(std::io::Error::other(format!(
+                            "the guest opened {} of {connections} connections",
+                            workers.len()
+                        )));
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            stream.set_nonblocking(false)?;
+            workers.push(thread::spawn(move || -> std::io::Result<u64> {
+                let mut reader = stream.try_clone()?;
+                let n = std::io::copy(&mut reader, &mut stream)?;
+                stream.shutdown(std::net::Shutdown::Write)?;
+                Ok(n)
+            }));
+        }
         let mut total = 0;
         for worker in workers {
             total += frakti_guest_tool::join(worker)?;

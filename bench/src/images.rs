@@ -62,7 +62,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let frakti_bin = frakti_binary()?;
+    let frakti_bin = frakti_bench::frakti_binary()?;
     for tool in ["containerd", "ctr"] {
         if support::find_tool(tool).is_none() {
             bail!("`{tool}` is not installed: apt-get install -y containerd");
@@ -97,21 +97,6 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         report(image, &samples[0], &samples[1]);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `target/release/frakti`, which the benchmark does not build itself.
-fn frakti_binary() -> anyhow::Result<PathBuf> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap_or(Path::new("."));
-    let path = workspace.join("target/release/frakti");
-    if !path.is_file() {
-        bail!(
-            "{} is missing: run `cargo build --release -p frakti-cri` first (make bench does)",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 /// An image in the registry, as both runtimes pull it.

@@ -146,6 +146,25 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
+/// The `frakti` binary the benches drive: `$FRAKTI_BIN`, else
+/// `target/release/frakti`, which the benches do not build themselves.
+pub fn frakti_binary() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("FRAKTI_BIN") {
+        return Ok(std::path::PathBuf::from(path));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."));
+    let path = workspace.join("target/release/frakti");
+    if !path.is_file() {
+        bail!(
+            "{} is missing: run `cargo build --release -p frakti-cri` first (make bench does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

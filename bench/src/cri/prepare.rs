@@ -79,7 +79,7 @@ pub fn env_path(name: &str) -> anyhow::Result<PathBuf> {
 /// Everything the benchmark needs, made or found under `dir`; `nested`:
 /// it will run in the lab, so the L1 kernel's modules go too.
 pub fn prepare(dir: &Path, nested: bool) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
-    let mut files = vec![(FRAKTI_ENV, frakti_binary()?)];
+    let mut files = vec![(FRAKTI_ENV, frakti_bench::frakti_binary()?)];
     for (env, tool, package) in TOOLS {
         let Some(path) = support::find_tool(tool) else {
             bail!("`{tool}` is not installed: apt-get install -y {package}");
@@ -127,25 +127,6 @@ pub fn prepare(dir: &Path, nested: bool) -> anyhow::Result<Vec<(&'static str, Pa
         files.extend(l1_modules()?);
     }
     Ok(files)
-}
-
-/// `$FRAKTI_BIN`, else `target/release/frakti`, which the benchmark does
-/// not build itself.
-fn frakti_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("FRAKTI_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap_or(Path::new("."));
-    let path = workspace.join("target/release/frakti");
-    if !path.is_file() {
-        bail!(
-            "{} is missing: run `cargo build --release -p frakti-cri` first (make bench does)",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 /// `tar -C dir -cf out .`

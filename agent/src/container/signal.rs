@@ -1,0 +1,121 @@
+//! Signals, and the container's processes as /proc shows them.
+
+use super::*;
+
+impl Containers {
+    /// Signals one process, or every process of the container.
+    pub async fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), Error> {
+        if !process::valid_signal(signal) {
+            return Err(Error::Invalid(format!("{signal} is not a signal number")));
+        }
+        let (container, process) = self.process(id, exec_id).await?;
+        if all && signal == libc::SIGKILL {
+            // Everything in its cgroup, orphans included.
+            container.cgroup.kill_all();
+        }
+        if all {
+            for info in self.processes(&container).await {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(info.pid),
+                    nix::sys::signal::Signal::try_from(signal).ok(),
+                );
+            }
+        }
+        process.signal(signal)
+    }
+
+    /// The processes of a container: its init, its execs and everything
+    /// they started (descendants, read from /proc).
+    pub async fn processes(&self, container: &Container) -> Vec<ProcessInfo> {
+        let mut roots = vec![container.init.pid];
+        if container.init.exited().is_some() {
+            roots.clear();
+        }
+        for p in container.execs.lock().await.values() {
+            if p.exited().is_none() {
+                roots.push(p.pid);
+            }
+        }
+        tokio::task::spawn_blocking(move || descendants(&roots))
+            .await
+            .unwrap_or_default()
+    }
+}
+
+/// One process as /proc shows it.
+#[derive(Debug, Clone)]
+pub struct ProcessInfo {
+    pub pid: i32,
+    pub ppid: i32,
+    pub uid: u32,
+    pub state: String,
+    pub args: Vec<String>,
+}
+
+pub(super) fn read_process(pid: i32) -> Option<ProcessInfo> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ppid ...": comm may hold spaces and parentheses.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let mut fields = after.split(' ');
+    let state = fields.next()?.to_string();
+    let ppid = fields.next()?.parse().ok()?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(0);
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Some(ProcessInfo {
+        pid,
+        ppid,
+        uid,
+        state,
+        args,
+    })
+}
+
+/// The living processes among `roots` and their descendants.
+pub(super) fn descendants(roots: &[i32]) -> Vec<ProcessInfo> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return vec![];
+    };
+    let all: Vec<ProcessInfo> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(read_process)
+        .filter(|p| p.state != "Z")
+        .collect();
+    let mut wanted: std::collections::HashSet<i32> = roots.iter().copied().collect();
+    // Parents may have larger pids than children (pid wrap): iterate to a
+    // fixed point.
+    loop {
+        let before = wanted.len();
+        for p in &all {
+            if wanted.contains(&p.ppid) {
+                wanted.insert(p.pid);
+            }
+        }
+        if wanted.len() == before {
+            break;
+        }
+    }
+    let mut list: Vec<ProcessInfo> = all
+        .into_iter()
+        .filter(|p| wanted.contains(&p.pid))
+        .collect();
+    list.sort_by_key(|p| p.pid);
+    list
+}

@@ -10,3 +10,9 @@ pub mod sandbox;
 pub mod server;
 
 pub use frakti_proto::error_chain;
+
+/// A mutex's guard; a panic elsewhere while it was held does not make the
+/// data unusable here (every critical section leaves it consistent).
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

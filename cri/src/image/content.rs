@@ -93,16 +93,11 @@ impl std::fmt::Display for Digest {
 /// one, never a torn one.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let mut file = File::create(&tmp)?;
+    // A unique temporary name: two writers of one path never share it.
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
     file.write_all(data)?;
-    file.sync_all()?;
-    drop(file);
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
     File::open(dir)?.sync_all()
 }
 

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use super::content::{self, ContentStore, Digest};
 use super::disk::{DiskFormat, ErofsCompression};
@@ -185,9 +185,7 @@ impl Drop for KeyedGuard<'_> {
     }
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(super) use crate::lock;
 
 impl Inner {
     fn release(&self, id: &Digest) {

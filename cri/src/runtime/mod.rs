@@ -24,7 +24,7 @@ mod sync;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_cri::v1 as cri;
@@ -120,9 +120,7 @@ pub struct RuntimeConfig {
     pub empty_dir_bytes: u64,
 }
 
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use crate::lock;
 
 /// Nanoseconds since the epoch, as CRI timestamps are.
 pub(crate) fn now_ns() -> i64 {

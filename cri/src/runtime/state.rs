@@ -14,7 +14,7 @@
 //! the old version or the new one, never half of one.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -122,21 +122,10 @@ pub struct ContainerRecord {
     pub copy_back: Vec<(String, PathBuf)>,
 }
 
-/// Writes `data` to `path` atomically (temp file, fsync, rename).
+/// Writes `data` to `path` atomically (the image store's writer: temp
+/// file, fsync, rename, directory fsync).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut file =
-        tempfile::NamedTempFile::new_in(dir).map_err(io_error("cannot write in", dir))?;
-    file.write_all(data)
-        .and_then(|()| file.as_file().sync_all())
-        .map_err(io_error("cannot write", path))?;
-    file.persist(path)
-        .map_err(|e| Error::Io {
-            what: "cannot rename into",
-            path: path.to_path_buf(),
-            source: e.error,
-        })
-        .map(drop)
+    crate::image::content::write_atomic(path, data).map_err(io_error("cannot write", path))
 }
 
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), Error> {

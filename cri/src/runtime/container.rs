@@ -94,35 +94,31 @@ impl Container {
 
     /// Records the init process's exit; false if it was already recorded.
     pub(crate) fn record_exit(&self, status: &pb::ExitStatus) -> bool {
-        {
-            let mut record = lock(&self.record);
-            if record.phase == ContainerPhase::Exited {
-                return false;
-            }
-            record.phase = ContainerPhase::Exited;
-            record.exit_code = status.exit_code;
-            // The guest's clock is not the host's (kubelet compares these
-            // with started_at): the host's time of hearing of the exit.
-            record.finished_at = now_ns().max(record.started_at);
-            record.reason = exit_reason(status).to_string();
-        }
-        self.save();
-        self.exited.send_replace(true);
-        true
+        self.finish(status.exit_code, exit_reason(status), None)
     }
 
     /// The container's VM is gone (or stopped): it exited, with `message`.
     pub(crate) fn mark_lost(&self, message: &str) -> bool {
+        self.finish(137, "Error", Some(message))
+    }
+
+    /// Makes the container EXITED (once: false if it already was), saves
+    /// the record and wakes those waiting for the exit.
+    fn finish(&self, exit_code: i32, reason: &str, message: Option<&str>) -> bool {
         {
             let mut record = lock(&self.record);
             if record.phase == ContainerPhase::Exited {
                 return false;
             }
             record.phase = ContainerPhase::Exited;
-            record.exit_code = 137;
-            record.finished_at = now_ns();
-            record.reason = "Error".into();
-            record.message = message.to_string();
+            record.exit_code = exit_code;
+            // The guest's clock is not the host's (kubelet compares these
+            // with started_at): the host's time of hearing of the exit.
+            record.finished_at = now_ns().max(record.started_at);
+            record.reason = reason.to_string();
+            if let Some(message) = message {
+                record.message = message.to_string();
+            }
         }
         self.save();
         self.exited.send_replace(true);
@@ -290,9 +286,7 @@ impl Runtime {
             .map(|i| i.image.clone())
             .filter(|i| !i.is_empty())
             .ok_or_else(|| Error::InvalidArgument("config.image.image is required".into()))?;
-        let entered = std::time::Instant::now();
         let _ops = pod.ops.lock().await;
-        tracing::debug!(pod = %pod.id, waited_ms = entered.elapsed().as_millis() as u64, "CreateContainer: pod lock held");
         pod.agent()?;
         if let Some(resources) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
             let size = pod.record().size;

@@ -119,6 +119,26 @@ impl Pod {
         }
     }
 
+    /// Waits up to [`VMM_EXIT_TIMEOUT`] for the VMM's exit; whether it came.
+    async fn wait_vm_exit(&self) -> bool {
+        let mut exited = self.vm_exited.subscribe();
+        tokio::time::timeout(VMM_EXIT_TIMEOUT, exited.wait_for(|gone| *gone))
+            .await
+            .is_ok()
+    }
+
+    /// SIGKILLs the pod's VMM if its pid still runs our VMM; whether it did.
+    fn kill_vm(&self) -> bool {
+        let ours = self
+            .record()
+            .vmm_pid
+            .filter(|pid| vmm::is_our_vmm(*pid, &self.files));
+        if let Some(pid) = ours {
+            vmm::kill(pid);
+        }
+        ours.is_some()
+    }
+
     pub(crate) fn save(&self) -> Result<()> {
         let record = self.record();
         state::write_json(&self.dir.join("pod.json"), &record)?;
@@ -444,18 +464,12 @@ impl Runtime {
     }
 
     async fn wait_vmm_gone(&self, pod: &Pod) {
-        let Some(pid) = pod.record().vmm_pid else {
+        if pod.record().vmm_pid.is_none() || pod.wait_vm_exit().await {
             return;
-        };
-        let mut exited = pod.vm_exited.subscribe();
-        let wait = exited.wait_for(|gone| *gone);
-        if tokio::time::timeout(VMM_EXIT_TIMEOUT, wait).await.is_err() {
-            tracing::warn!(pod = %pod.id, pid, "the VMM did not exit after power-off: killing it");
-            if vmm::is_our_vmm(pid, &pod.files) {
-                vmm::kill(pid);
-            }
-            let _ = tokio::time::timeout(VMM_EXIT_TIMEOUT, exited.wait_for(|gone| *gone)).await;
         }
+        tracing::warn!(pod = %pod.id, "the VMM did not exit after power-off: killing it");
+        pod.kill_vm();
+        pod.wait_vm_exit().await;
     }
 
     /// RemovePodSandbox: stops the pod if needed and forgets it and its
@@ -481,12 +495,8 @@ impl Runtime {
             st.images.clear();
             st.record.vmm_pid
         };
-        if let Some(pid) = pid {
-            if !*pod.vm_exited.borrow() && vmm::is_our_vmm(pid, &pod.files) {
-                vmm::kill(pid);
-                let mut exited = pod.vm_exited.subscribe();
-                let _ = tokio::time::timeout(VMM_EXIT_TIMEOUT, exited.wait_for(|gone| *gone)).await;
-            }
+        if pid.is_some() && !*pod.vm_exited.borrow() && pod.kill_vm() {
+            pod.wait_vm_exit().await;
         }
         if let Err(e) = std::fs::remove_dir_all(&pod.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {

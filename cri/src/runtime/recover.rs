@@ -35,9 +35,7 @@ pub(super) async fn recover(runtime: &Runtime) {
 
 async fn recover_pod(runtime: &Runtime, id: &str) -> Result<()> {
     let dir = runtime.inner.layout.pod_dir(id);
-    let loaded = state::read_json::<PodRecord>(&dir.join("pod.json")).and_then(|record| {
-        state::read_proto::<cri::PodSandboxConfig>(&dir.join("config.pb")).map(|c| (record, c))
-    });
+    let loaded = state::read_record::<PodRecord, cri::PodSandboxConfig>(&dir, "pod.json");
     let (record, config) = match loaded {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -125,9 +123,7 @@ fn load_containers(runtime: &Runtime, pod: &Arc<Pod>) -> Vec<Arc<Container>> {
     let mut containers = Vec::new();
     for id in state::Layout::ids_in(&dir) {
         let cdir = dir.join(&id);
-        let loaded = state::read_json(&cdir.join("container.json")).and_then(|record| {
-            state::read_proto::<cri::ContainerConfig>(&cdir.join("config.pb")).map(|c| (record, c))
-        });
+        let loaded = state::read_record::<_, cri::ContainerConfig>(&cdir, "container.json");
         let (record, config) = match loaded {
             Ok(loaded) => loaded,
             Err(e) => {

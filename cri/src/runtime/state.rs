@@ -156,6 +156,18 @@ pub fn read_proto<M: prost::Message + Default>(path: &Path) -> Result<M, Error> 
     })
 }
 
+/// A record (`dir/<record>`) and the CRI config beside it (`config.pb`).
+pub fn read_record<R, C>(dir: &Path, record: &str) -> Result<(R, C), Error>
+where
+    R: for<'de> Deserialize<'de>,
+    C: prost::Message + Default,
+{
+    Ok((
+        read_json(&dir.join(record))?,
+        read_proto(&dir.join("config.pb"))?,
+    ))
+}
+
 /// The directories of the state tree.
 #[derive(Debug, Clone)]
 pub struct Layout {

@@ -190,7 +190,6 @@ impl CriRuntimeService for RuntimeService {
         request: Request<cri::CreateContainerRequest>,
     ) -> Reply<cri::CreateContainerResponse> {
         let request = request.into_inner();
-        tracing::debug!(pod = %request.pod_sandbox_id, "CreateContainer");
         required(&request.pod_sandbox_id, "pod_sandbox_id")?;
         let config = request
             .config

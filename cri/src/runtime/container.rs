@@ -375,6 +375,12 @@ impl Runtime {
                         .iter()
                         .map(|m| (m.host_path.clone(), m.guest_base.clone()))
                         .collect(),
+                    writable_synced: created
+                        .synced
+                        .iter()
+                        .filter(|m| m.writable)
+                        .map(|m| m.guest_base.clone())
+                        .collect(),
                     copy_back: created.copy_back,
                 };
                 let container = Arc::new(Container::new(record, config, dir, pod));

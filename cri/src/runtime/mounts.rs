@@ -299,6 +299,7 @@ pub(crate) async fn prepare(
                     host_path: copied.host_path,
                     guest_base: base,
                     snapshot: Some(copied.snapshot),
+                    writable: !readonly,
                 });
                 copied.guest_path
             }

@@ -192,12 +192,14 @@ async fn resume(
                         .ok()
                 };
                 *lock(&container.log) = log.clone();
-                // Unknown snapshots: the first poll sends the host's content.
-                let synced = container
-                    .record()
+                // Unknown snapshots: the first poll sends the host's content
+                // (a writable mount's is taken as the guest's instead).
+                let record = container.record();
+                let synced = record
                     .synced
                     .into_iter()
                     .map(|(host_path, guest_base)| SyncedMount {
+                        writable: record.writable_synced.contains(&guest_base),
                         host_path,
                         guest_base,
                         snapshot: None,

@@ -117,6 +117,9 @@ pub struct ContainerRecord {
     /// Copied mounts kept in sync: (host root, guest CopyFile path).
     #[serde(default)]
     pub synced: Vec<(PathBuf, String)>,
+    /// The guest CopyFile paths of those the container may write to.
+    #[serde(default)]
+    pub writable_synced: Vec<String>,
     /// Writable file mounts copied back at exit: (guest path, host path).
     #[serde(default)]
     pub copy_back: Vec<(String, PathBuf)>,

@@ -414,7 +414,13 @@ async fn configmap_and_termination_message(
         .join("kubelet/pods/uid-features/containers/msg/termination-log");
     std::fs::create_dir_all(message.parent().context("no parent")?)?;
     std::fs::write(&message, "")?;
-    let mut config = container_config("msg", &["sh", "-c", "echo goodbye > /dev/termination-log"]);
+    // The host file was written just now (as kubelet does) and the
+    // container lives on for two sync polls after writing: the sync must
+    // not send the host's empty file over what the container wrote.
+    let mut config = container_config(
+        "msg",
+        &["sh", "-c", "echo goodbye > /dev/termination-log; sleep 1"],
+    );
     config.mounts = vec![cri::Mount {
         container_path: "/dev/termination-log".into(),
         host_path: message.to_string_lossy().into_owned(),

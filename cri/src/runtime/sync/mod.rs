@@ -7,6 +7,8 @@
 //! those trees every [`POLL_INTERVAL`], compares what it sees with what the
 //! guest was sent (a [`Snapshot`]) and sends only the differences with
 //! CopyFile and RemoveFile. emptyDirs live in the guest and are not synced.
+//! A writable mount's files are sent again only when the host changes
+//! them: the guest's copy may hold what the container wrote.
 //!
 //! Polling rather than inotify: the trees are a handful of small
 //! directories per container, so a poll is a few dozen `lstat`s, cheaper
@@ -57,8 +59,13 @@ pub struct SyncedMount {
     pub guest_base: String,
     /// What the guest holds, as copied; `None` when unknown (say, after a
     /// daemon restart): the first poll then sends everything again, the
-    /// host's content wins.
+    /// host's content wins, unless the mount is writable.
     pub snapshot: Option<Snapshot>,
+    /// The container may write to it: what the guest holds may be newer
+    /// than what it was sent, so only a change on the host is sent (an
+    /// unchanged file resent would undo the container's write), and an
+    /// unknown snapshot is taken to be the host's tree at the first poll.
+    pub writable: bool,
 }
 
 /// What the guest was sent of a mount, per path relative to its root.
@@ -85,6 +92,26 @@ impl Snapshot {
             .checked_sub(meta.mtime_ns)
             .is_some_and(|age| age >= settle_ns);
         self.0.insert(relative, Synced { meta, settled });
+    }
+
+    /// Trusts every entry as sent: only a change of the host's metadata
+    /// sends it again.
+    fn settle_all(&mut self) {
+        for entry in self.0.values_mut() {
+            entry.settled = true;
+        }
+    }
+
+    /// What the guest holds when it is taken to match the host's `tree`.
+    fn adopted(tree: &Tree) -> Snapshot {
+        let entries = tree.iter().map(|(path, meta)| {
+            let synced = Synced {
+                meta: meta.clone(),
+                settled: true,
+            };
+            (path.clone(), synced)
+        });
+        Snapshot(entries.collect())
     }
 
     /// Forgets an entry and everything below it.
@@ -241,6 +268,9 @@ struct Tracked {
     host_path: PathBuf,
     guest_base: String,
     synced: Snapshot,
+    writable: bool,
+    /// Writable with an unknown snapshot: the first walk becomes it.
+    adopt: bool,
     /// Beyond the bounds: no longer synced.
     stopped: bool,
 }
@@ -250,7 +280,9 @@ impl From<SyncedMount> for Tracked {
         Tracked {
             host_path: mount.host_path,
             guest_base: mount.guest_base,
+            adopt: mount.writable && mount.snapshot.is_none(),
             synced: mount.snapshot.unwrap_or_default(),
+            writable: mount.writable,
             stopped: false,
         }
     }
@@ -374,6 +406,14 @@ fn plan(container_id: &str, tracked: &mut [Tracked]) -> Vec<(usize, Vec<Step>)> 
                 mount.stopped = true;
                 continue;
             }
+        }
+        if mount.adopt {
+            mount.synced = Snapshot::adopted(&now);
+            mount.adopt = false;
+            continue;
+        }
+        if mount.writable {
+            mount.synced.settle_all();
         }
         let steps: Vec<Step> = diff(&mount.synced, &now)
             .into_iter()

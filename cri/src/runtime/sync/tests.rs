@@ -178,6 +178,7 @@ fn tracked(root: &Path, base: &str) -> Tracked {
         host_path: root.to_path_buf(),
         guest_base: base.to_string(),
         snapshot: None,
+        writable: false,
     })
 }
 
@@ -231,6 +232,50 @@ async fn single_file_mounts_are_written_in_place() {
     fs::create_dir(&file).unwrap();
     assert!(poll(&mut guest, "c", &mut mounts).await.is_none());
     assert_eq!(guest.take(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn writable_mounts_send_only_host_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("termination-log");
+    // Written just now, as kubelet does before the container starts: an
+    // unsettled file that a read-only mount would send again.
+    fs::write(&file, "").unwrap();
+    let mut budget = u64::MAX;
+    let snapshot = mounts::walk(&file, &mut budget).unwrap().into_iter().fold(
+        Snapshot::default(),
+        |mut snapshot, entry| {
+            snapshot.insert(entry.relative, entry.meta, SystemTime::now());
+            snapshot
+        },
+    );
+    let mut mounts = vec![Tracked::from(SyncedMount {
+        host_path: file.clone(),
+        guest_base: "containers/c/0".into(),
+        snapshot: Some(snapshot),
+        writable: true,
+    })];
+    let mut guest = Recorder::default();
+    poll(&mut guest, "c", &mut mounts).await.unwrap().unwrap();
+    assert_eq!(guest.take(), Vec::<String>::new());
+    fs::write(&file, "from the host").unwrap();
+    poll(&mut guest, "c", &mut mounts).await.unwrap().unwrap();
+    assert_eq!(guest.take(), ["copy containers/c/0"]);
+
+    // After a daemon restart the snapshot is unknown: the host's tree is
+    // taken as what the guest holds, nothing is sent until it changes.
+    let mut mounts = vec![Tracked::from(SyncedMount {
+        host_path: file.clone(),
+        guest_base: "containers/c/0".into(),
+        snapshot: None,
+        writable: true,
+    })];
+    poll(&mut guest, "c", &mut mounts).await.unwrap().unwrap();
+    poll(&mut guest, "c", &mut mounts).await.unwrap().unwrap();
+    assert_eq!(guest.take(), Vec::<String>::new());
+    fs::write(&file, "changed").unwrap();
+    poll(&mut guest, "c", &mut mounts).await.unwrap().unwrap();
+    assert_eq!(guest.take(), ["copy containers/c/0"]);
 }
 
 #[tokio::test]

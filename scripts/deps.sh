@@ -21,14 +21,55 @@ for pkg in "${packages[@]}"; do
     status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
     [ "$status" = "install ok installed" ] || missing+=("$pkg")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+
+# kubectl 1.20 (Debian's kubernetes-client), the streaming tests' independent
+# SPDY client. Unpacked beside the system rather than installed: a `kubectl`
+# package from elsewhere may already own /usr/bin/kubectl.
+kubectl_dir=/usr/local/lib/frakti-test/kubectl-1.20
+kubectl_bin=$kubectl_dir/usr/bin/kubectl
 
 if [ "${1:-}" = "--check" ] || [ "$(id -u)" -ne 0 ]; then
-    echo "deps: missing Debian packages: ${missing[*]}" >&2
-    echo "deps: install them with: sudo apt-get install --no-install-recommends ${missing[*]}" >&2
-    exit 1
+    status=0
+    if [ ${#missing[@]} -ne 0 ]; then
+        echo "deps: missing Debian packages: ${missing[*]}" >&2
+        echo "deps: install them with: sudo apt-get install --no-install-recommends ${missing[*]}" >&2
+        status=1
+    fi
+    if [ ! -x "$kubectl_bin" ]; then
+        echo "deps: missing $kubectl_bin (Debian's kubernetes-client, unpacked)" >&2
+        echo "deps: run scripts/deps.sh as root to unpack it" >&2
+        status=1
+    fi
+    exit $status
 fi
-echo "deps: installing ${missing[*]}" >&2
+
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+updated=
+if [ ${#missing[@]} -ne 0 ]; then
+    echo "deps: installing ${missing[*]}" >&2
+    apt-get update -qq
+    updated=1
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$kubectl_bin" ]; then
+    echo "deps: unpacking kubernetes-client into $kubectl_dir" >&2
+    [ -n "$updated" ] || apt-get update -qq
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    # apt-get download writes into the current directory as the _apt user
+    # (if it exists): let it.
+    chown _apt "$tmp" 2>/dev/null || true
+    (cd "$tmp" && apt-get download -qq kubernetes-client)
+    unpacked=$tmp/unpacked
+    mkdir "$unpacked"
+    dpkg-deb -x "$tmp"/kubernetes-client_*.deb "$unpacked"
+    [ -x "$unpacked/usr/bin/kubectl" ] || {
+        echo "deps: the kubernetes-client package holds no usr/bin/kubectl" >&2
+        exit 1
+    }
+    mkdir -p "$(dirname "$kubectl_dir")"
+    rm -rf "$kubectl_dir"
+    mv "$unpacked" "$kubectl_dir"
+    "$kubectl_bin" version --client >&2
+fi

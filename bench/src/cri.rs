@@ -20,6 +20,12 @@ mod containerd;
 mod prepare;
 #[path = "cri/runtime.rs"]
 mod runtime;
+// Shared with the e2e suite, which uses more of it.
+#[allow(dead_code)]
+#[path = "../../tests/e2e/streaming/spdy_client.rs"]
+mod spdy_client;
+#[path = "cri/streaming.rs"]
+mod streaming;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +52,9 @@ struct Args {
     /// Untimed pods each runtime starts and removes first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Exec round trips (`true` over SPDY) timed per runtime.
+    #[arg(long, default_value_t = 30)]
+    execs: usize,
 }
 
 /// Issue 13's goal: pod start at most this times containerd + runc's.
@@ -113,6 +122,7 @@ struct Target {
     sequential: Vec<f64>,
     concurrent: Vec<f64>,
     memory: Option<Memory>,
+    streaming: Option<streaming::Streaming>,
 }
 
 impl Target {
@@ -190,6 +200,7 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
             sequential: Vec::new(),
             concurrent: Vec::new(),
             memory: None,
+            streaming: None,
         },
         Target {
             name: "containerd",
@@ -200,6 +211,7 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
             sequential: Vec::new(),
             concurrent: Vec::new(),
             memory: None,
+            streaming: None,
         },
     ];
     // Alternate which runtime goes first so drift hurts both alike.
@@ -256,8 +268,27 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
             );
         }
     }
+    for w in order(0) {
+        let target = &mut targets[w];
+        let pod = target.start("stream").await?;
+        let measured = async {
+            streaming::start_echo(&mut target.client, &pod, "stream", &target.logs).await?;
+            streaming::measure(&mut target.client, &pod, args.execs).await
+        }
+        .await;
+        let measured = measured.map_err(|e| target.failed(e))?;
+        eprintln!(
+            "bench: {} streaming: exec p50 {:.3} s, port-forward {:.1} MiB/s",
+            target.name,
+            percentile(&measured.exec_secs, 50.0),
+            measured.forward_mib_s
+        );
+        target.streaming = Some(measured);
+        target.remove(&pod).await?;
+    }
     print_warnings(&frakti.log());
     report(args, &cgroups, batch_size, &targets);
+    report_streaming(&targets);
     Ok(())
 }
 
@@ -410,6 +441,39 @@ fn report(args: &Args, cgroups: &str, batch: usize, targets: &[Target; 2]) {
         mib(ours.pss),
         mib(theirs.pss),
         ours.pss / theirs.pss
+    );
+}
+
+fn report_streaming(targets: &[Target; 2]) {
+    let [frakti, containerd] = targets;
+    let (Some(ours), Some(theirs)) = (&frakti.streaming, &containerd.streaming) else {
+        println!("  streaming: not measured");
+        return;
+    };
+    println!();
+    println!(
+        "  streaming (one SPDY/3.1 client, the e2e suite's, against each runtime's streaming \
+         server): exec of `true` from the CRI Exec call to the error stream's Success, {} times; \
+         port-forward of 16 MiB to an echo server in the pod and back",
+        ours.exec_secs.len()
+    );
+    for (name, p) in [("p50", 50.0), ("p95", 95.0)] {
+        let (a, b) = (
+            percentile(&ours.exec_secs, p),
+            percentile(&theirs.exec_secs, p),
+        );
+        println!(
+            "  {:<28} {a:>10.3} {b:>13.3} {:>17.2}x",
+            format!("exec round trip {name}"),
+            a / b
+        );
+    }
+    println!(
+        "  {:<28} {:>10.1} {:>13.1} {:>17.2}x  (MiB/s both ways; higher is better)",
+        "port-forward throughput",
+        ours.forward_mib_s,
+        theirs.forward_mib_s,
+        ours.forward_mib_s / theirs.forward_mib_s
     );
 }
 

@@ -33,6 +33,8 @@ pub struct FileConfig {
     pub default_memory: Option<u64>,
     pub allowed_unsafe_sysctls: Option<Vec<String>>,
     pub streaming_addr: Option<String>,
+    pub streaming_tls_cert: Option<PathBuf>,
+    pub streaming_tls_key: Option<PathBuf>,
     pub empty_dir_size: Option<u64>,
     pub socket_group: Option<String>,
     pub certs_dir: Option<PathBuf>,

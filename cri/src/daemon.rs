@@ -16,6 +16,7 @@ use crate::runtime::{Runtime, RuntimeConfig};
 use crate::server::image_service::ImageService;
 use crate::server::images_admin::ImagesAdmin;
 use crate::server::runtime_service::RuntimeService;
+use crate::streaming::Streaming;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -38,6 +39,8 @@ pub enum Error {
     UnknownGroup(String),
     #[error("gRPC server")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Streaming(#[from] crate::streaming::Error),
 }
 
 fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -52,6 +55,8 @@ pub struct Options {
     pub runtime: RuntimeConfig,
     /// Group that owns the socket (mode 0660); None: root.
     pub socket_group: Option<String>,
+    /// The streaming server's certificate and key; None: plain HTTP.
+    pub streaming_tls: Option<crate::streaming::TlsFiles>,
 }
 
 /// Holds the state dir for this process (released when it exits).
@@ -125,11 +130,20 @@ pub async fn run(options: Options) -> Result<(), Error> {
         Ok(_) => {}
         Err(e) => tracing::warn!("garbage collection: {}", crate::error_chain(&e)),
     }
+    let streaming_addr = options.runtime.streaming_addr.clone();
     let runtime = Runtime::open(options.runtime, store.clone()).await?;
+    let streaming = Streaming::start(
+        &streaming_addr,
+        options.streaming_tls.as_ref(),
+        runtime.clone(),
+    )
+    .await?;
     let listener = bind(&options.listen, options.socket_group.as_deref())?;
     tracing::info!(socket = %options.listen.display(), state = %options.state_dir.display(), "serving CRI");
     let result = tonic::transport::Server::builder()
-        .add_service(RuntimeServiceServer::new(RuntimeService::new(runtime)))
+        .add_service(RuntimeServiceServer::new(RuntimeService::new(
+            runtime, streaming,
+        )))
         .add_service(ImageServiceServer::new(ImageService::new(store.clone())))
         .add_service(ImagesServer::new(ImagesAdmin::new(store)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())

@@ -8,6 +8,7 @@ pub mod image;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;
+pub mod streaming;
 
 pub use frakti_proto::error_chain;
 

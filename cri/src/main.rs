@@ -89,6 +89,13 @@ struct DaemonArgs {
     /// Address of the streaming server (exec, attach, port-forward) [default: 127.0.0.1:0].
     #[arg(long)]
     streaming_addr: Option<String>,
+    /// PEM certificate chain of the streaming server: it then serves HTTPS (with
+    /// --streaming-tls-key).
+    #[arg(long, requires = "streaming_tls_key")]
+    streaming_tls_cert: Option<PathBuf>,
+    /// PEM private key of the streaming server's certificate.
+    #[arg(long, requires = "streaming_tls_cert")]
+    streaming_tls_key: Option<PathBuf>,
     /// MiB of each disk-backed emptyDir volume (a sparse ext4 file per volume, made at first
     /// use); 0 keeps emptyDirs in guest memory [default: 10240].
     #[arg(long)]
@@ -223,6 +230,14 @@ fn daemon_options(args: DaemonArgs) -> anyhow::Result<(daemon::Options, String)>
         .log_level
         .or(file.log_level)
         .unwrap_or_else(|| "info".into());
+    let streaming_tls = match (
+        args.streaming_tls_cert.or(file.streaming_tls_cert),
+        args.streaming_tls_key.or(file.streaming_tls_key),
+    ) {
+        (Some(cert), Some(key)) => Some(frakti_cri::streaming::TlsFiles { cert, key }),
+        (None, None) => None,
+        _ => anyhow::bail!("streaming-tls-cert and streaming-tls-key go together"),
+    };
     let listen = args
         .listen
         .or(file.listen)
@@ -234,6 +249,7 @@ fn daemon_options(args: DaemonArgs) -> anyhow::Result<(daemon::Options, String)>
             store,
             runtime,
             socket_group: args.socket_group.or(file.socket_group),
+            streaming_tls,
         },
         log,
     ))

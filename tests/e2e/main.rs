@@ -8,6 +8,7 @@ mod disks;
 mod images;
 mod net;
 mod qemu_baseline;
+mod streaming;
 mod test_vm;
 mod vmm;
 mod vsock;
@@ -41,6 +42,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The streaming tests' client (scripts/deps.sh unpacks it).
+    match streaming::apiserver::kubectl() {
+        Ok(kubectl) => programs.push((streaming::apiserver::KUBECTL_ENV, kubectl)),
+        Err(e) => {
+            eprintln!("e2e: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     // Image disks are made where mkfs runs: on the host, once.
     let image_dir = match tempfile::tempdir() {
         Ok(dir) => dir,
@@ -104,5 +113,6 @@ fn tests() -> Vec<Trial> {
     tests.extend(agent::tests());
     tests.extend(images::tests());
     tests.extend(cri::tests());
+    tests.extend(streaming::tests());
     tests
 }

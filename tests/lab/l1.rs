@@ -297,7 +297,12 @@ export PATH=/usr/bin:/bin HOME=/root TMPDIR=/tmp FRAKTI_IN_LAB=1 RUST_BACKTRACE=
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+# Pseudo-terminals, for clients that need one (kubectl exec -it).
+mkdir -p /dev/pts
+mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs -o size=75% tmp /tmp
+# Loopback: servers under test (the streaming server) listen on 127.0.0.1.
+ip link set lo up
 exec 3>/dev/ttyS1
 fatal() {{ echo "{FATAL} $*" >&3; poweroff -f; }}
 i=0

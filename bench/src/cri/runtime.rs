@@ -144,7 +144,7 @@ pub struct Pod {
     pub secs: f64,
 }
 
-fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
+pub fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
     let uid = format!("uid-{name}");
     cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {

@@ -1,12 +1,15 @@
-//! Fuzz target for frakti-cri's layer unpacker, as a plain function: the
-//! cargo-fuzz target (`fuzz_targets/layer_tar.rs`) and `cargo test` (over
-//! the seeds, on stable Rust) both call it.
+//! Fuzz targets of frakti-cri (the layer unpacker, the runtime's inputs,
+//! SPDY frames), as plain functions: the cargo-fuzz targets
+//! (`fuzz_targets/*.rs`) and `cargo test` (over the seeds, on stable Rust)
+//! both call them.
 
 use std::fs;
 use std::path::Path;
 
 use frakti_cri::image::unpack::{Compression, Limits, apply_layer};
+use frakti_cri::streaming::spdy;
 use tar::{EntryType, Header};
+use tokio_util::codec::{Decoder, Encoder};
 
 /// Applies `data` as an uncompressed layer to `TMP/root`, then checks that
 /// nothing outside it appeared: `TMP` still holds only `root` and an empty
@@ -199,7 +202,10 @@ pub fn runtime_inputs(data: &[u8]) {
     let mut image = ImageConfig::default();
     image.config.user = Some(user.clone());
     let config = cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata { name: "c".into(), attempt: 0 }),
+        metadata: Some(cri::ContainerMetadata {
+            name: "c".into(),
+            attempt: 0,
+        }),
         command: vec!["sh".into()],
         linux: Some(cri::LinuxContainerConfig {
             resources: None,
@@ -236,7 +242,10 @@ pub fn runtime_inputs(data: &[u8]) {
     for record in &records {
         let mut fields = record.splitn(4, |b| *b == b' ');
         let (_time, _stream, tag) = (fields.next(), fields.next(), fields.next());
-        assert!(matches!(tag, Some(b"F") | Some(b"P")), "bad tag in {record:?}");
+        assert!(
+            matches!(tag, Some(b"F") | Some(b"P")),
+            "bad tag in {record:?}"
+        );
         let content = fields.next().unwrap_or_default();
         let content = content.strip_suffix(b"\n").expect("a record ends its line");
         assert!(content.len() <= MAX_LINE);
@@ -264,6 +273,207 @@ pub fn runtime_inputs(data: &[u8]) {
     }
 }
 
+/// A SPDY client's bytes (see `fuzz_targets/spdy_frames.rs`), decoded
+/// whole and again in small pieces: both must give the same frames and the
+/// same error, never buffer a whole frame, and every frame must re-encode
+/// and decode to itself. `data` is also tried as one header block.
+/// A WebSocket client's message to the streaming server, under each
+/// channel protocol (the first byte picks it): decoded or refused, never
+/// a panic; a decoded data message names a channel the protocol has.
+pub fn websocket_messages(data: &[u8]) {
+    use frakti_cri::streaming::websocket::{ClientMessage, Kind, decode_client_message};
+    let Some((&first, message)) = data.split_first() else {
+        return;
+    };
+    let kind = Kind::ALL[usize::from(first) % Kind::ALL.len()];
+    if let Ok(ClientMessage::Data { payload, .. }) = decode_client_message(kind, message) {
+        assert!(payload.len() <= message.len());
+    }
+}
+
+pub fn spdy_frames(data: &[u8]) {
+    use frakti_cri::streaming::spdy::HeaderCodec;
+    use frakti_cri::streaming::spdy::headers::{MAX_HEADER_BLOCK, MAX_HEADERS};
+
+    let whole = spdy_decode(data, &mut std::iter::once(data.len().max(1)));
+    let pieces = spdy_decode(data, &mut (1..=13).cycle());
+    assert_eq!(whole, pieces, "splitting the input changed the outcome");
+
+    let (frames, _) = whole;
+    let (mut encoder, mut decoder) = (spdy::Codec::new(), spdy::Codec::new());
+    for frame in frames {
+        let mut wire = bytes::BytesMut::new();
+        encoder
+            .encode(frame.clone(), &mut wire)
+            .expect("a decoded frame re-encodes");
+        let again = decoder.decode(&mut wire).expect("re-encoded frame decodes");
+        assert_eq!(again.as_ref(), Some(&frame));
+        assert!(wire.is_empty());
+    }
+
+    if let Ok(headers) = HeaderCodec::new().decode(data) {
+        assert!(headers.len() <= MAX_HEADERS);
+        let size: usize = headers.iter().map(|(n, v)| 8 + n.len() + v.len()).sum();
+        assert!(size + 4 <= MAX_HEADER_BLOCK);
+        for (name, _) in &headers {
+            assert!(!name.is_empty() && name.chars().all(|c| !c.is_uppercase()));
+        }
+    }
+}
+
+/// The frames decoded from `data` fed in pieces of the given sizes, and the
+/// error that stopped decoding, if any.
+fn spdy_decode(
+    data: &[u8],
+    sizes: &mut dyn Iterator<Item = usize>,
+) -> (Vec<spdy::Frame>, Option<String>) {
+    use spdy::frame::{HEADER_LEN, MAX_DATA_LENGTH, MAX_FRAME_LENGTH};
+    let mut codec = spdy::Codec::new();
+    let mut buf = bytes::BytesMut::new();
+    let mut frames = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let (piece, tail) = rest.split_at(sizes.next().unwrap_or(1).min(rest.len()));
+        rest = tail;
+        buf.extend_from_slice(piece);
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break,
+                Err(e) => return (frames, Some(e.to_string())),
+            }
+        }
+        // What is left is part of one frame, never more.
+        assert!(buf.len() < HEADER_LEN + MAX_FRAME_LENGTH.max(MAX_DATA_LENGTH));
+    }
+    (frames, None)
+}
+
+/// Seeds for `spdy_frames`: what kubectl's exec, attach and port-forward
+/// send (and a server's replies), each a session of its own.
+pub fn spdy_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use bytes::Bytes;
+    use spdy::Frame;
+    use spdy::frame::{self, Setting};
+
+    fn headers(pairs: &[(&str, &str)]) -> spdy::Headers {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+    fn syn(stream_id: u32, fin: bool, pairs: &[(&str, &str)]) -> Frame {
+        Frame::SynStream {
+            stream_id,
+            associated_to: 0,
+            priority: 0,
+            fin,
+            unidirectional: false,
+            headers: headers(pairs),
+        }
+    }
+    fn data(stream_id: u32, fin: bool, bytes: &'static [u8]) -> Frame {
+        Frame::Data {
+            stream_id,
+            fin,
+            data: Bytes::from_static(bytes),
+        }
+    }
+    fn session(frames: Vec<Frame>) -> Vec<u8> {
+        let mut codec = spdy::Codec::new();
+        let mut wire = bytes::BytesMut::new();
+        for frame in frames {
+            codec.encode(frame, &mut wire).expect("seed frame");
+        }
+        wire.to_vec()
+    }
+
+    let exec = session(vec![
+        syn(1, true, &[("streamtype", "error")]),
+        syn(3, false, &[("streamtype", "stdin")]),
+        syn(5, true, &[("streamtype", "stdout")]),
+        syn(7, true, &[("streamtype", "stderr")]),
+        syn(9, false, &[("streamtype", "resize")]),
+        data(9, false, br#"{"Width":80,"Height":24}"#),
+        data(3, false, b"ls -l\n"),
+        data(3, true, b""),
+        Frame::Ping { id: 1 },
+        Frame::WindowUpdate {
+            stream_id: 0,
+            delta: 65_536,
+        },
+        Frame::RstStream {
+            stream_id: 5,
+            status: frame::RST_CANCEL,
+        },
+        Frame::GoAway {
+            last_good_stream_id: 0,
+            status: frame::GOAWAY_OK,
+        },
+    ]);
+    let port_forward = session(vec![
+        Frame::Settings {
+            clear: false,
+            entries: vec![Setting {
+                flags: 0,
+                id: frame::SETTINGS_INITIAL_WINDOW_SIZE,
+                value: 1 << 20,
+            }],
+        },
+        syn(
+            1,
+            true,
+            &[
+                ("streamtype", "error"),
+                ("port", "8080"),
+                ("requestid", "0"),
+            ],
+        ),
+        syn(
+            3,
+            false,
+            &[("streamtype", "data"), ("port", "8080"), ("requestid", "0")],
+        ),
+        data(3, false, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        Frame::WindowUpdate {
+            stream_id: 3,
+            delta: 1,
+        },
+        data(3, true, b""),
+    ]);
+    let replies = session(vec![
+        Frame::SynReply {
+            stream_id: 1,
+            fin: false,
+            headers: vec![],
+        },
+        Frame::SynReply {
+            stream_id: 3,
+            fin: true,
+            headers: headers(&[("a", "x\0y")]),
+        },
+        Frame::Headers {
+            stream_id: 1,
+            fin: true,
+            headers: headers(&[("status", "200")]),
+        },
+    ]);
+    // An unknown control frame (SPDY/3's CREDENTIAL), skipped, then a PING.
+    let mut unknown = vec![0x80, 0x03, 0x00, 0x0a, 0x00, 0x00, 0x00, 0x02, 0xaa, 0xbb];
+    unknown.extend(session(vec![Frame::Ping { id: 2 }]));
+    // A bare header block, for the `HeaderCodec::decode` half.
+    let block = spdy::HeaderCodec::new()
+        .encode(&headers(&[("streamtype", "data"), ("port", "22")]))
+        .expect("seed block");
+    vec![
+        ("exec", exec),
+        ("port_forward", port_forward),
+        ("replies", replies),
+        ("unknown", unknown),
+        ("block", block),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::runtime_inputs;
@@ -275,6 +485,35 @@ mod tests {
         runtime_inputs(b"\0\0");
         runtime_inputs(&[0xff; 40_000]);
         runtime_inputs(b"a:b:c\0x\0999999999999999999999:1\n\n1500m\n");
+    }
+
+    #[test]
+    fn spdy_frames_take_hostile_bytes() {
+        use frakti_cri::streaming::spdy;
+        use tokio_util::codec::Decoder;
+
+        for (name, seed) in super::spdy_seeds() {
+            // Every session seed is whole, valid frames.
+            if name != "block" {
+                let mut codec = spdy::Codec::new();
+                let mut buf = bytes::BytesMut::from(&seed[..]);
+                while codec.decode(&mut buf).expect(name).is_some() {}
+                assert!(buf.is_empty(), "{name}");
+            }
+            for end in 0..=seed.len() {
+                super::spdy_frames(&seed[..end]);
+            }
+            for at in (0..seed.len()).step_by(3) {
+                let mut mutated = seed.clone();
+                mutated[at] ^= 0x41;
+                super::spdy_frames(&mutated);
+            }
+        }
+        super::spdy_frames(&[]);
+        super::spdy_frames(&[0xff; 4096]);
+        super::spdy_frames(&[
+            0x80, 0x03, 0x00, 0x04, 0x00, 0x00, 0x00, 0x04, 0xff, 0xff, 0xff, 0xff,
+        ]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use frakti_proto::agent::v1 as pb;
 use futures_util::StreamExt;
 use k8s_cri::v1 as cri;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use super::logs::{ContainerLog, StreamKind};
 use super::pod::Pod;
@@ -42,7 +42,13 @@ pub struct Container {
     pub(crate) sync: Mutex<Option<SyncHandle>>,
     /// Set once the container has exited.
     pub(crate) exited: watch::Sender<bool>,
+    /// The init process's output as the log pumps read it, for attach
+    /// clients; one that lags loses chunks rather than stalling the logs.
+    pub(crate) output: broadcast::Sender<(StreamKind, Bytes)>,
 }
+
+/// Output chunks an attach client may lag behind before it loses some.
+const ATTACH_BACKLOG: usize = 64;
 
 fn exit_reason(status: &pb::ExitStatus) -> &'static str {
     if status.oom_killed {
@@ -74,6 +80,7 @@ impl Container {
             log: Mutex::new(None),
             sync: Mutex::new(None),
             exited: watch::channel(exited).0,
+            output: broadcast::channel(ATTACH_BACKLOG).0,
         }
     }
 
@@ -479,6 +486,17 @@ impl Runtime {
             container_id: id.to_string(),
         };
         agent_call("StartContainer", agent.start_container(request)).await?;
+        if !container.config.stdin && !container.config.tty {
+            // Without stdin the process reads end of input, as under
+            // containerd, rather than waiting on a pipe nobody writes.
+            let request = pb::CloseStdinRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            };
+            if let Err(e) = agent_call("CloseStdin", agent.close_stdin(request)).await {
+                tracing::warn!(container = %id, "{}", crate::error_chain(&e));
+            }
+        }
         {
             let mut record = lock(&container.record);
             record.phase = ContainerPhase::Running;
@@ -508,6 +526,7 @@ impl Runtime {
             let mut agent = agent.clone();
             let id = container.id.clone();
             let log = log.clone();
+            let attached = container.output.clone();
             tokio::spawn(async move {
                 let request = pb::ReadOutputRequest {
                     container_id: id.clone(),
@@ -521,7 +540,14 @@ impl Runtime {
                         return;
                     }
                 };
-                let chunks = output.map(|r| r.map(|chunk| Bytes::from(chunk.data)));
+                let chunks = output.map(move |r| {
+                    r.map(|chunk| {
+                        let data = Bytes::from(chunk.data);
+                        // No attach client: the error is "no receiver".
+                        let _ = attached.send((kind, data.clone()));
+                        data
+                    })
+                });
                 match log {
                     Some(log) => {
                         let end = log.pump(kind, chunks).await;

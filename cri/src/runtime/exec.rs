@@ -90,12 +90,16 @@ impl Collector {
 }
 
 impl Runtime {
-    pub async fn exec_sync(
+    /// Starts `cmd` in the running container `id` (with a terminal when
+    /// `tty`, of `console` rows and columns when known); returns the agent
+    /// and the exec id to follow it with.
+    pub async fn start_exec(
         &self,
         id: &str,
-        cmd: Vec<String>,
-        timeout: Option<Duration>,
-    ) -> Result<ExecOutput> {
+        cmd: &[String],
+        tty: bool,
+        console: Option<(u32, u32)>,
+    ) -> Result<(AgentClient, String)> {
         let container = self.container(id)?;
         if container.phase() != ContainerPhase::Running {
             return Err(Error::FailedPrecondition(format!(
@@ -105,7 +109,15 @@ impl Runtime {
         let mut agent = self.pod(&container.pod_id)?.agent()?;
         let spec: oci_spec::runtime::Spec = serde_json::from_value(container.record().spec)
             .map_err(|e| Error::FailedPrecondition(format!("container {id}'s spec: {e}")))?;
-        let process = spec::exec_process(&spec, &cmd, false)?;
+        let mut process = spec::exec_process(&spec, cmd, tty)?;
+        if let (true, Some((rows, cols))) = (tty, console) {
+            let size = oci_spec::runtime::BoxBuilder::default()
+                .height(rows)
+                .width(cols)
+                .build()
+                .map_err(|e| Error::InvalidArgument(format!("terminal size: {e}")))?;
+            process.set_console_size(Some(size));
+        }
         let process_json = serde_json::to_vec(&process)
             .map_err(|e| Error::InvalidArgument(format!("cannot encode the process: {e}")))?;
         let exec_id = format!("exec-{}", &state::new_id()?[..16]);
@@ -115,6 +127,25 @@ impl Runtime {
             process_json,
         };
         agent_call("ExecProcess", agent.exec_process(request)).await?;
+        Ok((agent, exec_id))
+    }
+
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: Option<Duration>,
+    ) -> Result<ExecOutput> {
+        let (mut agent, exec_id) = self.start_exec(id, &cmd, false, None).await?;
+        let container = self.container(id)?;
+        // ExecSync has no stdin: the command reads end of input.
+        let close = pb::CloseStdinRequest {
+            container_id: container.id.clone(),
+            exec_id: exec_id.clone(),
+        };
+        if let Err(e) = agent_call("CloseStdin", agent.close_stdin(close)).await {
+            tracing::debug!(container = %container.id, "{}", crate::error_chain(&e));
+        }
         let stdout = Collector::spawn(&agent, &container.id, &exec_id, pb::OutputStream::Stdout);
         let stderr = Collector::spawn(&agent, &container.id, &exec_id, pb::OutputStream::Stderr);
         let wait_request = pb::WaitProcessRequest {
@@ -154,8 +185,9 @@ impl Runtime {
         })
     }
 
-    /// SIGKILLs a timed-out exec and waits until it is gone.
-    async fn kill_exec(
+    /// SIGKILLs an exec (timed out, or its client went away) and waits
+    /// until it is gone.
+    pub(crate) async fn kill_exec(
         &self,
         agent: &mut AgentClient,
         container_id: &str,

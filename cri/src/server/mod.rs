@@ -5,3 +5,4 @@ pub mod image_service;
 pub mod images_admin;
 pub mod runtime_service;
 pub mod status;
+pub mod streaming_requests;

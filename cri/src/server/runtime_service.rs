@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -15,8 +16,10 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tonic::{Request, Response, Status};
 
 use super::status::runtime_status;
+use super::streaming_requests;
 use crate::runtime::Runtime;
 use crate::runtime::state::PodPhase;
+use crate::streaming::Streaming;
 
 /// The CRI version this daemon implements (k8s-cri 0.11: Kubernetes 1.32).
 const CRI_API_VERSION: &str = "v1";
@@ -24,11 +27,12 @@ const RUNTIME_NAME: &str = "frakti";
 
 pub struct RuntimeService {
     runtime: Runtime,
+    streaming: Arc<Streaming>,
 }
 
 impl RuntimeService {
-    pub fn new(runtime: Runtime) -> RuntimeService {
-        RuntimeService { runtime }
+    pub fn new(runtime: Runtime, streaming: Arc<Streaming>) -> RuntimeService {
+        RuntimeService { runtime, streaming }
     }
 }
 
@@ -333,30 +337,24 @@ impl CriRuntimeService for RuntimeService {
     }
 
     async fn exec(&self, request: Request<cri::ExecRequest>) -> Reply<cri::ExecResponse> {
-        let request = request.into_inner();
-        self.runtime
-            .container(&request.container_id)
-            .map_err(runtime_status)?;
-        Err(no_streaming("exec"))
+        let checked = streaming_requests::exec(&self.runtime, request.into_inner())?;
+        let url = streaming_requests::url(&self.streaming, checked)?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(&self, request: Request<cri::AttachRequest>) -> Reply<cri::AttachResponse> {
-        let request = request.into_inner();
-        self.runtime
-            .container(&request.container_id)
-            .map_err(runtime_status)?;
-        Err(no_streaming("attach"))
+        let checked = streaming_requests::attach(&self.runtime, request.into_inner())?;
+        let url = streaming_requests::url(&self.streaming, checked)?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     async fn port_forward(
         &self,
         request: Request<cri::PortForwardRequest>,
     ) -> Reply<cri::PortForwardResponse> {
-        let request = request.into_inner();
-        self.runtime
-            .pod(&request.pod_sandbox_id)
-            .map_err(runtime_status)?;
-        Err(no_streaming("port-forward"))
+        let checked = streaming_requests::port_forward(&self.runtime, request.into_inner())?;
+        let url = streaming_requests::url(&self.streaming, checked)?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn container_stats(
@@ -558,12 +556,6 @@ impl CriRuntimeService for RuntimeService {
             }),
         }))
     }
-}
-
-fn no_streaming(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} needs frakti's streaming server, which this version does not have yet"
-    ))
 }
 
 #[cfg(test)]

@@ -1,0 +1,154 @@
+//! Streaming (issue 14): exec round trip and port-forward throughput,
+//! with one SPDY/3.1 client (the e2e suite's) against each runtime's
+//! streaming server, in the same run.
+//!
+//! Exec round trip: the CRI Exec call, the upgrade, the error and stdout
+//! streams, `true` run, until the error stream ends (a Success status).
+//! Port-forward: 16 MiB sent through one forwarded connection to an echo
+//! server in the pod and read back.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use k8s_cri::v1 as cri;
+use tokio::time::Instant as Deadline;
+
+use super::prepare;
+use super::runtime::{self, Client, Pod};
+use super::spdy_client::SpdyClient;
+
+/// Bytes through the port-forward, each way.
+const FORWARDED: usize = 16 << 20;
+/// Where the echo server listens in the pod.
+const ECHO_PORT: u16 = 8080;
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// What one runtime measured.
+pub struct Streaming {
+    pub exec_secs: Vec<f64>,
+    /// MiB/s, both ways together.
+    pub forward_mib_s: f64,
+}
+
+/// Starts the echo server beside the pod's container.
+/// `name` and `logs` as the pod was started with.
+pub async fn start_echo(
+    client: &mut Client,
+    pod: &Pod,
+    name: &str,
+    logs: &Path,
+) -> anyhow::Result<String> {
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: "echo".into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: prepare::IMAGE.into(),
+            ..Default::default()
+        }),
+        command: ["busybox", "nc", "-ll", "-p", "8080", "-e", "cat"]
+            .map(String::from)
+            .to_vec(),
+        log_path: "echo.log".into(),
+        ..Default::default()
+    };
+    let sandbox_config = Some(runtime::pod_config(name, &logs.join(name)));
+    let id = client
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.id.clone(),
+            config: Some(config),
+            sandbox_config,
+        })
+        .await
+        .context("CreateContainer echo")?
+        .into_inner()
+        .container_id;
+    client
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .context("StartContainer echo")?;
+    Ok(id)
+}
+
+/// `rounds` exec round trips, then the port-forward.
+pub async fn measure(client: &mut Client, pod: &Pod, rounds: usize) -> anyhow::Result<Streaming> {
+    let mut exec_secs = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        exec_secs.push(exec_true(client, &pod.container).await?);
+    }
+    // The echo server may take a moment to listen.
+    let mut throughput = forward(client, &pod.id).await;
+    for _ in 0..20 {
+        if throughput.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        throughput = forward(client, &pod.id).await;
+    }
+    Ok(Streaming {
+        exec_secs,
+        forward_mib_s: throughput?,
+    })
+}
+
+async fn exec_true(client: &mut Client, container: &str) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let url = client
+        .exec(cri::ExecRequest {
+            container_id: container.into(),
+            cmd: vec!["true".into()],
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .context("Exec")?
+        .into_inner()
+        .url;
+    let deadline = Deadline::now() + LIMIT;
+    let mut session = SpdyClient::upgrade(&url, "v4.channel.k8s.io").await?;
+    let mut error = session.open(&[("streamtype", "error")])?;
+    let mut stdout = session.open(&[("streamtype", "stdout")])?;
+    let status = error.read_to_fin(deadline).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&status);
+    ensure!(text.contains("Success"), "exec of true: {text}");
+    let _ = stdout.read_to_fin(deadline).await;
+    Ok(secs)
+}
+
+/// MiB/s of [`FORWARDED`] bytes sent to the echo server and read back.
+async fn forward(client: &mut Client, pod: &str) -> anyhow::Result<f64> {
+    let url = client
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod.into(),
+            port: vec![i32::from(ECHO_PORT)],
+        })
+        .await
+        .context("PortForward")?
+        .into_inner()
+        .url;
+    let deadline = Deadline::now() + LIMIT;
+    let mut session = SpdyClient::upgrade(&url, "portforward.k8s.io").await?;
+    let port = ECHO_PORT.to_string();
+    let mut error =
+        session.open(&[("streamtype", "error"), ("port", &port), ("requestid", "0")])?;
+    session.send(error.id, &[], true)?;
+    let mut data = session.open(&[("streamtype", "data"), ("port", &port), ("requestid", "0")])?;
+    let payload: Vec<u8> = (0..FORWARDED).map(|i| (i % 251) as u8).collect();
+    let started = Instant::now();
+    session.send(data.id, &payload, true)?;
+    let back = data.read_to_fin(deadline).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let failure = error.read_to_fin(deadline).await.unwrap_or_default();
+    ensure!(
+        back == payload,
+        "port-forward echo: {} bytes back of {FORWARDED}: {}",
+        back.len(),
+        String::from_utf8_lossy(&failure)
+    );
+    Ok(2.0 * FORWARDED as f64 / f64::from(1u32 << 20) / secs)
+}

@@ -14,6 +14,8 @@ packages=(
     e2fsprogs
     # images: a real registry, image building/pushing, EROFS disks, the containerd baseline
     docker-registry skopeo umoci erofs-utils containerd runc openssl curl
+    # the streaming tests' WebSocket client (the kubernetes Python client, in a venv)
+    python3 python3-venv
 )
 
 missing=()
@@ -27,6 +29,11 @@ done
 # package from elsewhere may already own /usr/bin/kubectl.
 kubectl_dir=/usr/local/lib/frakti-test/kubectl-1.20
 kubectl_bin=$kubectl_dir/usr/bin/kubectl
+# The kubernetes Python client (PyPI), the streaming tests' independent
+# WebSocket client, in a venv of Debian's Python.
+pyk8s_dir=/usr/local/lib/frakti-test/pyk8s
+pyk8s_version=37.0.2
+pyk8s_ready=$pyk8s_dir/lib/python3.11/site-packages/kubernetes-$pyk8s_version.dist-info
 
 if [ "${1:-}" = "--check" ] || [ "$(id -u)" -ne 0 ]; then
     status=0
@@ -38,6 +45,11 @@ if [ "${1:-}" = "--check" ] || [ "$(id -u)" -ne 0 ]; then
     if [ ! -x "$kubectl_bin" ]; then
         echo "deps: missing $kubectl_bin (Debian's kubernetes-client, unpacked)" >&2
         echo "deps: run scripts/deps.sh as root to unpack it" >&2
+        status=1
+    fi
+    if [ ! -d "$pyk8s_ready" ]; then
+        echo "deps: missing the kubernetes Python client $pyk8s_version in $pyk8s_dir" >&2
+        echo "deps: run scripts/deps.sh as root to install it" >&2
         status=1
     fi
     exit $status
@@ -72,4 +84,11 @@ if [ ! -x "$kubectl_bin" ]; then
     rm -rf "$kubectl_dir"
     mv "$unpacked" "$kubectl_dir"
     "$kubectl_bin" version --client >&2
+fi
+
+if [ ! -d "$pyk8s_ready" ]; then
+    echo "deps: installing the kubernetes Python client $pyk8s_version into $pyk8s_dir" >&2
+    rm -rf "$pyk8s_dir"
+    python3 -m venv "$pyk8s_dir"
+    "$pyk8s_dir/bin/pip" install -q --disable-pip-version-check "kubernetes==$pyk8s_version"
 fi

@@ -70,6 +70,15 @@ fn main() -> ExitCode {
             }
         }
     }
+    if std::env::var_os(streaming::python::PYTHON_TREE_ENV).is_none() {
+        match streaming::python::prepare(image_dir.path()) {
+            Ok(files) => programs.extend(files),
+            Err(e) => {
+                eprintln!("e2e: preparing the Python client: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     if std::env::var_os(cri::harness::STORE_ENV).is_none() {
         match cri::prepare(image_dir.path()) {
             Ok(files) => programs.extend(files),

@@ -100,7 +100,11 @@ pub async fn serve(agent: Arc<Agent>, listeners: Vec<Listener>) {
         };
         // One service: no router needed, AgentServer answers unknown
         // methods itself.
-        let server = tonic::transport::Server::builder();
+        // Larger than HTTP/2's default 64 KiB windows: bulk input (stdin,
+        // port-forward, copied files) would wait a round trip per window.
+        let server = tonic::transport::Server::builder()
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20);
         match listener {
             Listener::Unix(l) => {
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);

@@ -16,7 +16,7 @@ use tokio::time::Instant as Deadline;
 
 use super::prepare;
 use super::runtime::{self, Client, Pod};
-use super::spdy_client::SpdyClient;
+use super::spdy_client::{Event, SpdyClient, SpdyStream};
 
 /// Bytes through the port-forward, each way.
 const FORWARDED: usize = 16 << 20;
@@ -112,12 +112,25 @@ async fn exec_true(client: &mut Client, container: &str) -> anyhow::Result<f64> 
     let mut session = SpdyClient::upgrade(&url, "v4.channel.k8s.io").await?;
     let mut error = session.open(&[("streamtype", "error")])?;
     let mut stdout = session.open(&[("streamtype", "stdout")])?;
-    let status = error.read_to_fin(deadline).await?;
+    let status = read_to_end(&mut error, deadline).await?;
     let secs = started.elapsed().as_secs_f64();
     let text = String::from_utf8_lossy(&status);
     ensure!(text.contains("Success"), "exec of true: {text}");
-    let _ = stdout.read_to_fin(deadline).await;
+    let _ = read_to_end(&mut stdout, deadline).await;
     Ok(secs)
+}
+
+/// A stream's data up to its end: a FIN, or (containerd's server, as
+/// kubelet's library closes a connection) a reset after the data.
+async fn read_to_end(stream: &mut SpdyStream, deadline: Deadline) -> anyhow::Result<Vec<u8>> {
+    let mut all = Vec::new();
+    loop {
+        match stream.event(deadline).await? {
+            Event::Data(data) => all.extend_from_slice(&data),
+            Event::Fin | Event::Reset(_) => return Ok(all),
+            Event::Reply => {}
+        }
+    }
 }
 
 /// MiB/s of [`FORWARDED`] bytes sent to the echo server and read back.
@@ -141,9 +154,9 @@ async fn forward(client: &mut Client, pod: &str) -> anyhow::Result<f64> {
     let payload: Vec<u8> = (0..FORWARDED).map(|i| (i % 251) as u8).collect();
     let started = Instant::now();
     session.send(data.id, &payload, true)?;
-    let back = data.read_to_fin(deadline).await?;
+    let back = read_to_end(&mut data, deadline).await?;
     let secs = started.elapsed().as_secs_f64();
-    let failure = error.read_to_fin(deadline).await.unwrap_or_default();
+    let failure = read_to_end(&mut error, deadline).await.unwrap_or_default();
     ensure!(
         back == payload,
         "port-forward echo: {} bytes back of {FORWARDED}: {}",

@@ -74,11 +74,20 @@ pub async fn hybrid_connect(uds: &Path, port: u32) -> io::Result<tokio::net::Uni
     Ok(stream)
 }
 
+/// What one stream (and all of them) of the agent connection may have in
+/// flight towards the daemon.
+const STREAM_WINDOW: u32 = 1 << 20;
+const CONNECTION_WINDOW: u32 = 4 << 20;
+
 /// A client of the agent behind `uds` (one connection attempt). The
 /// channel redoes the handshake whenever it reconnects.
 pub async fn connect(uds: &Path) -> Result<AgentClient, Error> {
     let uds = uds.to_path_buf();
     let channel = Endpoint::from_static("http://frakti.agent")
+        // HTTP/2's default 64 KiB windows hold bulk output (exec, logs,
+        // port-forward) to one window per round trip to the VM.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let uds = uds.clone();
             async move {

@@ -11,7 +11,11 @@ use crate::runtime::state::{ContainerPhase, PodPhase};
 use crate::streaming::Streaming;
 use crate::streaming::request::{CacheError, ProcessRequest, StreamRequest};
 
-fn running_container(runtime: &Runtime, id: &str) -> Result<cri::ContainerConfig, Status> {
+/// The full id and the config of a running container.
+fn running_container(
+    runtime: &Runtime,
+    id: &str,
+) -> Result<(String, cri::ContainerConfig), Status> {
     if id.is_empty() {
         return Err(Status::invalid_argument("container_id is required"));
     }
@@ -22,7 +26,7 @@ fn running_container(runtime: &Runtime, id: &str) -> Result<cri::ContainerConfig
             container.id
         )));
     }
-    Ok(container.config.clone())
+    Ok((container.id.clone(), container.config.clone()))
 }
 
 fn streams_requested(stdin: bool, stdout: bool, stderr: bool) -> Result<(), Status> {
@@ -35,7 +39,7 @@ fn streams_requested(stdin: bool, stdout: bool, stderr: bool) -> Result<(), Stat
 }
 
 pub fn exec(runtime: &Runtime, request: cri::ExecRequest) -> Result<StreamRequest, Status> {
-    running_container(runtime, &request.container_id)?;
+    let (container_id, _) = running_container(runtime, &request.container_id)?;
     if request.cmd.is_empty() {
         return Err(Status::invalid_argument("cmd is required"));
     }
@@ -48,11 +52,6 @@ pub fn exec(runtime: &Runtime, request: cri::ExecRequest) -> Result<StreamReques
             "tty and stderr cannot both be requested (a terminal merges stderr into stdout)",
         ));
     }
-    let container_id = runtime
-        .container(&request.container_id)
-        .map_err(runtime_status)?
-        .id
-        .clone();
     Ok(StreamRequest::Exec(ProcessRequest {
         container_id,
         cmd: request.cmd,
@@ -64,18 +63,13 @@ pub fn exec(runtime: &Runtime, request: cri::ExecRequest) -> Result<StreamReques
 }
 
 pub fn attach(runtime: &Runtime, request: cri::AttachRequest) -> Result<StreamRequest, Status> {
-    let config = running_container(runtime, &request.container_id)?;
+    let (container_id, config) = running_container(runtime, &request.container_id)?;
     streams_requested(request.stdin, request.stdout, request.stderr)?;
     if request.stdin && !config.stdin {
         return Err(Status::invalid_argument(
             "the container was not created with stdin: nothing to attach stdin to",
         ));
     }
-    let container_id = runtime
-        .container(&request.container_id)
-        .map_err(runtime_status)?
-        .id
-        .clone();
     // The terminal is the container's: a TTY container has no stderr.
     Ok(StreamRequest::Attach(ProcessRequest {
         container_id,

@@ -103,6 +103,11 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn root(&self) -> PathBuf {
         self.dir.path().join("r")
     }

@@ -28,7 +28,7 @@ use crate::cri::harness::{
 const PAYLOAD: usize = 64 << 20;
 
 /// Containers of the test pod, by name.
-type Containers = Arc<HashMap<String, String>>;
+pub(super) type Containers = Arc<HashMap<String, String>>;
 
 /// Runs kubectl against the fake API server.
 #[derive(Clone)]
@@ -145,6 +145,8 @@ pub async fn kubectl_streaming(daemon: &mut Daemon) -> anyhow::Result<()> {
             cache: dir.path().join("cache"),
         };
 
+        let pid = daemon.pid().context("the daemon is not running")?;
+        let peak_before = peak_rss_kib(pid)?;
         let cases = async {
             let step = Instant::now();
             exec_cases(&kubectl, &mut c, &ids).await?;
@@ -177,14 +179,35 @@ pub async fn kubectl_streaming(daemon: &mut Daemon) -> anyhow::Result<()> {
             return Err(e.context(format!("the API server saw: {:#?}", server.requests())));
         }
 
+        // 64 MiB went in through stdin and 64 MiB each way through a
+        // port-forward: with back-pressure, none of it piled up.
+        let growth = peak_rss_kib(pid)?.saturating_sub(peak_before);
+        eprintln!(
+            "  the daemon's peak RSS grew by {} KiB over all cases",
+            growth
+        );
+        ensure!(
+            growth < 32 * 1024,
+            "the daemon's peak RSS grew by {growth} KiB: streamed data was buffered"
+        );
         drop(server);
         remove_pod_without_leaks(daemon, &mut c, &pod).await
     }
 }
 
+/// A process's peak resident set (VmHWM), KiB.
+fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/PID/status")
+}
+
 /// What kubelet does for the API server: the CRI call whose answer is the
 /// URL to proxy to.
-async fn streaming_url(
+pub(super) async fn streaming_url(
     mut c: Runtime,
     ids: Containers,
     pod: String,

@@ -3,11 +3,12 @@
 //! API server ([`apiserver`]), which asks frakti for the streaming URL
 //! through the CRI and proxies the connection there, as kubelet does; and
 //! our own SPDY and WebSocket clients ([`clients`]) for what kubectl
-//! cannot do.
+//! cannot do; the kubernetes Python client ([`python`]) for WebSocket exec.
 
 pub mod apiserver;
 mod clients;
 mod kubectl;
+pub mod python;
 mod spdy_client;
 
 use libtest_mimic::Trial;
@@ -21,6 +22,9 @@ pub fn tests() -> Vec<Trial> {
         }),
         Trial::test("streaming::own_spdy_and_websocket_clients", || {
             with_daemon(&[], clients::own_clients)
+        }),
+        Trial::test("streaming::python_client_websocket_exec", || {
+            with_daemon(&[], python::python_websocket_exec)
         }),
     ]
 }

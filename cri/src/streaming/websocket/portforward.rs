@@ -110,8 +110,13 @@ pub(super) async fn port_forward_session<Tx, Rx, E, F, Fut>(
             () = &mut reader => None,
         }
     };
-    if ended == Some(true) {
-        close(&mut tx, &mut rx, NORMAL, "").await;
+    match ended {
+        Some(true) => close(&mut tx, &mut rx, NORMAL, "").await,
+        // The client closed: our close frame answers its own.
+        None => {
+            let _ = tx.send(Message::Close(None)).await;
+        }
+        Some(false) => {}
     }
 }
 

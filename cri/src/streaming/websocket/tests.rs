@@ -575,7 +575,8 @@ async fn port_forward_ends_when_the_client_closes() {
         client.recv().await
     };
     let ((), after) = within(async { tokio::join!(session, script) }).await;
-    assert_eq!(after, None);
+    // Our close frame answers the client's.
+    assert_eq!(after, Some(Message::Close(None)));
     // The pod's connection was closed.
     assert_eq!(within(closed).await, Ok(()));
 }

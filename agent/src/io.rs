@@ -10,6 +10,9 @@ use nix::pty::{OpenptyResult, Winsize, openpty};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Mutex;
 
+use crate::output::CHUNK;
+pub use crate::output::Output;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot create a pipe")]
@@ -70,9 +73,6 @@ impl FdIo {
     }
 }
 
-/// An output stream that one reader at a time may drain.
-pub type Output = Arc<Mutex<Option<FdIo>>>;
-
 /// The agent's side of a process's stdio.
 pub struct Stdio {
     /// Where WriteStdin goes: the pipe's write end or the PTY master.
@@ -103,8 +103,8 @@ pub fn pipes() -> Result<(Stdio, ChildStdio), Error> {
     let (stderr_r, stderr_w) = pipe()?;
     let stdio = Stdio {
         stdin: Mutex::new(Some(Arc::new(FdIo::new(stdin_w)?))),
-        stdout: Arc::new(Mutex::new(Some(FdIo::new(stdout_r)?))),
-        stderr: Arc::new(Mutex::new(Some(FdIo::new(stderr_r)?))),
+        stdout: Output::spawn(FdIo::new(stdout_r)?, CHUNK),
+        stderr: Output::spawn(FdIo::new(stderr_r)?, CHUNK),
         tty: None,
     };
     let child = ChildStdio {
@@ -140,8 +140,8 @@ pub fn pty(rows: u16, cols: u16) -> Result<(Stdio, ChildStdio), Error> {
     let stdout = FdIo::new(master.fd().try_clone().map_err(Error::Dup)?);
     let stdio = Stdio {
         stdin: Mutex::new(Some(master.clone())),
-        stdout: Arc::new(Mutex::new(Some(stdout?))),
-        stderr: Arc::new(Mutex::new(None)),
+        stdout: Output::spawn(stdout?, CHUNK),
+        stderr: Output::ended(),
         tty: Some(master),
     };
     Ok((stdio, child))

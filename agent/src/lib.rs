@@ -13,6 +13,7 @@ pub mod container;
 pub mod init;
 pub mod io;
 pub mod network;
+pub mod output;
 pub mod pid1;
 pub mod port_forward;
 pub mod process;

@@ -38,7 +38,7 @@ use tokio::sync::broadcast;
 
 use crate::cgroup::{self, Cgroup};
 use crate::init::{self, ExecConfig, FromHelper, InitConfig, ToHelper};
-use crate::io::{self as stdio, FdIo, Output, Stdio};
+use crate::io::{self as stdio, Output, Stdio};
 use crate::process::{self, AgentExe, ExitWatch, Reaper, SpawnSpec};
 use crate::seccomp;
 use crate::storage::{self, RootfsSource};
@@ -53,7 +53,6 @@ mod streams;
 
 pub use signal::ProcessInfo;
 pub use stats::Stats;
-pub use streams::drain;
 
 pub use crate::process::Exit;
 
@@ -296,8 +295,8 @@ impl Containers {
             exit: spawned.exit,
             stdio: Stdio {
                 stdin: tokio::sync::Mutex::new(None),
-                stdout: Arc::new(tokio::sync::Mutex::new(None)),
-                stderr: Arc::new(tokio::sync::Mutex::new(None)),
+                stdout: Output::ended(),
+                stderr: Output::ended(),
                 tty: None,
             },
         });

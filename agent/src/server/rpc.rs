@@ -1,11 +1,9 @@
 //! The Agent API, RPC by RPC.
 
 use super::*;
+use crate::output::Piece;
 
 pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-/// Largest output chunk sent in one message.
-pub(super) const OUTPUT_CHUNK: usize = 32 * 1024;
 
 #[tonic::async_trait]
 impl AgentApi for Service {
@@ -325,10 +323,21 @@ impl AgentApi for Service {
             .containers()
             .output(&r.container_id, &r.exec_id, stream)
             .await?;
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
-        container::drain(output, OUTPUT_CHUNK, tx).await?;
-        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |data| {
-            Ok(pb::OutputChunk { data })
+        let (tx, rx) = mpsc::channel::<Piece>(16);
+        output
+            .drain(tx)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |piece| {
+            Ok(match piece {
+                Piece::Data(data) => pb::OutputChunk {
+                    data,
+                    lost_bytes: 0,
+                },
+                Piece::Lost(lost_bytes) => pb::OutputChunk {
+                    data: Vec::new(),
+                    lost_bytes,
+                },
+            })
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use k8s_cri::v1 as cri;
 use tokio::sync::{broadcast, watch};
 
-use super::logs::{ContainerLog, StreamKind};
+use super::logs::{Chunk, ContainerLog, StreamKind};
 use super::pod::Pod;
 use super::spec::{self, SpecInput};
 use super::state::{self, ContainerPhase, ContainerRecord};
@@ -542,10 +542,13 @@ impl Runtime {
                 };
                 let chunks = output.map(move |r| {
                     r.map(|chunk| {
+                        if chunk.lost_bytes > 0 {
+                            return Chunk::Lost(chunk.lost_bytes);
+                        }
                         let data = Bytes::from(chunk.data);
                         // No attach client: the error is "no receiver".
                         let _ = attached.send((kind, data.clone()));
-                        data
+                        Chunk::Data(data)
                     })
                 });
                 match log {

@@ -498,6 +498,19 @@ impl Runtime {
         if pid.is_some() && !*pod.vm_exited.borrow() && pod.kill_vm() {
             pod.wait_vm_exit().await;
         }
+        let outside: Vec<PathBuf> = lock(&pod.state)
+            .record
+            .volumes
+            .iter()
+            .filter_map(|slot| slot.file.clone())
+            .collect();
+        for file in outside {
+            if let Err(e) = std::fs::remove_file(&file) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(pod = %pod.id, "cannot remove {}: {e}", file.display());
+                }
+            }
+        }
         if let Err(e) = std::fs::remove_dir_all(&pod.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(pod = %pod.id, "cannot remove {}: {e}", pod.dir.display());
@@ -547,6 +560,7 @@ impl Runtime {
         {
             let mut st = lock(&pod.state);
             st.record.images.push(SlotRecord {
+                file: None,
                 image_id: image_id.clone(),
                 serial: serial.clone(),
                 disk_id: disk_id.clone(),

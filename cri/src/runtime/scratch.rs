@@ -4,11 +4,14 @@
 //!
 //! - medium Memory (kubelet mounted a tmpfs there): a directory in the
 //!   guest's memory, like the node's tmpfs;
-//! - otherwise: a disk of its own, a sparse ext4 file in the pod's
-//!   directory (`--empty-dir-size`, made at first use) in one of the VM's
-//!   writable slots, so that the volume's data does not take guest memory.
-//!   The container binds its `data/` directory (mode 0777, as kubelet makes
-//!   emptyDirs; `lost+found` stays out of sight).
+//! - otherwise: a disk of its own, a sparse ext4 file in one of the VM's
+//!   writable slots (`--empty-dir-size`, made at first use), so that the
+//!   volume's data does not take guest memory. The file lives in kubelet's
+//!   own volume directory: kubelet measures an emptyDir's usage (its
+//!   `sizeLimit`, ephemeral-storage eviction, the summary API) by what is
+//!   allocated there, and a sparse file's blocks are what the volume holds.
+//!   The container binds the disk's `data/` directory (mode 0777, as
+//!   kubelet makes emptyDirs; `lost+found` stays out of sight).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -24,6 +27,9 @@ use crate::sandbox::{api, vmm};
 
 /// kubelet's emptyDir volumes live under this path component.
 pub const EMPTY_DIR_MARKER: &str = "/volumes/kubernetes.io~empty-dir/";
+
+/// A disk-backed emptyDir's file, in kubelet's directory of the volume.
+pub const DISK_FILE: &str = ".frakti-emptydir.ext4";
 
 /// The volume name of an emptyDir host path, if it is one.
 pub fn empty_dir_volume(host_path: &str) -> Option<&str> {
@@ -59,7 +65,8 @@ pub(crate) async fn empty_dir(
         .iter()
         .any(|slot| slot.disk_id == disk_id);
     if !mounted {
-        attach(pod, &disk_id, agent, disk_bytes).await?;
+        let file = host_path.join(DISK_FILE);
+        attach(pod, &disk_id, &file, agent, disk_bytes).await?;
     }
     Ok(format!("/run/frakti/disks/{disk_id}/data"))
 }
@@ -77,7 +84,13 @@ async fn in_memory(volume: &str, agent: &mut AgentClient) -> Result<String> {
 }
 
 /// Makes the volume's disk, puts it in a free writable slot and mounts it.
-async fn attach(pod: &Pod, disk_id: &str, agent: &mut AgentClient, bytes: u64) -> Result<()> {
+async fn attach(
+    pod: &Pod,
+    disk_id: &str,
+    file: &Path,
+    agent: &mut AgentClient,
+    bytes: u64,
+) -> Result<()> {
     let serial = {
         let st = lock(&pod.state);
         let used: Vec<&String> = st.record.volumes.iter().map(|s| &s.serial).collect();
@@ -92,7 +105,7 @@ async fn attach(pod: &Pod, disk_id: &str, agent: &mut AgentClient, bytes: u64) -
                 ))
             })?
     };
-    let file = pod.dir.join(format!("{disk_id}.ext4"));
+    let file = file.to_path_buf();
     let made = file.clone();
     tokio::task::spawn_blocking(move || make_disk(&made, bytes))
         .await
@@ -115,6 +128,7 @@ async fn attach(pod: &Pod, disk_id: &str, agent: &mut AgentClient, bytes: u64) -
         image_id: String::new(),
         serial,
         disk_id: disk_id.to_string(),
+        file: Some(file),
     });
     pod.save()
 }

@@ -76,6 +76,10 @@ pub struct SlotRecord {
     pub image_id: String,
     pub serial: String,
     pub disk_id: String,
+    /// A disk file kept outside the pod's directory (an emptyDir's, in
+    /// kubelet's volume directory), removed with the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

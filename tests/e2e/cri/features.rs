@@ -263,6 +263,36 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
         mounts.contains(" /shared ext4 "),
         "the emptyDir is not on a disk: {mounts}"
     );
+    // Its usage shows where kubelet measures it: the blocks its disk file
+    // takes in the volume's directory on the node.
+    let disk = volume.join(".frakti-emptydir.ext4");
+    let used = |disk: &std::path::Path| -> anyhow::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(std::fs::metadata(disk)?.blocks() * 512)
+    };
+    let before = used(&disk)?;
+    let fill = exec(
+        &mut c,
+        &reader,
+        &[
+            "sh",
+            "-c",
+            "head -c 20971520 /dev/zero > /shared/big && busybox sync",
+        ],
+        60,
+    )
+    .await?;
+    ensure!(fill.exit_code == 0, "filling the emptyDir: {fill:?}");
+    let after = used(&disk)?;
+    ensure!(
+        after >= before + (20 << 20),
+        "the emptyDir's disk grew from {before} to {after} bytes for 20 MiB written"
+    );
+    eprintln!(
+        "cri: emptyDir usage seen on the node: {:.1} MiB before, {:.1} MiB after 20 MiB written",
+        before as f64 / f64::from(1 << 20),
+        after as f64 / f64::from(1 << 20)
+    );
 
     // A configmap-like volume follows kubelet's `..data` swap within 2 s,
     // and a termination message comes back to the host at exit.

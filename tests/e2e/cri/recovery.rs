@@ -158,6 +158,13 @@ async fn restart(daemon: &mut Daemon) -> anyhow::Result<()> {
     )
     .await?;
     let quitter = run_container(&mut c, &pod, "quitter", &["sh", "-c", "sleep 3; exit 42"]).await?;
+    // 1 MiB/s of output: more than the agent keeps while nobody reads.
+    let flood = [
+        "sh",
+        "-c",
+        "while true; do head -c 524288 /dev/zero; echo; sleep 0.5; done",
+    ];
+    let flooder = run_container(&mut c, &pod, "flooder", &flood).await?;
     let log = daemon.log_dir().join("ticker.log");
     wait_for_text(&log, "tick 2\n", Duration::from_secs(30)).await?;
 
@@ -207,6 +214,29 @@ async fn restart(daemon: &mut Daemon) -> anyhow::Result<()> {
     );
     let out = exec(&mut c, &ticker, &["echo", "still here"], 10).await?;
     ensure!(out.stdout == b"still here\n", "{out:?}");
+    // The flood went on while the daemon was down (the agent read it),
+    // and its log says where and how much of it was dropped.
+    let st = status(&mut c, &flooder).await?;
+    ensure!(
+        st.state == cri::ContainerState::ContainerRunning as i32,
+        "{st:?}"
+    );
+    let flood_log = daemon.log_dir().join("flooder.log");
+    let notice = wait_for_text(
+        &flood_log,
+        "bytes of stdout were lost",
+        Duration::from_secs(30),
+    )
+    .await?;
+    let line = notice
+        .lines()
+        .find(|l| l.contains("were lost"))
+        .unwrap_or_default()
+        .to_string();
+    eprintln!(
+        "cri: the flood's log marks the gap: {}",
+        line.split(" F ").nth(1).unwrap_or(&line)
+    );
 
     remove_pod_without_leaks(daemon, &mut c, &pod).await?;
     Ok(())

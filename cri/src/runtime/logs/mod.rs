@@ -101,6 +101,20 @@ enum Tag {
     Partial,
 }
 
+/// What a log pump copies: output, or a gap in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chunk {
+    Data(Bytes),
+    /// This many bytes of output are missing here (the agent dropped them).
+    Lost(u64),
+}
+
+impl From<Bytes> for Chunk {
+    fn from(data: Bytes) -> Chunk {
+        Chunk::Data(data)
+    }
+}
+
 /// Splits a byte stream into CRI records.
 ///
 /// It holds at most [`MAX_LINE`] bytes of an unfinished line between calls.
@@ -336,18 +350,39 @@ impl ContainerLog {
     /// stream saying how much content was dropped:
     /// `[frakti] N bytes of stdout were lost: <error>` (N counts the contents
     /// of the dropped records, not their line ends).
-    pub async fn pump<S, E>(self: Arc<Self>, stream: StreamKind, mut source: S) -> PumpEnd
+    pub async fn pump<S, T, E>(self: Arc<Self>, stream: StreamKind, mut source: S) -> PumpEnd
     where
-        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        S: Stream<Item = Result<T, E>> + Unpin,
+        T: Into<Chunk>,
         E: Display,
     {
         let mut encoder = LineEncoder::new(stream);
         let mut loss = None;
         let end = loop {
-            match source.next().await {
-                Some(Ok(chunk)) => encoder.push_each(&chunk, SystemTime::now(), |record, len| {
-                    self.deliver(stream, &record, len, &mut loss)
-                }),
+            match source.next().await.map(|item| item.map(Into::into)) {
+                Some(Ok(Chunk::Data(data))) => {
+                    encoder.push_each(&data, SystemTime::now(), |record, len| {
+                        self.deliver(stream, &record, len, &mut loss)
+                    })
+                }
+                Some(Ok(Chunk::Lost(bytes))) => {
+                    // The line the gap cut ends here; the notice follows.
+                    let now = SystemTime::now();
+                    if let Some((record, len)) = encoder.take_pending(Tag::Full, now) {
+                        self.deliver(stream, &record, len, &mut loss);
+                    }
+                    let notice = format!(
+                        "[frakti] {bytes} bytes of {stream} were lost: written while the daemon \
+                         was not reading, beyond what the agent keeps"
+                    );
+                    let record = encode_record(
+                        &format_timestamp(now),
+                        stream,
+                        Tag::Full,
+                        &[notice.as_bytes()],
+                    );
+                    self.deliver(stream, &record, notice.len(), &mut loss);
+                }
                 Some(Err(err)) => {
                     if let Some((record, len)) =
                         encoder.take_pending(Tag::Partial, SystemTime::now())

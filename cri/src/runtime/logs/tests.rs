@@ -492,3 +492,28 @@ async fn write_errors_drop_records_and_are_reported_once_writing_works() {
     );
     assert_eq!(records[1], ('F', b"kept".to_vec()));
 }
+
+#[tokio::test]
+async fn a_gap_in_the_output_is_marked_where_it_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("0.log");
+    let log = ContainerLog::open(&path).unwrap();
+    let source = stream::iter(vec![
+        Ok::<_, Infallible>(Chunk::Data(Bytes::from_static(b"a\nbc"))),
+        Ok(Chunk::Lost(100)),
+        Ok(Chunk::Data(Bytes::from_static(b"d\n"))),
+    ]);
+    assert_eq!(log.pump(StreamKind::Stdout, source).await, PumpEnd::Eof);
+    let contents: Vec<String> = parse(&std::fs::read(&path).unwrap(), "stdout")
+        .into_iter()
+        .map(|(_, c)| String::from_utf8(c).unwrap())
+        .collect();
+    assert_eq!(contents.len(), 4, "{contents:?}");
+    assert_eq!(contents[0], "a");
+    assert_eq!(contents[1], "bc");
+    assert!(
+        contents[2].starts_with("[frakti] 100 bytes of stdout were lost"),
+        "{contents:?}"
+    );
+    assert_eq!(contents[3], "d");
+}

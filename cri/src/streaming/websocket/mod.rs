@@ -68,7 +68,14 @@ pub const EXEC_PROTOCOLS: &[&str] = &[
 
 /// Port-forward subprotocols, preferred first: kubelet's list (its
 /// `portforward.k8s.io` is the SPDY protocol, and it has no v5 here).
-pub const PORT_FORWARD_PROTOCOLS: &[&str] = &["v4.channel.k8s.io", "v4.base64.channel.k8s.io"];
+/// kubelet's names first; the `portforward` spellings are accepted too (the
+/// same protocol, as some clients name it).
+pub const PORT_FORWARD_PROTOCOLS: &[&str] = &[
+    "v4.channel.k8s.io",
+    "v4.base64.channel.k8s.io",
+    "v4.portforward.k8s.io",
+    "v4.base64.portforward.k8s.io",
+];
 
 /// Channel numbers of exec and attach.
 pub const STDIN: u8 = 0;
@@ -125,8 +132,8 @@ impl Kind {
     /// client named none, binary).
     pub fn port_forward(protocol: &str) -> Result<Kind, WsError> {
         match protocol {
-            "v4.channel.k8s.io" => Ok(Kind::V4),
-            "v4.base64.channel.k8s.io" => Ok(Kind::V4Base64),
+            "v4.channel.k8s.io" | "v4.portforward.k8s.io" => Ok(Kind::V4),
+            "v4.base64.channel.k8s.io" | "v4.base64.portforward.k8s.io" => Ok(Kind::V4Base64),
             "" => Ok(Kind::V1),
             other => Err(WsError::Protocol(other.to_string())),
         }

@@ -41,10 +41,18 @@ pub fn empty_dir_volume(host_path: &str) -> Option<&str> {
     valid.then_some(volume)
 }
 
-/// Whether kubelet made the volume a tmpfs (medium Memory).
+/// Whether kubelet made the volume a tmpfs (medium Memory): it mounts one
+/// on the volume's directory (a directory that merely sits on a tmpfs, as
+/// under a node's /tmp, is not such a volume).
 fn on_tmpfs(host_path: &Path) -> bool {
-    nix::sys::statfs::statfs(host_path)
-        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+    use std::os::unix::fs::MetadataExt;
+    let tmpfs = nix::sys::statfs::statfs(host_path)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    let mount_point = match (host_path.metadata(), host_path.parent().map(Path::metadata)) {
+        (Ok(dir), Some(Ok(parent))) => dir.dev() != parent.dev(),
+        _ => false,
+    };
+    tmpfs && mount_point
 }
 
 /// The guest path the container binds for emptyDir `volume`.
@@ -65,7 +73,13 @@ pub(crate) async fn empty_dir(
         .iter()
         .any(|slot| slot.disk_id == disk_id);
     if !mounted {
-        let file = host_path.join(DISK_FILE);
+        // kubelet makes the directory before it creates containers; without
+        // it (a client that is not kubelet) the disk stays in the pod's.
+        let file = if host_path.is_dir() {
+            host_path.join(DISK_FILE)
+        } else {
+            pod.dir.join(format!("{disk_id}.ext4"))
+        };
         attach(pod, &disk_id, &file, agent, disk_bytes).await?;
     }
     Ok(format!("/run/frakti/disks/{disk_id}/data"))
@@ -196,6 +210,25 @@ mod tests {
             empty_dir_volume("/x/volumes/kubernetes.io~empty-dir/a b"),
             None
         );
+    }
+
+    #[test]
+    fn only_a_tmpfs_mounted_on_the_volume_keeps_it_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = dir.path().join("cache");
+        std::fs::create_dir(&volume).unwrap();
+        assert!(!on_tmpfs(&volume), "a plain directory");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &volume,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount a tmpfs (the unit tests run as root)");
+        let memory = on_tmpfs(&volume);
+        nix::mount::umount(&volume).unwrap();
+        assert!(memory, "kubelet's medium Memory volume");
     }
 
     #[test]

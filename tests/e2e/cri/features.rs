@@ -230,6 +230,8 @@ async fn features(daemon: &mut Daemon) -> anyhow::Result<()> {
         .dir
         .path()
         .join("kubelet/pods/uid-features/volumes/kubernetes.io~empty-dir/shared");
+    // As kubelet does before it creates the containers.
+    std::fs::create_dir_all(&volume)?;
     let mount = cri::Mount {
         container_path: "/shared".into(),
         host_path: volume.to_string_lossy().into_owned(),

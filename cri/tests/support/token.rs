@@ -350,8 +350,9 @@ fn granted_scope(scope: &str) -> Option<(String, Vec<String>)> {
     Some((name.to_string(), actions))
 }
 
-/// The decoded `key=value` pairs of a query string, repeats kept.
-fn query_params(query: &str) -> Vec<(String, String)> {
+/// The decoded `key=value` pairs of a query string, repeats kept (`%XX`
+/// and Go's `+` for a space).
+pub fn query_params(query: &str) -> Vec<(String, String)> {
     query
         .split('&')
         .filter(|p| !p.is_empty())

@@ -742,7 +742,7 @@ fn subresource_request(
     let pod = shared
         .pod(namespace, name)
         .ok_or_else(|| pod_not_found(name))?;
-    let query = parse_query(head.query());
+    let query = crate::support::token::query_params(head.query());
     let values = |key: &str| -> Vec<&str> {
         query
             .iter()
@@ -875,44 +875,4 @@ fn split_url(url: &str) -> anyhow::Result<(String, String)> {
         format!("{authority}:80")
     };
     Ok((authority, path.to_string()))
-}
-
-/// `a=1&b=x%20y&b=z+w` → `[(a, 1), (b, x y), (b, z w)]`.
-fn parse_query(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = bytes
-            .get(i + 1..i + 3)
-            .filter(|_| bytes[i] == b'%')
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], escaped) {
-            (_, Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b'+', None) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, None) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

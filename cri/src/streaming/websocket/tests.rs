@@ -241,7 +241,10 @@ fn protocols_are_known_kinds() {
         .iter()
         .map(|p| Kind::port_forward(p).unwrap())
         .collect();
-    assert_eq!(forward, [Kind::V4, Kind::V4Base64]);
+    assert_eq!(
+        forward,
+        [Kind::V4, Kind::V4Base64, Kind::V4, Kind::V4Base64]
+    );
     assert_eq!(Kind::port_forward(""), Ok(Kind::V1));
     assert!(Kind::port_forward("v5.channel.k8s.io").is_err());
     assert!(Kind::port_forward("portforward.k8s.io").is_err());

@@ -100,6 +100,17 @@ fn vsock_accept(listener: &OwnedFd) -> io::Result<UnixStream> {
     Ok(vsock_stream(fd))
 }
 
+/// `SO_VM_SOCKETS_CONNECT_TIMEOUT` of linux/vm_sockets.h (on 64-bit, a
+/// `struct timeval`, at level `AF_VSOCK`); the libc crate lacks it.
+const SO_VM_SOCKETS_CONNECT_TIMEOUT: libc::c_int = 6;
+/// The guest kernel gives up a vsock connect after 2 s by default; a host
+/// side busy with dozens of connections at once (the lab, under TCG) may
+/// answer later than that without anything being wrong.
+const CONNECT_TIMEOUT: libc::timeval = libc::timeval {
+    tv_sec: 60,
+    tv_usec: 0,
+};
+
 fn vsock_connect(cid: u32, port: u32) -> io::Result<UnixStream> {
     let fd = socket(
         AddressFamily::Vsock,
@@ -107,6 +118,21 @@ fn vsock_connect(cid: u32, port: u32) -> io::Result<UnixStream> {
         SockFlag::SOCK_CLOEXEC,
         None,
     )?;
+    let timeout = CONNECT_TIMEOUT;
+    // SAFETY: `fd` is an open socket; setsockopt reads exactly
+    // size_of::<timeval>() bytes from a valid timeval that outlives the call.
+    let set = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::AF_VSOCK,
+            SO_VM_SOCKETS_CONNECT_TIMEOUT,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
     connect(fd.as_raw_fd(), &VsockAddr::new(cid, port))?;
     Ok(vsock_stream(fd))
 }

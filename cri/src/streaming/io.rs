@@ -8,6 +8,23 @@ use tokio::sync::mpsc;
 
 /// Chunks queued per stream between a protocol adapter and the process.
 pub const STREAM_QUEUE: usize = 8;
+/// The most [`next_batch`] gathers into one message for the agent.
+pub const BATCH: usize = 256 * 1024;
+
+/// The next chunk from `rx` with whatever else is already queued behind
+/// it, up to [`BATCH`] bytes: one agent call per chunk would make bulk
+/// input (stdin, a port-forward's upload) crawl, one round trip to the VM
+/// each. `None` once `rx` ended.
+pub async fn next_batch(rx: &mut mpsc::Receiver<Bytes>) -> Option<Vec<u8>> {
+    let mut data = rx.recv().await?.to_vec();
+    while data.len() < BATCH {
+        match rx.try_recv() {
+            Ok(more) => data.extend_from_slice(&more),
+            Err(_) => break,
+        }
+    }
+    Some(data)
+}
 
 /// A terminal size as the resize stream carries it (`{"Width":80,"Height":24}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,4 +69,22 @@ pub struct PortConnection {
     /// Receives at most one message: why the connection failed after it
     /// was established.
     pub error: tokio::sync::oneshot::Receiver<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_take_what_is_queued_up_to_the_bound() {
+        let (tx, mut rx) = mpsc::channel(STREAM_QUEUE);
+        let chunk = Bytes::from(vec![1u8; BATCH / 2]);
+        for _ in 0..3 {
+            tx.send(chunk.clone()).await.unwrap();
+        }
+        assert_eq!(next_batch(&mut rx).await.map(|d| d.len()), Some(BATCH));
+        drop(tx);
+        assert_eq!(next_batch(&mut rx).await.map(|d| d.len()), Some(BATCH / 2));
+        assert_eq!(next_batch(&mut rx).await, None);
+    }
 }

@@ -17,15 +17,13 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::io::{PortConnection, STREAM_QUEUE};
+use super::io::{PortConnection, STREAM_QUEUE, next_batch};
 use super::spdy::frame::RST_PROTOCOL_ERROR;
 use super::spdy::session::{Session, Stream};
 use crate::runtime::Runtime;
 
 /// The SPDY sub-protocol port-forward clients ask for.
 pub const SPDY_PROTOCOL: &str = "portforward.k8s.io";
-/// Bytes for the pod already queued go in one message, up to this much.
-const BATCH: usize = 256 * 1024;
 /// How long the second stream of a pair may take (kubelet's default).
 const PAIR_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -58,15 +56,7 @@ pub async fn connect(runtime: &Runtime, pod_id: &str, port: u16) -> Result<PortC
     let (from_pod_tx, from_pod) = mpsc::channel(STREAM_QUEUE);
     let (error_tx, error) = oneshot::channel();
     tokio::spawn(async move {
-        while let Some(first) = to_pod_rx.recv().await {
-            // What else is queued goes in the same message.
-            let mut data = first.to_vec();
-            while data.len() < BATCH {
-                match to_pod_rx.try_recv() {
-                    Ok(more) => data.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
+        while let Some(data) = next_batch(&mut to_pod_rx).await {
             if data.is_empty() {
                 continue;
             }

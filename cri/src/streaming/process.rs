@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
-use super::io::{Outcome, ProcessIo, TermSize};
+use super::io::{Outcome, ProcessIo, TermSize, next_batch};
 use super::request::ProcessRequest;
 use crate::runtime::logs::StreamKind;
 use crate::runtime::{Runtime, agent_call, state::ContainerPhase};
@@ -25,8 +25,6 @@ use crate::sandbox::agent::AgentClient;
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 /// How long a TTY exec waits for the client's terminal size.
 const FIRST_SIZE_WAIT: Duration = Duration::from_secs(1);
-/// Stdin already queued is written in one agent call, up to this much.
-const STDIN_BATCH: usize = 256 * 1024;
 
 /// Runs an exec or an attach to its end.
 pub async fn run(runtime: &Runtime, request: &ProcessRequest, io: ProcessIo) -> Outcome {
@@ -307,16 +305,7 @@ fn abort_all(stdin: Option<JoinHandle<()>>, resize: Option<JoinHandle<()>>, outp
 /// it open for the next client).
 async fn pump_stdin(target: Target, mut stdin: mpsc::Receiver<Bytes>, close_at_eof: bool) {
     let mut agent = target.agent.clone();
-    while let Some(first) = stdin.recv().await {
-        // What else is queued goes in the same call: one round trip to
-        // the VM per chunk would make bulk input crawl.
-        let mut data = first.to_vec();
-        while data.len() < STDIN_BATCH {
-            match stdin.try_recv() {
-                Ok(more) => data.extend_from_slice(&more),
-                Err(_) => break,
-            }
-        }
+    while let Some(data) = next_batch(&mut stdin).await {
         if data.is_empty() {
             continue;
         }

@@ -744,10 +744,9 @@ async fn token_and_request_checks(
 
 /// A plain GET; returns the response head and body as text.
 async fn http_get(url: &str) -> anyhow::Result<String> {
-    let rest = url.strip_prefix("http://").context("not http")?;
-    let (host, path) = rest.split_once('/').context("no path")?;
+    let (host, path) = super::spdy_client::split_url(url)?;
     let mut socket = TcpStream::connect(host).await?;
-    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     socket.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), socket.read_to_end(&mut response)).await??;

@@ -279,6 +279,9 @@ pub fn add_base(
     Ok(())
 }
 
+/// How often L1's init writes a line on the heartbeat port (ttyS2).
+pub const HEARTBEAT_SECS: u64 = 5;
+
 /// Markers the L1 init writes on the results port (ttyS1).
 pub mod marker {
     pub const READY: &str = "@@frakti-lab ready";
@@ -312,6 +315,8 @@ while [ $i -lt {modules} ]; do
 done
 [ -c /dev/kvm ] || fatal "no /dev/kvm after loading kvm-amd"
 echo "{READY} uptime=$(cut -d' ' -f1 /proc/uptime) cpus=$(nproc)" >&3
+# A heartbeat on its own port: the host tells a frozen L1 from a slow test.
+(while true; do echo beat; sleep {HEARTBEAT_SECS}; done >/dev/ttyS2) &
 i=0
 while [ $i -lt {commands} ]; do
     echo "{BEGIN} $i" >&3

@@ -209,6 +209,38 @@ impl Daemon {
         }
     }
 
+    /// What a hung test's daemon was doing: its processes (state, where
+    /// they wait), each pod VM's console tail and the kernel's last words.
+    pub fn stuck_report(&self) -> String {
+        let mut report = String::from("--- processes naming the root ---\n");
+        for pid in pids_naming(&self.root()) {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
+            let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            report.push_str(&format!(
+                "{} state {state} wchan {wchan}\n",
+                describe_process(pid)
+            ));
+        }
+        if let Ok(entries) = std::fs::read_dir(self.root().join("pods")) {
+            for pod in entries.flatten() {
+                let console =
+                    std::fs::read_to_string(pod.path().join("console.log")).unwrap_or_default();
+                report.push_str(&format!(
+                    "--- console of pod {} (tail) ---\n{}\n",
+                    pod.file_name().to_string_lossy(),
+                    last_lines(&console, 15)
+                ));
+            }
+        }
+        report.push_str(&format!(
+            "--- kernel log (tail) ---\n{}\n",
+            last_lines(&kernel_log(), 30)
+        ));
+        report
+    }
+
     /// What a test must not leave: VMM processes naming our root, pod
     /// directories, mounts below the root.
     pub fn leaks(&self) -> Vec<String> {
@@ -250,6 +282,43 @@ impl Drop for Daemon {
             );
         }
     }
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The kernel's ring buffer as far as it is kept (/dev/kmsg, read without
+/// waiting for new records); empty where it cannot be read.
+fn kernel_log() -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut kmsg) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    else {
+        return String::new();
+    };
+    let mut text = String::new();
+    // One record per read; EPIPE when records were overwritten meanwhile,
+    // EAGAIN at the end of the buffer.
+    let mut record = [0u8; 8192];
+    loop {
+        let n = match kmsg.read(&mut record) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPIPE) => continue,
+            Err(_) => break,
+        };
+        let record = String::from_utf8_lossy(&record[..n]);
+        // "level,seq,usec,flags;message"
+        let message = record.split_once(';').map_or(&*record, |(_, m)| m);
+        text.push_str(message.lines().next().unwrap_or_default());
+        text.push('\n');
+    }
+    text
 }
 
 fn pids_naming(dir: &Path) -> Vec<i32> {
@@ -473,12 +542,24 @@ where
         .build()?;
     runtime.block_on(async {
         let mut daemon = Daemon::start(extra).await.map_err(|e| format!("{e:#}"))?;
-        let result = body(&mut daemon).await;
+        let result = match tokio::time::timeout(TEST_LIMIT, body(&mut daemon)).await {
+            Ok(result) => result,
+            Err(_) => Err(anyhow!(
+                "the test still ran after {} s (a hang): stopped it\n{}",
+                TEST_LIMIT.as_secs(),
+                daemon.stuck_report()
+            )),
+        };
         let log = daemon.log();
         eprintln!("cri: test took {:.1} s", started.elapsed().as_secs_f64());
         result.map_err(|e| format!("{e:#}\n--- daemon log (tail) ---\n{log}").into())
     })
 }
+
+/// The longest a daemon test may take (the slowest takes ~140 s in the
+/// lab): a hang fails that test with a report instead of running into the
+/// lab's timeout, which would lose the rest of the suite.
+const TEST_LIMIT: Duration = Duration::from_secs(480);
 
 /// CreateContainer + StartContainer of `command` in `pod`.
 pub async fn run_container(

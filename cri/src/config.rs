@@ -43,6 +43,21 @@ pub struct FileConfig {
     pub erofs_compression: Option<ErofsCompression>,
     pub max_parallel_pulls: Option<usize>,
     pub log_level: Option<String>,
+    pub network: Option<NetworkMode>,
+    pub cni_conf_dir: Option<PathBuf>,
+    pub cni_bin_dir: Option<Vec<PathBuf>>,
+    pub cni_plugin_timeout: Option<u64>,
+    pub netns_dir: Option<PathBuf>,
+}
+
+/// How pods are networked (`--network`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// The node's CNI configuration.
+    Cni,
+    /// A loopback only.
+    None,
 }
 
 impl FileConfig {
@@ -74,6 +89,14 @@ mod tests {
         let config = FileConfig::load(&path).unwrap();
         assert_eq!(config.listen.as_deref(), Some(Path::new("/run/x.sock")));
         assert_eq!(config.image_disk_format, Some(DiskFormat::Ext4));
+        std::fs::write(
+            &path,
+            "network = \"none\"\ncni-bin-dir = [\"/a\", \"/b\"]\ncni-plugin-timeout = 5\n",
+        )
+        .unwrap();
+        let config = FileConfig::load(&path).unwrap();
+        assert_eq!(config.network, Some(NetworkMode::None));
+        assert_eq!(config.cni_bin_dir.unwrap().len(), 2);
         std::fs::write(&path, "listen = 5\n").unwrap();
         assert!(FileConfig::load(&path).is_err());
         std::fs::write(&path, "no-such-key = 1\n").unwrap();

@@ -5,6 +5,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod image;
+pub mod network;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;

@@ -4,10 +4,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use frakti_cri::config::FileConfig;
+use frakti_cri::config::{FileConfig, NetworkMode};
 use frakti_cri::daemon;
 use frakti_cri::image::StoreConfig;
 use frakti_cri::image::disk::{DiskFormat, ErofsCompression};
+use frakti_cri::network::NetworkSettings;
 use frakti_cri::runtime::RuntimeConfig;
 use frakti_cri::runtime::sizing::SizingDefaults;
 use frakti_cri::sandbox::vmm::VmAssets;
@@ -121,6 +122,23 @@ struct DaemonArgs {
     /// Log level: error, warn, info, debug, trace [default: info].
     #[arg(long)]
     log_level: Option<String>,
+    /// Pod networks: cni (the node's CNI configuration, as kubelet expects) or none (pods
+    /// get a loopback only) [default: cni].
+    #[arg(long)]
+    network: Option<NetworkMode>,
+    /// CNI configuration dir: its first file in lexical order (.conflist, .conf, .json) is
+    /// used, reloaded when the dir changes [default: /etc/cni/net.d].
+    #[arg(long)]
+    cni_conf_dir: Option<PathBuf>,
+    /// CNI plugin dirs, searched in order [default: /opt/cni/bin,/usr/lib/cni].
+    #[arg(long, value_delimiter = ',')]
+    cni_bin_dir: Option<Vec<PathBuf>>,
+    /// Seconds a CNI plugin may run before it is killed [default: 60].
+    #[arg(long)]
+    cni_plugin_timeout: Option<u64>,
+    /// Where pod network namespaces are bind-mounted [default: /run/frakti/netns].
+    #[arg(long)]
+    netns_dir: Option<PathBuf>,
 }
 
 fn init_logs(level: &str) -> anyhow::Result<()> {
@@ -205,7 +223,31 @@ fn daemon_options(args: DaemonArgs) -> anyhow::Result<(daemon::Options, String)>
             .unwrap_or(DEFAULT_EMPTY_DIR_MIB)
             .checked_mul(1 << 20)
             .ok_or_else(|| anyhow::anyhow!("empty-dir-size is too large"))?,
+        network: NetworkSettings {
+            enabled: args.network.or(file.network).unwrap_or(NetworkMode::Cni) == NetworkMode::Cni,
+            conf_dir: args
+                .cni_conf_dir
+                .or(file.cni_conf_dir)
+                .unwrap_or_else(|| "/etc/cni/net.d".into()),
+            bin_dirs: args
+                .cni_bin_dir
+                .or(file.cni_bin_dir)
+                .unwrap_or_else(|| vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()]),
+            plugin_timeout: std::time::Duration::from_secs(
+                args.cni_plugin_timeout
+                    .or(file.cni_plugin_timeout)
+                    .unwrap_or(60),
+            ),
+            netns_dir: args
+                .netns_dir
+                .or(file.netns_dir)
+                .unwrap_or_else(|| "/run/frakti/netns".into()),
+        },
     };
+    anyhow::ensure!(
+        runtime.network.plugin_timeout > std::time::Duration::ZERO,
+        "cni-plugin-timeout must be at least 1 (second)"
+    );
     anyhow::ensure!(runtime.sizing.cpus > 0, "default-cpus must be at least 1");
     anyhow::ensure!(
         runtime.sizing.memory_mib >= 32,

@@ -24,7 +24,21 @@ const L1_MODULES: &[(&str, &str)] = &[
     ("drivers/vhost/vhost_iotlb.ko", ""),
     ("drivers/vhost/vhost.ko", ""),
     ("drivers/vhost/vhost_vsock.ko", ""),
+    // Pod networks: CNI's bridge and veth pairs, and the tc ingress
+    // redirect that joins a pod's tap to its CNI interface.
+    ("net/llc/llc.ko", ""),
+    ("net/802/stp.ko", ""),
+    ("net/bridge/bridge.ko", ""),
+    ("drivers/net/veth.ko", ""),
+    ("net/sched/sch_ingress.ko", ""),
+    ("net/sched/cls_u32.ko", ""),
+    ("net/sched/act_mirred.ko", ""),
 ];
+
+/// Debian's CNI plugins (containernetworking-plugins), put at the same
+/// path in L1, where the daemon looks after /opt/cni/bin.
+const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
+const CNI_PLUGINS: &[&str] = &["bridge", "host-local", "loopback", "portmap", "ptp"];
 /// Lists the modules kept in the cache, one `file params` per line; a
 /// module the package builds in is left out.
 const MODULES_MANIFEST: &str = "modules.list";
@@ -263,6 +277,25 @@ pub fn add_base(
         "/usr/bin/qemu-system-x86_64",
         Path::new("/usr/bin/qemu-system-x86_64"),
     )?;
+    for plugin in CNI_PLUGINS {
+        let source = Path::new(CNI_PLUGIN_DIR).join(plugin);
+        // Optional: only the network tests need them (deps.sh installs them).
+        if source.exists() {
+            image.program(&format!("{CNI_PLUGIN_DIR}/{plugin}"), &source)?;
+        }
+    }
+    // Before busybox's applets of these names in PATH: those lack what the
+    // network tests' checks use.
+    for (name, source) in [
+        ("ip", "/usr/bin/ip"),
+        ("tc", "/usr/sbin/tc"),
+        ("nsenter", "/usr/bin/nsenter"),
+    ] {
+        let source = Path::new(source);
+        if source.exists() {
+            image.program(&format!("/usr/bin/{name}"), source)?;
+        }
+    }
     for firmware in QEMU_FIRMWARE {
         let source = Path::new("/usr/share/qemu").join(firmware);
         image.host_file(&format!("/usr/share/qemu/{firmware}"), &source, 0o644);

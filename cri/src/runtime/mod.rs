@@ -15,6 +15,7 @@ pub mod state;
 
 mod container;
 mod exec;
+mod guest_network;
 mod mounts;
 mod pod;
 mod recover;
@@ -78,6 +79,8 @@ pub enum Error {
     Image(#[from] crate::image::store::Error),
     #[error(transparent)]
     Log(#[from] logs::Error),
+    #[error(transparent)]
+    Network(#[from] crate::network::Error),
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -118,6 +121,7 @@ pub struct RuntimeConfig {
     /// Size of each disk-backed emptyDir volume (sparse); 0 keeps every
     /// emptyDir in guest memory.
     pub empty_dir_bytes: u64,
+    pub network: crate::network::NetworkSettings,
 }
 
 pub(crate) use crate::lock;
@@ -174,6 +178,7 @@ pub(crate) struct Inner {
     events: broadcast::Sender<cri::ContainerEventResponse>,
     /// The pod CIDR kubelet last set (UpdateRuntimeConfig).
     pub(crate) pod_cidr: Mutex<String>,
+    pub(crate) network: crate::network::Network,
 }
 
 /// The runtime: cheap to clone, shared by the gRPC services.
@@ -186,6 +191,7 @@ impl Runtime {
     /// Opens the state under `config.root` and recovers what a previous
     /// daemon left: running pods are found again, half-made ones removed.
     pub async fn open(config: RuntimeConfig, images: ImageStore) -> Result<Runtime> {
+        let network = config.network.clone();
         let layout = state::Layout::new(&config.root);
         layout.create()?;
         let (events, _) = broadcast::channel(1024);
@@ -199,6 +205,7 @@ impl Runtime {
                 names: Mutex::default(),
                 events,
                 pod_cidr: Mutex::default(),
+                network: crate::network::Network::new(network),
             }),
         };
         recover::recover(&runtime).await;

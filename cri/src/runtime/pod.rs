@@ -7,6 +7,7 @@
 //! independent of each other.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,8 +17,11 @@ use k8s_cri::v1 as cri;
 use tokio::sync::watch;
 
 use super::state::{self, ContainerPhase, PodPhase, PodRecord, SlotRecord};
-use super::{Error, Result, Runtime, agent_call, lock, now_ns, pod_name, sizing, spec};
+use super::{
+    Error, Result, Runtime, agent_call, guest_network, lock, now_ns, pod_name, sizing, spec,
+};
 use crate::image::DiskLease;
+use crate::network::PodNetwork;
 use crate::sandbox::agent::{self, AgentClient};
 use crate::sandbox::api;
 use crate::sandbox::vmm::{self, VmFiles};
@@ -55,6 +59,8 @@ pub(crate) struct PodState {
     pub images: HashMap<String, MountedImage>,
     /// StopPodSandbox is powering the VM off: its exit is expected.
     pub stopping: bool,
+    /// The pod's CNI attachment (its IPs), until its teardown.
+    pub network: Option<PodNetwork>,
 }
 
 pub struct Pod {
@@ -89,6 +95,7 @@ impl Pod {
                 agent: None,
                 images: HashMap::new(),
                 stopping: false,
+                network: None,
             }),
             vm_exited: watch::channel(false).0,
         }
@@ -162,13 +169,29 @@ impl Pod {
                 cri::PodSandboxState::SandboxNotready
             } as i32,
             created_at: self.created_at,
-            network: Some(cri::PodSandboxNetworkStatus::default()),
+            network: Some(self.network_status()),
             linux: Some(cri::LinuxPodSandboxStatus {
                 namespaces: Some(cri::Namespace { options }),
             }),
             labels: self.config.labels.clone(),
             annotations: self.config.annotations.clone(),
             runtime_handler: self.runtime_handler.clone(),
+        }
+    }
+}
+
+impl Pod {
+    /// The pod's IPs: the first is kubelet's pod IP.
+    fn network_status(&self) -> cri::PodSandboxNetworkStatus {
+        let ips = lock(&self.state)
+            .network
+            .as_ref()
+            .map(PodNetwork::ips)
+            .unwrap_or_default();
+        let mut ips = ips.into_iter();
+        cri::PodSandboxNetworkStatus {
+            ip: ips.next().unwrap_or_default(),
+            additional_ips: ips.map(|ip| cri::PodIp { ip }).collect(),
         }
     }
 }
@@ -309,7 +332,30 @@ impl Runtime {
         state::write_proto(&pod.dir.join("config.pb"), &pod.config)?;
         pod.save()?;
         let size = pod.record().size;
-        let pid = vmm::spawn(&self.inner.config.assets, &pod.files, size)?;
+        let attached = self
+            .inner
+            .network
+            .setup(&pod.id, &pod.dir, &pod.config)
+            .await?;
+        let (nic, guest_nic) = match attached {
+            Some(a) => {
+                lock(&pod.state).network = Some(a.record);
+                (Some(a.tap), Some(a.guest))
+            }
+            None => (None, None),
+        };
+        let pid = vmm::spawn(
+            &self.inner.config.assets,
+            &pod.files,
+            size,
+            nic.as_ref().map(|tap| vmm::Nic {
+                tap: tap.fd.as_fd(),
+                mac: tap.mac,
+            }),
+        )?;
+        let mac_mtu = nic.as_ref().map(|tap| (tap.mac, tap.mtu));
+        // The VMM has its copy: the tap goes away with the VMM.
+        drop(nic);
         lock(&pod.state).record.vmm_pid = Some(pid);
         pod.save()?;
         self.watch_vm(pod.clone(), pid);
@@ -327,6 +373,9 @@ impl Runtime {
             },
         )
         .await?;
+        if let (Some((mac, mtu)), Some(guest)) = (mac_mtu, guest_nic) {
+            guest_network::configure(client.clone(), mac, mtu, &guest).await?;
+        }
         self.setup_sandbox(pod, client.clone()).await?;
         {
             let mut st = lock(&pod.state);
@@ -424,11 +473,16 @@ impl Runtime {
     async fn stop_pod_locked(&self, pod: &Arc<Pod>) -> Result<()> {
         let agent = {
             let mut st = lock(&pod.state);
-            if st.record.phase != PodPhase::Ready && *pod.vm_exited.borrow() {
-                return Ok(());
+            let stopped = st.record.phase != PodPhase::Ready && *pod.vm_exited.borrow();
+            if !stopped {
+                st.stopping = true;
             }
-            st.stopping = true;
-            st.agent.clone()
+            (!stopped).then(|| st.agent.clone())
+        };
+        let Some(agent) = agent else {
+            // Stopped before, or its VM died: its network may remain (a
+            // DEL that failed, a VM that died on its own).
+            return self.teardown_network(pod).await;
         };
         if let Some(agent) = &agent {
             for container in self.containers_of(&pod.id) {
@@ -460,7 +514,16 @@ impl Runtime {
             st.record.images.clear();
         }
         pod.files.remove_sockets();
-        pod.save()
+        pod.save()?;
+        self.teardown_network(pod).await
+    }
+
+    /// CNI DEL and the rest of the pod's network; kept for a retry when a
+    /// plugin fails.
+    async fn teardown_network(&self, pod: &Pod) -> Result<()> {
+        self.inner.network.teardown(&pod.id, &pod.dir).await?;
+        lock(&pod.state).network = None;
+        Ok(())
     }
 
     async fn wait_vmm_gone(&self, pod: &Pod) {
@@ -497,6 +560,12 @@ impl Runtime {
         };
         if pid.is_some() && !*pod.vm_exited.borrow() && pod.kill_vm() {
             pod.wait_vm_exit().await;
+        }
+        if let Err(e) = self.teardown_network(pod).await {
+            // Its directory goes, and its namespace with it; what the
+            // plugins hold (IPAM) is left to their GC.
+            tracing::warn!(pod = %pod.id, "{}", crate::error_chain(&e));
+            self.inner.network.release_namespace(&pod.dir).await;
         }
         let outside: Vec<PathBuf> = lock(&pod.state)
             .record

@@ -17,6 +17,7 @@ use super::pod::{MountedImage, Pod};
 use super::state::{self, ContainerPhase, PodPhase, PodRecord};
 use super::sync::{self, SyncedMount};
 use super::{Result, Runtime, agent_call, lock};
+use crate::network::Network;
 use crate::sandbox::agent::{self, AgentClient};
 use crate::sandbox::vmm;
 
@@ -31,6 +32,13 @@ pub(super) async fn recover(runtime: &Runtime) {
         }
     }
     kill_orphan_vmms(runtime);
+    // What plugins hold for pods the daemon no longer has (1.1.0 lists).
+    let known: Vec<_> = runtime
+        .pods()
+        .iter()
+        .filter_map(|pod| Some(lock(&pod.state).network.as_ref()?.attachment.clone()))
+        .collect();
+    runtime.inner.network.collect_garbage(&known).await;
 }
 
 async fn recover_pod(runtime: &Runtime, id: &str) -> Result<()> {
@@ -46,6 +54,10 @@ async fn recover_pod(runtime: &Runtime, id: &str) -> Result<()> {
         }
     };
     let pod = Arc::new(Pod::new(record.clone(), config, dir));
+    match Network::cached(&pod.dir) {
+        Ok(network) => lock(&pod.state).network = network,
+        Err(e) => tracing::warn!(pod = %id, "{}", crate::error_chain(&e)),
+    }
     if record.phase == PodPhase::Creating {
         tracing::info!(pod = %id, "removing a pod whose RunPodSandbox did not finish");
         let files = pod.files.clone();

@@ -10,7 +10,7 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -140,9 +140,24 @@ fn slot_args(command: &mut Command) {
     }
 }
 
+/// The descriptor number the VMM inherits the pod's tap on.
+const TAP_FD: RawFd = 3;
+
+/// The VM's NIC: a tap the daemon opened (in the pod's network namespace)
+/// and the MAC address the guest's interface gets.
+pub struct Nic<'a> {
+    pub tap: BorrowedFd<'a>,
+    pub mac: [u8; 6],
+}
+
 /// Starts the pod's VMM; returns its pid. The VMM is not waited for by
 /// anyone but [`wait_exit`]: it must survive the daemon.
-pub fn spawn(assets: &VmAssets, files: &VmFiles, size: VmSize) -> Result<u32, Error> {
+pub fn spawn(
+    assets: &VmAssets,
+    files: &VmFiles,
+    size: VmSize,
+    nic: Option<Nic<'_>>,
+) -> Result<u32, Error> {
     let vsock = files.vsock_socket();
     if vsock.as_os_str().len() + "_65535".len() > MAX_SOCKET_PATH {
         return Err(Error::PathTooLong(files.dir.clone()));
@@ -175,6 +190,16 @@ pub fn spawn(assets: &VmAssets, files: &VmFiles, size: VmSize) -> Result<u32, Er
         .arg("--log")
         .arg("warn");
     slot_args(&mut command);
+    if let Some(nic) = &nic {
+        let mac = nic.mac.map(|b| format!("{b:02x}")).join(":");
+        command.arg("--net").arg(format!("fd={TAP_FD},mac={mac}"));
+        let tap = nic.tap.as_raw_fd();
+        // SAFETY: dup2 and fcntl are async-signal-safe and only act on
+        // descriptors; `tap` stays open in the parent until spawn returns.
+        unsafe {
+            command.pre_exec(move || inherit_fd(tap, TAP_FD));
+        }
+    }
     command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -190,6 +215,23 @@ pub fn spawn(assets: &VmAssets, files: &VmFiles, size: VmSize) -> Result<u32, Er
     })?;
     // Dropping a std Child neither kills nor waits: wait_exit reaps it.
     Ok(child.id())
+}
+
+/// In the child before exec: `fd` becomes `target`, without close-on-exec.
+fn inherit_fd(fd: RawFd, target: RawFd) -> io::Result<()> {
+    if fd == target {
+        // SAFETY: F_SETFD on our own descriptor; no memory is passed.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        return Ok(());
+    }
+    // SAFETY: dup2 only acts on descriptors (the copy has no
+    // close-on-exec flag); no memory is passed.
+    if unsafe { libc::dup2(fd, target) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Whether `pid` still runs a VMM serving this pod's control socket

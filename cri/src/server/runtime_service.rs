@@ -465,12 +465,19 @@ impl CriRuntimeService for RuntimeService {
                 format!("missing: {}", missing.join(", "))
             },
         };
+        let network = self.runtime.inner.network.ready().await;
         let network_ready = cri::RuntimeCondition {
             r#type: "NetworkReady".into(),
-            status: false,
-            reason: "NetworkPluginNotReady".into(),
-            message: "frakti does not configure pod networks (CNI) yet: pods have loopback only"
-                .into(),
+            status: network.is_ok(),
+            reason: if network.is_ok() {
+                String::new()
+            } else {
+                "NetworkPluginNotReady".into()
+            },
+            message: network
+                .err()
+                .map(|e| format!("cni plugin not initialized: {e}"))
+                .unwrap_or_default(),
         };
         let mut info = HashMap::new();
         if verbose {

@@ -90,6 +90,11 @@ pub fn runtime_code(err: &RuntimeError) -> Code {
         },
         RuntimeError::AgentTimeout(_) => Code::DeadlineExceeded,
         RuntimeError::AgentConnect(_) => Code::Unavailable,
+        // No configuration yet: kubelet waits for NetworkReady.
+        RuntimeError::Network(crate::network::Error::NotReady(_)) => Code::FailedPrecondition,
+        // A plugin's failure is the node's network set-up's, reported
+        // with the plugin's message (as kubelet's other runtimes do).
+        RuntimeError::Network(_) => Code::Unknown,
         other => io_code(other).unwrap_or(Code::Internal),
     }
 }

@@ -140,7 +140,7 @@ impl Daemon {
             .arg("--vmm")
             .arg(env_path(frakti_lab::guest::VMM_ENV)?)
             .args(["--log-level", "debug"])
-            .args(&self.extra)
+            .args(self.extra_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -168,6 +168,21 @@ impl Daemon {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The test's own flags, `{dir}` standing for the daemon's directory.
+    /// Pods get a loopback only unless the test gives a CNI configuration.
+    fn extra_args(&self) -> Vec<String> {
+        let dir = self.dir.path().to_string_lossy();
+        let mut args: Vec<String> = self
+            .extra
+            .iter()
+            .map(|a| a.replace("{dir}", &dir))
+            .collect();
+        if !args.iter().any(|a| a == "--cni-conf-dir") {
+            args.extend(["--network".to_string(), "none".to_string()]);
+        }
+        args
     }
 
     /// PATH for the daemon: the lab's mke2fs as `mkfs.ext4` (emptyDir

@@ -6,6 +6,7 @@
 mod features;
 pub mod harness;
 mod lifecycle;
+mod network;
 mod recovery;
 
 use libtest_mimic::Trial;
@@ -16,5 +17,6 @@ pub fn tests() -> Vec<Trial> {
     let mut tests = lifecycle::tests();
     tests.extend(features::tests());
     tests.extend(recovery::tests());
+    tests.extend(network::tests());
     tests
 }

@@ -77,7 +77,7 @@ fuzz:
 	cd vmm/fuzz && for target in block_request mmio_transport vsock_packet net_tx; do \
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
-	cd cri/fuzz && for target in layer_tar registry_documents runtime_inputs spdy_frames websocket_messages; do \
+	cd cri/fuzz && for target in cni_documents layer_tar registry_documents runtime_inputs spdy_frames websocket_messages; do \
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
 

@@ -291,6 +291,32 @@ pub fn websocket_messages(data: &[u8]) {
     }
 }
 
+/// What a CNI conf dir and plugins hand the daemon: a configuration file
+/// (list or single; the first byte picks) and a plugin's ADD result or
+/// error output. Parsed or refused, never a panic; a parsed configuration
+/// names only plugin binaries inside the plugin dirs, and a parsed result's
+/// IPs name interfaces it has.
+pub fn cni_documents(data: &[u8]) {
+    use frakti_cri::network::{config::NetworkConfig, plugin::parse_result};
+    let Some((&first, document)) = data.split_first() else {
+        return;
+    };
+    let path = std::path::Path::new("fuzz.conflist");
+    if let Ok(config) = NetworkConfig::parse(path, document, first & 1 == 1) {
+        for kind in config.plugin_types() {
+            assert!(!kind.is_empty() && !kind.contains('/'), "{kind:?}");
+        }
+        let _ = config.to_list_json();
+    }
+    if let Ok(added) = parse_result("fuzz", document) {
+        for ip in &added.result.ips {
+            if let Some(index) = ip.interface {
+                assert!((index as usize) < added.result.interfaces.len());
+            }
+        }
+    }
+}
+
 pub fn spdy_frames(data: &[u8]) {
     use frakti_cri::streaming::spdy::HeaderCodec;
     use frakti_cri::streaming::spdy::headers::{MAX_HEADER_BLOCK, MAX_HEADERS};
@@ -485,6 +511,27 @@ mod tests {
         runtime_inputs(b"\0\0");
         runtime_inputs(&[0xff; 40_000]);
         runtime_inputs(b"a:b:c\0x\0999999999999999999999:1\n\n1500m\n");
+    }
+
+    #[test]
+    fn cni_documents_take_hostile_bytes() {
+        let conflist = br#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"}]}"#;
+        let result = br#"{"cniVersion":"1.0.0","interfaces":[{"name":"eth0"}],"ips":[{"address":"10.0.0.2/24","interface":0}]}"#;
+        for seed in [&conflist[..], &result[..]] {
+            for first in [0u8, 1] {
+                let mut input = vec![first];
+                input.extend_from_slice(seed);
+                for end in 0..=input.len() {
+                    super::cni_documents(&input[..end]);
+                }
+                for at in 1..input.len() {
+                    let mut mutated = input.clone();
+                    mutated[at] ^= 0x20;
+                    super::cni_documents(&mutated);
+                }
+            }
+        }
+        super::cni_documents(&[1; 5000]);
     }
 
     #[test]

@@ -15,8 +15,9 @@ packages=(
     # images: a real registry, image building/pushing, EROFS disks, the containerd baseline
     docker-registry skopeo umoci erofs-utils containerd runc openssl curl
     # pod networks: the CNI plugins (bridge, host-local, ptp, loopback, portmap) the network
-    # tests run in the lab, and ip/tc/nsenter their checks use
-    containernetworking-plugins iproute2
+    # tests run in the lab, ip/tc/nsenter their checks use, and
+    # iptables (legacy) for the portmap plugin
+    containernetworking-plugins iproute2 iptables
     # the streaming tests' WebSocket client (the kubernetes Python client, in a venv)
     python3 python3-venv
 )

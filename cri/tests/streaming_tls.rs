@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use frakti_cri::image::{ImageStore, StoreConfig};
+use frakti_cri::network::NetworkSettings;
 use frakti_cri::runtime::sizing::SizingDefaults;
 use frakti_cri::runtime::{Runtime, RuntimeConfig};
 use frakti_cri::sandbox::vmm::VmAssets;
@@ -35,6 +36,13 @@ fn config(root: &Path) -> RuntimeConfig {
         allowed_unsafe_sysctls: Vec::new(),
         streaming_addr: "127.0.0.1:0".into(),
         empty_dir_bytes: 0,
+        network: NetworkSettings {
+            enabled: false,
+            conf_dir: root.join("net.d"),
+            bin_dirs: Vec::new(),
+            plugin_timeout: Duration::from_secs(1),
+            netns_dir: root.join("netns"),
+        },
     }
 }
 

@@ -33,7 +33,34 @@ const L1_MODULES: &[(&str, &str)] = &[
     ("net/sched/sch_ingress.ko", ""),
     ("net/sched/cls_u32.ko", ""),
     ("net/sched/act_mirred.ko", ""),
+    // hostPort: CNI's portmap plugin programs iptables (legacy) NAT rules.
+    ("net/netfilter/x_tables.ko", ""),
+    ("net/ipv4/netfilter/ip_tables.ko", ""),
+    ("net/ipv4/netfilter/iptable_filter.ko", ""),
+    ("net/ipv4/netfilter/nf_defrag_ipv4.ko", ""),
+    ("net/ipv6/netfilter/nf_defrag_ipv6.ko", ""),
+    ("lib/libcrc32c.ko", ""),
+    ("net/netfilter/nf_conntrack.ko", ""),
+    ("net/netfilter/nf_nat.ko", ""),
+    ("net/ipv4/netfilter/iptable_nat.ko", ""),
+    ("net/ipv6/netfilter/ip6_tables.ko", ""),
+    ("net/ipv6/netfilter/ip6table_filter.ko", ""),
+    ("net/ipv6/netfilter/ip6table_nat.ko", ""),
+    ("net/netfilter/xt_conntrack.ko", ""),
+    ("net/netfilter/xt_MASQUERADE.ko", ""),
+    ("net/netfilter/xt_nat.ko", ""),
+    ("net/netfilter/xt_comment.ko", ""),
+    ("net/netfilter/xt_multiport.ko", ""),
+    ("net/netfilter/xt_addrtype.ko", ""),
+    ("net/netfilter/xt_mark.ko", ""),
+    ("net/netfilter/xt_tcpudp.ko", ""),
 ];
+
+/// iptables (legacy: the nf_tables backend would need more modules) as
+/// `iptables` and `ip6tables` (the multi-call binary goes by its name), and
+/// the extensions it loads at run time.
+const IPTABLES: &str = "/usr/sbin/xtables-legacy-multi";
+const XTABLES_EXTENSIONS: &str = "/usr/lib/x86_64-linux-gnu/xtables";
 
 /// Debian's CNI plugins (containernetworking-plugins), put at the same
 /// path in L1, where the daemon looks after /opt/cni/bin.
@@ -294,6 +321,19 @@ pub fn add_base(
         let source = Path::new(source);
         if source.exists() {
             image.program(&format!("/usr/bin/{name}"), source)?;
+        }
+    }
+    if Path::new(IPTABLES).exists() {
+        image.program("/usr/bin/iptables", Path::new(IPTABLES))?;
+        image.program("/usr/bin/ip6tables", Path::new(IPTABLES))?;
+        for extension in fs::read_dir(XTABLES_EXTENSIONS)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = extension.path();
+            let name = path.to_string_lossy().into_owned();
+            image.host_file(&name, &path, 0o644);
         }
     }
     for firmware in QEMU_FIRMWARE {

@@ -110,7 +110,8 @@ pub async fn check(
     runtime_config: &Map<String, Value>,
     cached_result: &Value,
 ) -> Result<(), plugin::Error> {
-    if config.disable_check || !version(config).is_some_and(|v| v >= SpecVersion::new(0, 4, 0)) {
+    let has_check = version(config).is_some_and(|v| v >= SpecVersion::new(0, 4, 0));
+    if config.disable_check || !has_check {
         return Ok(());
     }
     for conf in &config.plugins {

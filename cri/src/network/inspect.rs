@@ -73,7 +73,7 @@ async fn read(handle: Handle, netns: PathBuf, name: String) -> Result<Interface,
         move |source| tap::Error::Lookup {
             name: format!("{name}'s {what}"),
             netns,
-            source,
+            source: Box::new(source),
         }
     };
     let addresses: Vec<AddressMessage> = handle

@@ -304,6 +304,17 @@ mod tests {
         assert_eq!(run_in(&path, netns_inode).unwrap(), inside);
         // The caller's thread never moved.
         assert_eq!(netns_inode().unwrap(), outside);
+        // Other processes enter it by path too; its lo is left to CNI.
+        let lo = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", path.display()))
+            .args(["ip", "-o", "link", "show", "lo"])
+            .output()
+            .unwrap();
+        let lo = String::from_utf8_lossy(&lo.stdout);
+        assert!(
+            lo.contains("<LOOPBACK>") && lo.contains("state DOWN"),
+            "{lo}"
+        );
 
         remove(&path).unwrap();
         assert!(!is_mount_point(&path));

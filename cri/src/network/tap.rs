@@ -49,7 +49,7 @@ pub enum Error {
         name: String,
         netns: PathBuf,
         #[source]
-        source: rtnetlink::Error,
+        source: Box<rtnetlink::Error>,
     },
     #[error("the interface {name} in the network namespace {netns} has no {what}")]
     Incomplete {
@@ -72,7 +72,7 @@ pub enum Error {
         action: String,
         netns: PathBuf,
         #[source]
-        source: rtnetlink::Error,
+        source: Box<rtnetlink::Error>,
     },
 }
 
@@ -226,7 +226,7 @@ pub(crate) async fn find_link(
         Err(e) if errno(&e) == Some(libc::ENODEV) => return Ok(None),
         Ok(None) => return Ok(None),
         Err(e) => {
-            let (name, netns, source) = (name.to_string(), netns.to_path_buf(), e);
+            let (name, netns, source) = (name.to_string(), netns.to_path_buf(), Box::new(e));
             return Err(Error::Lookup {
                 name,
                 netns,
@@ -291,14 +291,15 @@ impl Netlink<'_> {
         request.execute().await.map_err(self.failed(action))
     }
 
-    /// `tc qdisc del dev NAME ingress`; its filters go with it. No ingress
-    /// qdisc (ENOENT, or EINVAL if the device never had one) is fine.
+    /// `tc qdisc del dev NAME ingress`; its filters go with it. No qdisc
+    /// there (ENOENT), or one of another kind, e.g. clsact (EINVAL), is
+    /// fine: neither is ours.
     async fn del_ingress(&self, link: &Link) -> Result<(), Error> {
         let mut request = self.handle.qdisc().del(link.tc_index);
         let message = request.message_mut();
         message.header.parent = TcHandle::INGRESS;
         message.header.handle = TcHandle::from(INGRESS_HANDLE);
-        // Not a clsact qdisc, which sits at the same place.
+        // Only an ingress qdisc: a clsact sits at the same place.
         let kind = TcAttribute::Kind("ingress".to_string());
         message.attributes.push(kind);
         match request.execute().await {
@@ -315,7 +316,7 @@ impl Netlink<'_> {
         move |source| Error::Netlink {
             action,
             netns,
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -494,7 +495,7 @@ mod tests {
             let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             addr.sll_family = libc::AF_PACKET as u16;
             addr.sll_protocol = protocol;
-            addr.sll_ifindex = index as i32;
+            addr.sll_ifindex = i32::try_from(index).unwrap();
             let len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
             // SAFETY: bind(2) reads `len` bytes at the pointer: `addr`.
             let ret = unsafe { libc::bind(fd, (&raw const addr).cast(), len) };
@@ -584,22 +585,33 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_ingress_is_reported_and_left_alone() {
+    fn qdiscs_of_others_are_reported_and_left_alone() {
         require_root();
         let dir = tempfile::tempdir().unwrap();
         let cleanup = namespace_with_veth(dir.path());
         let ns = cleanup.0.clone();
-        tc(&ns, &["qdisc", "add", "dev", "eth0", "ingress"]);
-
-        let err = attach_tap(&ns, "eth0", "tap0").unwrap_err();
-        let message = crate::error_chain(&err);
-        assert!(
-            message.contains("add an ingress qdisc to eth0"),
-            "{message}"
-        );
-        assert!(link(&ns, "tap0").is_none());
-        let qdiscs = tc(&ns, &["qdisc", "show", "dev", "eth0", "ingress"]);
-        assert_eq!(qdiscs.matches("qdisc ingress ffff:").count(), 1, "{qdiscs}");
+        let show = || tc(&ns, &["qdisc", "show", "dev", "eth0", "ingress"]);
+        for kind in ["ingress", "clsact"] {
+            tc(&ns, &["qdisc", "add", "dev", "eth0", kind]);
+            let err = attach_tap(&ns, "eth0", "tap0").unwrap_err();
+            let message = crate::error_chain(&err);
+            assert!(
+                message.contains("add an ingress qdisc to eth0"),
+                "{message}"
+            );
+            assert!(link(&ns, "tap0").is_none());
+            let qdiscs = show();
+            assert_eq!(
+                qdiscs.matches(&format!("qdisc {kind} ffff:")).count(),
+                1,
+                "{qdiscs}"
+            );
+            tc(&ns, &["qdisc", "del", "dev", "eth0", kind]);
+        }
+        // Not an ingress qdisc, so not one of ours.
+        tc(&ns, &["qdisc", "add", "dev", "eth0", "clsact"]);
+        detach(&ns, "eth0").unwrap();
+        assert!(show().contains("qdisc clsact ffff:"));
         netns::remove(&ns).unwrap();
     }
 

@@ -42,6 +42,10 @@ pub fn tests() -> Vec<Trial> {
             "network::bad_plugins_fail_the_pod_and_leave_nothing",
             || with_daemon(CNI, bad_plugins),
         ),
+        Trial::test(
+            "network::del_after_a_restart_and_retried_when_it_fails",
+            || with_daemon(CNI, restart_and_retry),
+        ),
         Trial::test("network::ten_pods_in_parallel_leave_nothing", || {
             with_daemon(CNI, ten_pods)
         }),
@@ -53,10 +57,14 @@ fn bridge_config(name: &str, bridge: &str, ranges: &str, ipam_dir: &Path) -> Str
         r#"{{"cniVersion": "1.0.0", "name": "{name}", "plugins": [
             {{"type": "bridge", "bridge": "{bridge}", "isGateway": true, "ipMasq": false,
               "ipam": {{"type": "host-local", "ranges": {ranges},
-                       "routes": [{{"dst": "0.0.0.0/0"}}], "dataDir": "{}"}}}}]}}"#,
+                       "routes": [{{"dst": "0.0.0.0/0"}}], "dataDir": "{}"}}}},
+            {{"type": "portmap", "capabilities": {{"portMappings": true}}}}]}}"#,
         ipam_dir.display()
     )
 }
+
+/// The hostPort pod b's web server is published on.
+const HOST_PORT: u16 = 18080;
 
 /// Writes `text` as the conf dir's only file, atomically (as network
 /// add-ons do).
@@ -179,6 +187,19 @@ fn network_traces(daemon: &Daemon) -> Vec<String> {
             }
         }
     }
+    // portmap's per-pod chains and the jumps to them (its top-level
+    // chains stay, as with every runtime).
+    if let Ok(out) = std::process::Command::new("iptables")
+        .args(["-t", "nat", "-S"])
+        .output()
+    {
+        traces.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("CNI-DN-") || l.contains("CNI-SN-"))
+                .map(|l| format!("iptables {l}")),
+        );
+    }
     if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
         traces.extend(
             mounts
@@ -264,7 +285,15 @@ async fn bridge(daemon: &mut Daemon) -> anyhow::Result<()> {
     let mut c = daemon.runtime().await?;
     wait_network_ready(&mut c).await?;
     let (a, a_main) = pod_with(&mut c, daemon, "a", &["sleep", "1000"]).await?;
-    let (b, b_web) = pod_with(&mut c, daemon, "b", WEB).await?;
+    let mut b_config = pod_config("b", &daemon.log_dir());
+    b_config.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: i32::from(HOST_PORT),
+        host_ip: String::new(),
+    }];
+    let b = run_pod(&mut c, b_config).await?;
+    let b_web = run_container(&mut c, &b, "main", WEB).await?;
     let a_ip = pod_ips(&mut c, &a).await?.remove(0);
     let b_ip = pod_ips(&mut c, &b).await?.remove(0);
     eprintln!("network: pod a {a_ip}, pod b {b_ip}");
@@ -311,6 +340,14 @@ async fn bridge(daemon: &mut Daemon) -> anyhow::Result<()> {
     );
     let hex = format!("{:x}", sha2::Sha256::digest(&body));
     ensure!(want.starts_with(&hex), "L1 got {hex}, the pod has {want}");
+    // The hostPort, from L1's loopback (portmap's DNAT), as kubelet's
+    // users and the CRI validation suite reach it.
+    let body = http_get("127.0.0.1", HOST_PORT, "/blob")?;
+    let hex = format!("{:x}", sha2::Sha256::digest(&body));
+    ensure!(
+        want.starts_with(&hex),
+        "hostPort gave {hex}, the pod has {want}"
+    );
     // The pod to a server on L1 (the bridge's gateway address).
     let port = serve_on_l1("hello from L1")?;
     let got = run(
@@ -532,5 +569,86 @@ async fn ten_pods(daemon: &mut Daemon) -> anyhow::Result<()> {
     for removal in removals {
         removal.await??;
     }
+    ensure_no_network_traces(daemon)
+}
+
+/// kill -9 of the daemon with a networked pod: the restarted daemon still
+/// knows its IP and runs DEL with what ADD had; a DEL that fails fails
+/// StopPodSandbox and is retried by RemovePodSandbox.
+async fn restart_and_retry(daemon: &mut Daemon) -> anyhow::Result<()> {
+    let marker = daemon.dir.path().join("fail-del");
+    fake_plugin(
+        daemon,
+        "flaky",
+        &format!(
+            r#"cat >/dev/null
+if [ "$CNI_COMMAND" = DEL ] && [ -e {} ]; then
+  echo '{{"cniVersion":"1.0.0","code":999,"msg":"flaky DEL","details":"try again"}}'; exit 1
+fi
+echo '{{"cniVersion":"1.0.0"}}'"#,
+            marker.display()
+        ),
+    )?;
+    let ipam = daemon.dir.path().join("ipam");
+    install_config(
+        daemon,
+        "10-flaky.conflist",
+        &format!(
+            r#"{{"cniVersion": "1.0.0", "name": "frakti-flaky", "plugins": [
+                {{"type": "flaky"}},
+                {{"type": "bridge", "bridge": "fbr4", "isGateway": true,
+                  "ipam": {{"type": "host-local", "subnet": "10.83.0.0/24", "dataDir": "{}"}}}}]}}"#,
+            ipam.display()
+        ),
+    )?;
+    let mut c = daemon.runtime().await?;
+    wait_network_ready(&mut c).await?;
+    let pod = run_pod(&mut c, pod_config("survivor", &daemon.log_dir())).await?;
+    let ip = pod_ips(&mut c, &pod).await?.remove(0);
+    ensure!(ip.starts_with("10.83.0."), "pod IP {ip}");
+
+    daemon.kill();
+    // The configuration changes while the daemon is down: DEL must still
+    // get the one ADD ran.
+    install_config(
+        daemon,
+        "10-other.conflist",
+        &bridge_config(
+            "frakti-other",
+            "fbr5",
+            r#"[[{"subnet": "10.84.0.0/24"}]]"#,
+            &ipam,
+        ),
+    )?;
+    daemon.spawn().await?;
+    let mut c = daemon.runtime().await?;
+    let after = pod_ips(&mut c, &pod).await?;
+    ensure!(
+        after == [ip.clone()],
+        "after the restart the pod has {after:?}, not {ip}"
+    );
+
+    std::fs::write(&marker, "")?;
+    let stopped = c
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await;
+    let (code, message) = code_of(stopped.map_err(anyhow::Error::from));
+    ensure!(
+        code == tonic::Code::Unknown && message.contains("flaky DEL: try again"),
+        "{code:?} {message}"
+    );
+    ensure!(
+        network_traces(daemon)
+            .iter()
+            .any(|t| t.starts_with("netns ")),
+        "a failed DEL keeps the namespace for its retry"
+    );
+    std::fs::remove_file(&marker)?;
+    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await?;
     ensure_no_network_traces(daemon)
 }

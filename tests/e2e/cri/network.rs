@@ -1,8 +1,9 @@
 //! Pod networks (issue 15) with Debian's CNI plugins in L1: pods on a
 //! bridge reach each other, L1 and are reached from it; ptp and dual-stack
-//! configurations; a configuration change is used without a restart;
-//! failing, hanging and missing plugins fail RunPodSandbox with their
-//! message and leave nothing; ten pods in parallel leave no namespace,
+//! configurations; a hostPort; a configuration change is used without a
+//! restart; DEL after a daemon restart and its retry; failing, hanging,
+//! garbling and missing plugins fail RunPodSandbox with their message and
+//! leave nothing; ten pods in parallel leave no namespace,
 //! tap, veth or IPAM allocation.
 
 use std::io::{Read, Write};
@@ -469,6 +470,7 @@ echo '{"cniVersion":"1.0.0","code":11,"msg":"no more addresses","details":"pool 
         "sleeper",
         "cat >/dev/null; [ \"$CNI_COMMAND\" = DEL ] && exit 0; sleep 60",
     )?;
+    fake_plugin(daemon, "garbler", "cat >/dev/null; echo 'this is not JSON'")?;
     fake_plugin(
         daemon,
         "noaddr",
@@ -495,6 +497,7 @@ echo '{"cniVersion":"1.0.0","code":11,"msg":"no more addresses","details":"pool 
             "no more addresses: pool exhausted (code 11)",
         ),
         ("hung", with_bridge("sleeper"), "did not finish within 5 s"),
+        ("garbled", with_bridge("garbler"), "returned an invalid result: not JSON"),
         (
             "noaddr",
             r#"{"cniVersion": "1.0.0", "name": "frakti-noaddr", "plugins": [{"type": "noaddr"}]}"#

@@ -497,7 +497,11 @@ echo '{"cniVersion":"1.0.0","code":11,"msg":"no more addresses","details":"pool 
             "no more addresses: pool exhausted (code 11)",
         ),
         ("hung", with_bridge("sleeper"), "did not finish within 5 s"),
-        ("garbled", with_bridge("garbler"), "returned an invalid result: not JSON"),
+        (
+            "garbled",
+            with_bridge("garbler"),
+            "returned an invalid result: not JSON",
+        ),
         (
             "noaddr",
             r#"{"cniVersion": "1.0.0", "name": "frakti-noaddr", "plugins": [{"type": "noaddr"}]}"#

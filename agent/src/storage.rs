@@ -277,9 +277,10 @@ impl Storage {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         };
-        // A slot filled at run time (an image disk) shows size 0 until the
-        // guest has handled the config-change interrupt: wait for it.
-        if !request.fs_type.is_empty() {
+        // A slot filled at run time (an image disk, a block volume) shows
+        // size 0 until the guest has handled the config-change interrupt:
+        // wait for it.
+        {
             let size = self.sys_block.join(&name).join("size");
             while fs::read_to_string(&size).is_ok_and(|s| s.trim() == "0") {
                 if std::time::Instant::now() >= deadline {
@@ -292,6 +293,9 @@ impl Storage {
             }
         }
         let device = self.dev.join(&name);
+        if request.fs_type.is_empty() && request.read_only {
+            set_read_only(&device)?;
+        }
         if request.fs_type.is_empty() {
             disks.insert(
                 request.id.clone(),
@@ -352,6 +356,12 @@ impl Storage {
                 }
             }
             let _ = fs::remove_dir(target);
+        } else {
+            // A raw block volume: what containers wrote through the guest's
+            // page cache reaches the disk before the host detaches it.
+            fs::File::open(&disk.device)
+                .and_then(|f| f.sync_all())
+                .map_err(io_error("cannot flush", &disk.device))?;
         }
         disks.remove(id);
         Ok(())
@@ -556,6 +566,26 @@ pub struct CopyFile {
     pub version: u64,
     /// Write into an existing regular file rather than replace it.
     pub in_place: bool,
+}
+
+/// `_IO(0x12, 93)` from linux/fs.h (the libc crate lacks it).
+const BLKROSET: libc::c_ulong = 0x125d;
+
+/// Marks a raw block device read-only in the guest (BLKROSET): a
+/// container's writes fail with EPERM before they reach the device.
+fn set_read_only(device: &Path) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let file = fs::File::open(device).map_err(io_error("cannot open", device))?;
+    let read_only: libc::c_int = 1;
+    // SAFETY: BLKROSET reads one int through the pointer, which points at
+    // a live local; the descriptor is open for the call's duration.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKROSET, &read_only) };
+    if ret < 0 {
+        return Err(io_error("cannot make read-only", device)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -54,6 +54,8 @@ const L1_MODULES: &[(&str, &str)] = &[
     ("net/netfilter/xt_addrtype.ko", ""),
     ("net/netfilter/xt_mark.ko", ""),
     ("net/netfilter/xt_tcpudp.ko", ""),
+    // Block volumes: loop devices stand for a node's disks.
+    ("drivers/block/loop.ko", ""),
 ];
 
 /// iptables (legacy: the nf_tables backend would need more modules) as

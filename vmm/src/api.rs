@@ -288,7 +288,7 @@ fn disk_json(disk: &DiskHandle) -> Value {
     json!({
         "type": "block",
         "serial": block.serial(),
-        "read_only": block.read_only(),
+        "read_only": block.disk().map_or(block.read_only(), |d| d.read_only()),
         "path": block.disk().map(|d| d.path().display().to_string()),
         "capacity_sectors": block.capacity(),
         "active": block.is_active(),
@@ -306,10 +306,10 @@ fn disk_request(ctx: &ApiContext, method: &str, serial: &str, body: &[u8]) -> (u
             json!({ "error": format!("no disk with serial {serial:?}") }),
         );
     };
-    let path = match method {
-        "DELETE" => None,
+    let (path, read_only) = match method {
+        "DELETE" => (None, false),
         "PUT" => match parse_backing(body) {
-            Ok(path) => Some(path),
+            Ok((path, read_only)) => (Some(path), read_only),
             Err(message) => return (400, json!({ "error": message })),
         },
         _ => {
@@ -319,20 +319,22 @@ fn disk_request(ctx: &ApiContext, method: &str, serial: &str, body: &[u8]) -> (u
             );
         }
     };
-    match disk.set_backing(path.as_deref()) {
+    match disk.set_backing(path.as_deref(), read_only) {
         Ok(()) => (200, disk_json(disk)),
         Err(e) => (400, json!({ "error": error_chain(&e) })),
     }
 }
 
-fn parse_backing(body: &[u8]) -> Result<PathBuf, String> {
+/// `{"path": FILE}` with an optional `"read_only": true` (a slot that is
+/// read-only stays so whatever the body says).
+fn parse_backing(body: &[u8]) -> Result<(PathBuf, bool), String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("body must be JSON: {e}"))?;
     let object = value
         .as_object()
         .ok_or("body must be a JSON object such as {\"path\": \"/images/x.img\"}")?;
-    if let Some(key) = object.keys().find(|k| *k != "path") {
-        return Err(format!("unknown field '{key}' (only path)"));
+    if let Some(key) = object.keys().find(|k| *k != "path" && *k != "read_only") {
+        return Err(format!("unknown field '{key}' (only path and read_only)"));
     }
     let path = object
         .get("path")
@@ -341,7 +343,11 @@ fn parse_backing(body: &[u8]) -> Result<PathBuf, String> {
     if !path.starts_with('/') {
         return Err(format!("path {path:?} must be absolute"));
     }
-    Ok(PathBuf::from(path))
+    let read_only = match object.get("read_only") {
+        None => false,
+        Some(value) => value.as_bool().ok_or("read_only must be true or false")?,
+    };
+    Ok((PathBuf::from(path), read_only))
 }
 
 fn metrics_json(ctx: &ApiContext) -> Value {
@@ -387,11 +393,16 @@ mod tests {
     fn backing_bodies() {
         assert_eq!(
             parse_backing(br#"{"path": "/img/a.raw"}"#),
-            Ok(PathBuf::from("/img/a.raw"))
+            Ok((PathBuf::from("/img/a.raw"), false))
+        );
+        assert_eq!(
+            parse_backing(br#"{"path": "/dev/loop0", "read_only": true}"#),
+            Ok((PathBuf::from("/dev/loop0"), true))
         );
         assert!(parse_backing(br#"{"path": "relative.raw"}"#).is_err());
         assert!(parse_backing(br#"{"path": 3}"#).is_err());
         assert!(parse_backing(br#"{"path": "/a", "ro": true}"#).is_err());
+        assert!(parse_backing(br#"{"path": "/a", "read_only": "yes"}"#).is_err());
         assert!(parse_backing(b"").is_err());
     }
 

@@ -407,6 +407,7 @@ impl Runtime {
             }
             Err(e) => {
                 mounts::remove(pod, id).await;
+                self.detach_devices(pod, id).await;
                 self.unmount_image(pod, &image_id).await;
                 Err(e)
             }
@@ -426,6 +427,9 @@ impl Runtime {
         let empty_dir_bytes = self.inner.config.empty_dir_bytes;
         let prepared =
             mounts::prepare(pod, id, &config.mounts, &mut agent, empty_dir_bytes).await?;
+        let devices = self
+            .attach_devices(pod, id, &config.devices, &mut agent)
+            .await?;
         let built = spec::build(&SpecInput {
             container_id: id,
             config,
@@ -454,7 +458,7 @@ impl Runtime {
                 writable_overlay: !readonly,
                 upper_disk_id: String::new(),
             }),
-            devices: Vec::new(),
+            devices,
         };
         agent_call("CreateContainer", agent.create_container(request)).await?;
         Ok(Created {
@@ -625,6 +629,7 @@ impl Runtime {
             }
             container.mark_lost("removed while running");
             mounts::remove(&pod, &container.id).await;
+            self.detach_devices(&pod, &container.id).await;
             self.unmount_image(&pod, &container.record().image_id).await;
         }
         self.forget_container(&container);

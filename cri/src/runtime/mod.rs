@@ -14,6 +14,7 @@ pub mod spec;
 pub mod state;
 
 mod container;
+mod devices;
 mod exec;
 mod guest_network;
 mod mounts;

@@ -512,6 +512,8 @@ impl Runtime {
             st.stopping = false;
             st.images.clear();
             st.record.images.clear();
+            // Block devices left the VM with it (flushed by its shutdown).
+            st.record.volumes.retain(|slot| slot.device.is_none());
         }
         pod.files.remove_sockets();
         pod.save()?;
@@ -612,7 +614,7 @@ impl Runtime {
                 })?
         };
         let disk_id = format!("image-{}", &lease.image.hex()[..12]);
-        api::attach_disk(&pod.files.api_socket(), &serial, &lease.path).await?;
+        api::attach_disk(&pod.files.api_socket(), &serial, &lease.path, true).await?;
         let mut agent = pod.agent()?;
         let request = pb::MountDiskRequest {
             disk_id: disk_id.clone(),
@@ -633,6 +635,9 @@ impl Runtime {
                 image_id: image_id.clone(),
                 serial: serial.clone(),
                 disk_id: disk_id.clone(),
+                device: None,
+                owners: Vec::new(),
+                read_only: true,
             });
             st.images.insert(
                 image_id,

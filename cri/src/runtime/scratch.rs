@@ -124,7 +124,7 @@ async fn attach(
     tokio::task::spawn_blocking(move || make_disk(&made, bytes))
         .await
         .map_err(|e| Error::FailedPrecondition(format!("emptyDir disk: {e}")))??;
-    api::attach_disk(&pod.files.api_socket(), &serial, &file).await?;
+    api::attach_disk(&pod.files.api_socket(), &serial, &file, false).await?;
     let request = pb::MountDiskRequest {
         disk_id: disk_id.to_string(),
         serial: serial.clone(),
@@ -143,6 +143,9 @@ async fn attach(
         serial,
         disk_id: disk_id.to_string(),
         file: Some(file),
+        device: None,
+        owners: Vec::new(),
+        read_only: false,
     });
     pod.save()
 }

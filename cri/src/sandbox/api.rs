@@ -85,8 +85,14 @@ async fn request(
     Ok(value)
 }
 
-/// Puts `file` behind the empty slot `serial` (the guest sees a new disk).
-pub async fn attach_disk(socket: &Path, serial: &str, file: &Path) -> Result<(), Error> {
+/// Puts `file` behind the empty slot `serial` (the guest sees a new disk),
+/// read-only if asked (writes fail at the device).
+pub async fn attach_disk(
+    socket: &Path,
+    serial: &str,
+    file: &Path,
+    read_only: bool,
+) -> Result<(), Error> {
     let path = file
         .to_str()
         .ok_or_else(|| Error::BadAnswer(format!("{} is not UTF-8", file.display())))?;
@@ -94,7 +100,7 @@ pub async fn attach_disk(socket: &Path, serial: &str, file: &Path) -> Result<(),
         socket,
         "PUT",
         &format!("/disks/{serial}"),
-        Some(json!({ "path": path })),
+        Some(json!({ "path": path, "read_only": read_only })),
     )
     .await
     .map(drop)

@@ -3,6 +3,7 @@
 //! drives it as kubelet would. The image store is filled on the host (mkfs
 //! runs there) and unpacked into each daemon's root.
 
+mod devices;
 mod features;
 pub mod harness;
 mod lifecycle;
@@ -18,5 +19,6 @@ pub fn tests() -> Vec<Trial> {
     tests.extend(features::tests());
     tests.extend(recovery::tests());
     tests.extend(network::tests());
+    tests.extend(devices::tests());
     tests
 }

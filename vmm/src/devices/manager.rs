@@ -75,11 +75,12 @@ impl DiskHandle {
         lock(&self.block).serial().to_string()
     }
 
-    /// Sets (or with `None` removes) the backing file; the guest gets a
-    /// config-change interrupt and sees the new capacity.
-    pub fn set_backing(&self, path: Option<&Path>) -> Result<(), block::Error> {
+    /// Sets (or with `None` removes) the backing file, read-only when asked
+    /// or when the slot is; the guest gets a config-change interrupt and
+    /// sees the new capacity.
+    pub fn set_backing(&self, path: Option<&Path>, read_only: bool) -> Result<(), block::Error> {
         let mut block = lock(&self.block);
-        let read_only = block.read_only();
+        let read_only = read_only || block.read_only();
         block.set_backing(path, read_only)
     }
 

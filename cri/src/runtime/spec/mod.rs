@@ -149,12 +149,8 @@ pub fn build(input: &SpecInput) -> Result<BuiltSpec, Error> {
 
     // What a pod VM cannot do at all comes first: nothing is worth
     // computing for a request that will be refused anyway.
-    if !config.devices.is_empty() {
-        return Err(unsupported(
-            "devices",
-            "host devices cannot be passed into a pod VM",
-        ));
-    }
+    // Block devices become disks of the VM (runtime::devices); other
+    // host devices cannot cross into it.
     if !config.cdi_devices.is_empty() {
         return Err(unsupported(
             "cdi_devices",

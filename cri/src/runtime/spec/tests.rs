@@ -458,17 +458,7 @@ fn minimal_config_builds() {
 }
 
 #[test]
-fn host_devices_are_unsupported() {
-    let mut case = Case::new();
-    case.config.devices.push(cri::Device {
-        container_path: "/dev/fuse".to_string(),
-        host_path: "/dev/fuse".to_string(),
-        permissions: "rwm".to_string(),
-    });
-    let err = case.error("devices");
-    assert!(!err.is_invalid_argument());
-    assert!(err.to_string().contains("pod VM"));
-
+fn cdi_devices_are_unsupported() {
     let mut case = Case::new();
     case.config.cdi_devices.push(cri::CdiDevice {
         name: "nvidia.com/gpu=0".to_string(),

@@ -342,6 +342,11 @@ impl Storage {
             return Err(Error::NotFound(format!("disk {id}")));
         };
         if let Some(target) = &disk.mount {
+            // Containers' mount namespaces may keep the filesystem alive
+            // past this unmount (until their last process is reaped):
+            // everything written reaches the disk now, before the host
+            // detaches it.
+            sync_filesystem(target)?;
             match umount2(target, MntFlags::empty()) {
                 Ok(()) | Err(Errno::EINVAL) => {}
                 Err(Errno::EBUSY) => {
@@ -566,6 +571,17 @@ pub struct CopyFile {
     pub version: u64,
     /// Write into an existing regular file rather than replace it.
     pub in_place: bool,
+}
+
+/// syncfs(2) of the filesystem mounted at `target`.
+fn sync_filesystem(target: &Path) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let dir = fs::File::open(target).map_err(io_error("cannot open", target))?;
+    // SAFETY: syncfs takes a descriptor that stays open for the call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } < 0 {
+        return Err(io_error("cannot sync", target)(io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// `_IO(0x12, 93)` from linux/fs.h (the libc crate lacks it).

@@ -10,6 +10,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod server;
 pub mod streaming;
+pub mod volume;
 
 pub use frakti_proto::error_chain;
 

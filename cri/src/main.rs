@@ -14,6 +14,7 @@ use frakti_cri::runtime::sizing::SizingDefaults;
 use frakti_cri::sandbox::vmm::VmAssets;
 
 mod cli_image;
+mod cli_volume;
 
 const DEFAULT_SOCKET: &str = "/run/frakti/frakti.sock";
 const DEFAULT_STATE: &str = "/var/lib/frakti";
@@ -53,6 +54,15 @@ enum Command {
     /// Pull, list, remove, import and export images.
     #[command(subcommand)]
     Image(cli_image::ImageCommand),
+    /// Direct-assigned volumes: block devices a volume driver hands to pods' VMs instead of
+    /// mounting them on the host.
+    Volume {
+        /// The daemon's state dir (its --root).
+        #[arg(long, default_value = DEFAULT_STATE)]
+        root: PathBuf,
+        #[command(subcommand)]
+        command: cli_volume::VolumeCommand,
+    },
 }
 
 #[derive(Args)]
@@ -306,6 +316,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Image(command) => cli_image::run(&cli.endpoint, command).await,
+        Command::Volume { root, command } => cli_volume::run(&root, command),
     }
 }
 

@@ -314,11 +314,13 @@ pub fn add_base(
         }
     }
     // Before busybox's applets of these names in PATH: those lack what the
-    // network tests' checks use.
+    // network and volume tests' checks use.
     for (name, source) in [
         ("ip", "/usr/bin/ip"),
         ("tc", "/usr/sbin/tc"),
         ("nsenter", "/usr/bin/nsenter"),
+        // The block volume tests check the filesystems pods used.
+        ("e2fsck", "/sbin/e2fsck"),
     ] {
         let source = Path::new(source);
         if source.exists() {

@@ -425,8 +425,18 @@ impl Runtime {
     ) -> Result<Created> {
         let mut agent = pod.agent()?;
         let empty_dir_bytes = self.inner.config.empty_dir_bytes;
-        let prepared =
-            mounts::prepare(pod, id, &config.mounts, &mut agent, empty_dir_bytes).await?;
+        let direct = self
+            .attach_direct_volumes(pod, id, &config.mounts, &mut agent)
+            .await?;
+        let prepared = mounts::prepare(
+            pod,
+            id,
+            &config.mounts,
+            &direct,
+            &mut agent,
+            empty_dir_bytes,
+        )
+        .await?;
         let devices = self
             .attach_devices(pod, id, &config.devices, &mut agent)
             .await?;

@@ -1,12 +1,16 @@
-//! Raw block volumes (`volumeMode: Block`), which kubelet delivers as CRI
-//! `devices`: each host block device becomes a virtio-blk disk in a free
-//! volume slot of the pod's VM (read-only at the device when the
-//! permissions lack `w`), and the agent makes its node at the container
-//! path. A device mounted on the host, or attached to another pod's VM
-//! (unless both only read it), is refused with who holds it. Containers of
-//! one pod share the disk; the last one removed detaches it after the guest
+//! Block storage straight into the VM, in kubelet's two shapes: raw block
+//! volumes (`volumeMode: Block`), delivered as CRI `devices`, whose node
+//! the agent makes at the container path; and direct-assigned filesystem
+//! volumes ([`crate::volume`]), CRI mounts whose host path a volume driver
+//! registered, which the agent mounts. Each device becomes a virtio-blk
+//! disk in a free volume slot of the pod's VM (read-only at the device
+//! when the permissions lack `w` or the volume is read-only). A device
+//! mounted on the host, or attached to another pod's VM (unless both only
+//! read it), is refused with who holds it. Containers of one pod share the
+//! disk; the last one removed detaches it after the guest unmounted or
 //! flushed it.
 
+use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -18,13 +22,22 @@ use super::state::SlotRecord;
 use super::{Error, Result, Runtime, agent_call, lock};
 use crate::sandbox::agent::AgentClient;
 use crate::sandbox::{api, vmm};
+use crate::volume::VolumeRecord;
 
-/// A host block device a container asked for.
+/// A host block device (or, for a direct volume, an image file).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct HostDevice {
-    /// The device node, symlinks resolved.
+    /// The device node or file, symlinks resolved.
     path: PathBuf,
-    rdev: u64,
+    /// A block device's number; `None` for a file.
+    rdev: Option<u64>,
+}
+
+/// How the guest takes a disk: a raw device, or a filesystem to mount.
+struct Use<'a> {
+    read_only: bool,
+    /// `(fs_type, options)` of a direct volume.
+    filesystem: Option<(&'a str, &'a [String])>,
 }
 
 /// The CRI permissions: letters of "rwm", empty meaning all of them.
@@ -74,7 +87,7 @@ fn resolve(device: &cri::Device) -> Result<HostDevice> {
     }
     Ok(HostDevice {
         path,
-        rdev: meta.rdev(),
+        rdev: Some(meta.rdev()),
     })
 }
 
@@ -129,25 +142,108 @@ impl Runtime {
         agent: &mut AgentClient,
     ) -> Result<pb::BlockDevice> {
         let permissions = permissions(device)?;
-        let read_only = !permissions.contains('w');
         let host = resolve(device)?;
-        let block = |disk_id: String| pb::BlockDevice {
+        let usage = Use {
+            read_only: !permissions.contains('w'),
+            filesystem: None,
+        };
+        let disk_id = self
+            .attach_host(pod, container_id, &host, usage, agent)
+            .await?;
+        Ok(pb::BlockDevice {
             disk_id,
             container_path: device.container_path.clone(),
-            permissions: permissions.clone(),
+            permissions,
+        })
+    }
+
+    /// The CRI mounts whose host path is a registered direct volume,
+    /// attached and mounted in the guest: mount index → guest path.
+    pub(crate) async fn attach_direct_volumes(
+        &self,
+        pod: &Pod,
+        container_id: &str,
+        mounts: &[cri::Mount],
+        agent: &mut AgentClient,
+    ) -> Result<HashMap<usize, String>> {
+        let mut attached = HashMap::new();
+        for (index, mount) in mounts.iter().enumerate() {
+            let record = self
+                .inner
+                .volumes
+                .get(Path::new(&mount.host_path))
+                .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+            let Some(record) = record else {
+                continue;
+            };
+            let result = self
+                .attach_direct_volume(pod, container_id, &record, agent)
+                .await;
+            match result {
+                Ok(guest_path) => {
+                    attached.insert(index, guest_path);
+                }
+                Err(e) => {
+                    self.detach_devices(pod, container_id).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(attached)
+    }
+
+    async fn attach_direct_volume(
+        &self,
+        pod: &Pod,
+        container_id: &str,
+        record: &VolumeRecord,
+        agent: &mut AgentClient,
+    ) -> Result<String> {
+        let meta = std::fs::metadata(&record.device).map_err(|e| Error::NotFound {
+            kind: "direct volume device",
+            id: format!(
+                "{} of {} ({e})",
+                record.device.display(),
+                record.path.display()
+            ),
+        })?;
+        let host = HostDevice {
+            path: record.device.clone(),
+            rdev: meta.file_type().is_block_device().then(|| meta.rdev()),
         };
-        if let Some(disk_id) = self.share_device(pod, container_id, &host, read_only)? {
-            return Ok(block(disk_id));
+        let usage = Use {
+            read_only: record.read_only,
+            filesystem: Some((&record.fs_type, &record.options)),
+        };
+        let disk_id = self
+            .attach_host(pod, container_id, &host, usage, agent)
+            .await?;
+        Ok(format!("/run/frakti/disks/{disk_id}"))
+    }
+
+    /// Puts `host` in a free slot of the pod's VM for `container_id` (or
+    /// shares the pod's disk of it); its disk id.
+    async fn attach_host(
+        &self,
+        pod: &Pod,
+        container_id: &str,
+        host: &HostDevice,
+        usage: Use<'_>,
+        agent: &mut AgentClient,
+    ) -> Result<String> {
+        let read_only = usage.read_only;
+        if let Some(disk_id) = self.share_device(pod, container_id, host, read_only)? {
+            return Ok(disk_id);
         }
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        if let Some(mount_point) = host_mount(host.rdev, &mountinfo) {
+        if let Some(mount_point) = host.rdev.and_then(|rdev| host_mount(rdev, &mountinfo)) {
             return Err(Error::FailedPrecondition(format!(
-                "devices: {} is mounted on the host at {mount_point}: a device goes into one \
+                "{} is mounted on the host at {mount_point}: a device goes into one \
                  VM, never mounted on the host as well",
                 host.path.display()
             )));
         }
-        self.check_other_pods(pod, &host, read_only)?;
+        self.check_other_pods(pod, host, read_only)?;
         let serial = free_slot(pod)?;
         let disk_id = disk_id(&serial);
         // The slot is taken before the first await: parallel creations in
@@ -162,7 +258,7 @@ impl Runtime {
             read_only,
         });
         let attached = self
-            .attach_slot(pod, &serial, &disk_id, &host, read_only, agent)
+            .attach_slot(pod, &serial, &disk_id, host, usage, agent)
             .await;
         if let Err(e) = attached {
             lock(&pod.state)
@@ -172,8 +268,8 @@ impl Runtime {
             return Err(e);
         }
         pod.save()?;
-        tracing::info!(pod = %pod.id, container = %container_id, device = %host.path.display(), %serial, read_only, "block device attached");
-        Ok(block(disk_id))
+        tracing::info!(pod = %pod.id, container = %container_id, device = %host.path.display(), %serial, read_only, "disk attached");
+        Ok(disk_id)
     }
 
     async fn attach_slot(
@@ -182,17 +278,18 @@ impl Runtime {
         serial: &str,
         disk_id: &str,
         host: &HostDevice,
-        read_only: bool,
+        usage: Use<'_>,
         agent: &mut AgentClient,
     ) -> Result<()> {
         let socket = pod.files.api_socket();
-        api::attach_disk(&socket, serial, &host.path, read_only).await?;
+        api::attach_disk(&socket, serial, &host.path, usage.read_only).await?;
+        let (fs_type, options) = usage.filesystem.unwrap_or(("", &[]));
         let request = pb::MountDiskRequest {
             disk_id: disk_id.to_string(),
             serial: serial.to_string(),
-            fs_type: String::new(),
-            options: Vec::new(),
-            read_only,
+            fs_type: fs_type.to_string(),
+            options: options.to_vec(),
+            read_only: usage.read_only,
             timeout_ms: 0,
         };
         if let Err(e) = agent_call("MountDisk", agent.mount_disk(request)).await {
@@ -222,7 +319,7 @@ impl Runtime {
         };
         if slot.read_only && !read_only {
             return Err(Error::FailedPrecondition(format!(
-                "devices: {} is attached read-only for another container of the pod; \
+                "{} is attached read-only for another container of the pod; \
                  it cannot be written too",
                 host.path.display()
             )));
@@ -246,7 +343,7 @@ impl Runtime {
             if let Some(other_read_only) = holds {
                 if !(read_only && other_read_only) {
                     return Err(Error::FailedPrecondition(format!(
-                        "devices: {} is attached {} to pod sandbox {}",
+                        "{} is attached {} to pod sandbox {}",
                         host.path.display(),
                         if other_read_only {
                             "read-only"
@@ -264,16 +361,30 @@ impl Runtime {
     /// The container no longer uses its devices: the last user of each
     /// flushes and unregisters it in the guest, then the slot is emptied.
     pub(crate) async fn detach_devices(&self, pod: &Pod, container_id: &str) {
+        self.release_devices(pod, |slot| {
+            slot.owners.retain(|owner| owner != container_id);
+            slot.owners.is_empty()
+        })
+        .await;
+    }
+
+    /// Before the VM powers off: every device is unmounted (or flushed)
+    /// by the agent and detached, so filesystems are left clean.
+    pub(crate) async fn detach_all_devices(&self, pod: &Pod) {
+        self.release_devices(pod, |_| true).await;
+    }
+
+    async fn release_devices(&self, pod: &Pod, mut release: impl FnMut(&mut SlotRecord) -> bool) {
         let released: Vec<SlotRecord> = {
             let mut st = lock(&pod.state);
-            for slot in &mut st.record.volumes {
-                slot.owners.retain(|owner| owner != container_id);
+            let (mut released, mut kept) = (Vec::new(), Vec::new());
+            for mut slot in st.record.volumes.drain(..) {
+                if slot.device.is_some() && release(&mut slot) {
+                    released.push(slot);
+                } else {
+                    kept.push(slot);
+                }
             }
-            let (released, kept) = st
-                .record
-                .volumes
-                .drain(..)
-                .partition(|slot| slot.device.is_some() && slot.owners.is_empty());
             st.record.volumes = kept;
             released
         };

@@ -180,6 +180,8 @@ pub(crate) struct Inner {
     /// The pod CIDR kubelet last set (UpdateRuntimeConfig).
     pub(crate) pod_cidr: Mutex<String>,
     pub(crate) network: crate::network::Network,
+    /// Direct-assigned volumes (`frakti volume add`).
+    pub(crate) volumes: crate::volume::VolumeStore,
 }
 
 /// The runtime: cheap to clone, shared by the gRPC services.
@@ -193,6 +195,7 @@ impl Runtime {
     /// daemon left: running pods are found again, half-made ones removed.
     pub async fn open(config: RuntimeConfig, images: ImageStore) -> Result<Runtime> {
         let network = config.network.clone();
+        let volumes = crate::volume::VolumeStore::new(&config.root);
         let layout = state::Layout::new(&config.root);
         layout.create()?;
         let (events, _) = broadcast::channel(1024);
@@ -207,6 +210,7 @@ impl Runtime {
                 events,
                 pod_cidr: Mutex::default(),
                 network: crate::network::Network::new(network),
+                volumes,
             }),
         };
         recover::recover(&runtime).await;

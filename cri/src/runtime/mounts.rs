@@ -6,6 +6,7 @@
 //! private are refused. The tree walker here ([`walk`], [`read`]) is also
 //! what `sync` uses to keep the copies up to date.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -269,6 +270,7 @@ pub(crate) async fn prepare(
     pod: &Pod,
     container_id: &str,
     mounts: &[cri::Mount],
+    direct: &HashMap<usize, String>,
     agent: &mut AgentClient,
     empty_dir_bytes: u64,
 ) -> Result<Prepared> {
@@ -281,6 +283,16 @@ pub(crate) async fn prepare(
     for (index, mount) in mounts.iter().enumerate() {
         check(mount)?;
         let readonly = mount.readonly || mount.recursive_read_only;
+        if let Some(guest_source) = direct.get(&index) {
+            // A direct-assigned volume: its disk is mounted in the guest.
+            prepared.mounts.push(GuestMount {
+                container_path: mount.container_path.clone(),
+                guest_source: guest_source.clone(),
+                readonly,
+                kind: GuestMountKind::Bind,
+            });
+            continue;
+        }
         let guest_source = match scratch::empty_dir_volume(&mount.host_path) {
             // Shared by the pod's containers: made once, never copied.
             Some(volume) => {

@@ -490,6 +490,7 @@ impl Runtime {
                     container.kill_and_wait(agent.clone(), Duration::ZERO).await;
                 }
             }
+            self.detach_all_devices(pod).await;
             let mut agent = agent.clone();
             let shutdown = pb::ShutdownRequest {
                 grace_period_secs: 0,

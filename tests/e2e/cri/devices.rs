@@ -3,6 +3,9 @@
 //! writes with dd is on the device once the pod is gone and a second pod
 //! reads it; without `w` a write fails; a device held by another pod, one
 //! mounted on L1 and a missing one are refused and leave no slot taken.
+//! Direct-assigned filesystem volumes registered with `frakti volume add`
+//! are mounted inside the VM, shared by a pod's containers, kept across
+//! pods, read-only where asked, and left clean (e2fsck).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,10 +17,14 @@ use libtest_mimic::Trial;
 use super::harness::*;
 
 pub fn tests() -> Vec<Trial> {
-    vec![Trial::test(
-        "devices::raw_block_volumes_go_into_the_vm",
-        || with_daemon(&[], raw_block),
-    )]
+    vec![
+        Trial::test("devices::raw_block_volumes_go_into_the_vm", || {
+            with_daemon(&[], raw_block)
+        }),
+        Trial::test("devices::direct_volumes_are_mounted_in_the_vm", || {
+            with_daemon(&[], direct_volume)
+        }),
+    ]
 }
 
 /// A loop device over a sparse file; detached when dropped.
@@ -216,4 +223,183 @@ async fn remove_pod_without_leaks_of(c: &mut Runtime, pod: &str) -> anyhow::Resu
     })
     .await?;
     Ok(())
+}
+
+/// `frakti volume ARGS` against the daemon's root; (success, stdout+stderr).
+fn volume_cli(daemon: &Daemon, args: &[&str]) -> anyhow::Result<(bool, String)> {
+    let frakti = std::env::var(FRAKTI_ENV).context("FRAKTI_BIN")?;
+    let out = Command::new(frakti)
+        .arg("volume")
+        .arg("--root")
+        .arg(daemon.root())
+        .args(args)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+fn mount_of(path: &Path, container_path: &str, readonly: bool) -> cri::Mount {
+    cri::Mount {
+        container_path: container_path.into(),
+        host_path: path.to_string_lossy().into_owned(),
+        readonly,
+        ..Default::default()
+    }
+}
+
+async fn run_with_mounts(
+    c: &mut Runtime,
+    pod: &str,
+    name: &str,
+    command: &[&str],
+    mounts: Vec<cri::Mount>,
+) -> anyhow::Result<String> {
+    let mut config = container_config(name, command);
+    config.mounts = mounts;
+    let id = create(c, pod, config).await?;
+    start(c, &id).await?;
+    Ok(id)
+}
+
+async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
+    let work = daemon.dir.path().join("blk");
+    std::fs::create_dir_all(&work)?;
+    let disk = Loop::new(&work, "pv.img", 64)?;
+    let mke2fs = std::env::var("FRAKTI_MKE2FS").unwrap_or_else(|_| "mke2fs".into());
+    let status = Command::new(&mke2fs)
+        .args(["-q", "-t", "ext4"])
+        .arg(&disk.device)
+        .status()?;
+    ensure!(status.success(), "mke2fs failed");
+    // kubelet's volume path for a CSI volume: the driver registers it.
+    let volume = work.join("kubelet/pods/u1/volumes/kubernetes.io~csi/pv1/mount");
+    std::fs::create_dir_all(&volume)?;
+    let volume_arg = volume.to_string_lossy().into_owned();
+    let device_arg = disk.device.to_string_lossy().into_owned();
+    let (ok, text) = volume_cli(
+        daemon,
+        &[
+            "add",
+            "--path",
+            &volume_arg,
+            "--device",
+            &device_arg,
+            "--fstype",
+            "nfs",
+        ],
+    )?;
+    ensure!(
+        !ok && text.contains("--fstype \"nfs\" is not one of"),
+        "bad fstype: {text}"
+    );
+    let (ok, text) = volume_cli(
+        daemon,
+        &[
+            "add",
+            "--path",
+            &volume_arg,
+            "--device",
+            &device_arg,
+            "--fstype",
+            "ext4",
+            "--options",
+            "noatime",
+        ],
+    )?;
+    ensure!(ok, "volume add: {text}");
+
+    let mut c = daemon.runtime().await?;
+    let pod = run_pod(&mut c, pod_config("pv-writer", &daemon.log_dir())).await?;
+    let writer = run_with_mounts(
+        &mut c,
+        &pod,
+        "writer",
+        &[
+            "sh",
+            "-c",
+            "echo direct-volume-bytes > /data/hello && sleep 1000",
+        ],
+        vec![mount_of(&volume, "/data", false)],
+    )
+    .await?;
+    let reader = run_with_mounts(
+        &mut c,
+        &pod,
+        "reader",
+        &["sleep", "1000"],
+        vec![mount_of(&volume, "/data", true)],
+    )
+    .await?;
+    ensure!(device_slots(daemon, &pod)? == 1, "two containers, one disk");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = exec(&mut c, &reader, &["cat", "/data/hello"], 30).await?;
+        if out.stdout == b"direct-volume-bytes\n" {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the reader never saw the file: {out:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let mounts = exec(&mut c, &writer, &["cat", "/proc/mounts"], 30).await?;
+    let mounts = String::from_utf8_lossy(&mounts.stdout).into_owned();
+    ensure!(
+        mounts
+            .lines()
+            .any(|l| l.contains(" /data ext4 ") && l.contains("noatime")),
+        "the volume is an ext4 mount with its options inside: {mounts}"
+    );
+    let out = exec(&mut c, &reader, &["touch", "/data/nope"], 30).await?;
+    ensure!(
+        out.exit_code != 0,
+        "a read-only mount of the volume was written"
+    );
+    // In use: the driver may not forget it.
+    let (ok, text) = volume_cli(daemon, &["remove", "--path", &volume_arg])?;
+    ensure!(
+        !ok && text.contains("in use by pod sandbox"),
+        "remove while in use: {text}"
+    );
+    let (ok, text) = volume_cli(daemon, &["list"])?;
+    ensure!(
+        ok && text.contains(&pod[..12]),
+        "list names the pod: {text}"
+    );
+    remove_pod_without_leaks_of(&mut c, &pod).await?;
+
+    // The filesystem is clean and the data is there for the next pod.
+    let out = Command::new("e2fsck")
+        .args(["-n", "-f"])
+        .arg(&disk.device)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "e2fsck after the pod: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let next = run_pod(&mut c, pod_config("pv-reader", &daemon.log_dir())).await?;
+    let id = run_with_mounts(
+        &mut c,
+        &next,
+        "r",
+        &["sleep", "1000"],
+        vec![mount_of(&volume, "/data", false)],
+    )
+    .await?;
+    let out = exec(&mut c, &id, &["cat", "/data/hello"], 30).await?;
+    ensure!(
+        out.stdout == b"direct-volume-bytes\n",
+        "the next pod reads {out:?}"
+    );
+    remove_pod_without_leaks_of(&mut c, &next).await?;
+    let (ok, text) = volume_cli(daemon, &["remove", "--path", &volume_arg])?;
+    ensure!(ok, "volume remove: {text}");
+    ensure_no_leaks(daemon)
 }

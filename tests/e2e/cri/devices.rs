@@ -5,7 +5,7 @@
 //! mounted on L1 and a missing one are refused and leave no slot taken.
 //! Direct-assigned filesystem volumes registered with `frakti volume add`
 //! are mounted inside the VM, shared by a pod's containers, kept across
-//! pods, read-only where asked, and left clean (e2fsck).
+//! pods and a daemon crash, read-only where asked, and left clean (e2fsck).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -370,6 +370,15 @@ async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
     ensure!(
         ok && text.contains(&pod[..12]),
         "list names the pod: {text}"
+    );
+    // kill -9 of the daemon with the volume attached: the restarted one
+    // still detaches it cleanly when the pod stops.
+    daemon.kill();
+    daemon.spawn().await?;
+    let mut c = daemon.runtime().await?;
+    ensure!(
+        device_slots(daemon, &pod)? == 1,
+        "the slot is known after the restart"
     );
     remove_pod_without_leaks_of(&mut c, &pod).await?;
 

@@ -176,7 +176,13 @@ impl L1Kernel {
             "lab: fetching the L1 kernel ({package}) into {}",
             dir.display()
         );
-        let staging = cache.join("lab").join(format!("{package}.partial"));
+        // Own staging dir: tests in parallel (or two suites) may fetch at
+        // once; the first to finish installs its copy.
+        let staging = cache.join("lab").join(format!(
+            "{package}.partial-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging).map_err(io_err(&staging))?;
         run(Command::new("apt-get")
@@ -193,8 +199,17 @@ impl L1Kernel {
         Self::keep_what_the_lab_needs(&root, &staging)?;
         fs::remove_dir_all(&root).map_err(io_err(&root))?;
         fs::remove_file(&deb).map_err(io_err(&deb))?;
+        if let Some(kernel) = Self::load(&package, &dir) {
+            // Another fetch finished first.
+            let _ = fs::remove_dir_all(&staging);
+            return Ok(kernel);
+        }
         let _ = fs::remove_dir_all(&dir);
-        fs::rename(&staging, &dir).map_err(io_err(&dir))?;
+        if let Err(e) = fs::rename(&staging, &dir) {
+            let _ = fs::remove_dir_all(&staging);
+            // Another fetch installed its copy in between.
+            return Self::load(&package, &dir).ok_or_else(|| io_err(&dir)(e));
+        }
         Self::load(&package, &dir).ok_or_else(|| Error::MissingInPackage("vmlinuz".into()))
     }
 

@@ -412,7 +412,7 @@ impl Runtime {
 }
 
 /// A volume slot no disk of the pod uses.
-fn free_slot(pod: &Pod) -> Result<String> {
+pub(super) fn free_slot(pod: &Pod) -> Result<String> {
     let st = lock(&pod.state);
     let used: Vec<&String> = st.record.volumes.iter().map(|s| &s.serial).collect();
     (0..vmm::VOLUME_SLOTS)

@@ -23,7 +23,7 @@ use super::pod::Pod;
 use super::state::SlotRecord;
 use super::{Error, Result, agent_call, lock};
 use crate::sandbox::agent::AgentClient;
-use crate::sandbox::{api, vmm};
+use crate::sandbox::api;
 
 /// kubelet's emptyDir volumes live under this path component.
 pub const EMPTY_DIR_MARKER: &str = "/volumes/kubernetes.io~empty-dir/";
@@ -105,20 +105,7 @@ async fn attach(
     agent: &mut AgentClient,
     bytes: u64,
 ) -> Result<()> {
-    let serial = {
-        let st = lock(&pod.state);
-        let used: Vec<&String> = st.record.volumes.iter().map(|s| &s.serial).collect();
-        (0..vmm::VOLUME_SLOTS)
-            .map(vmm::volume_slot)
-            .find(|s| !used.contains(&s))
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "pod sandbox {} has no free disk slot for emptyDir {disk_id} ({} in use)",
-                    pod.id,
-                    vmm::VOLUME_SLOTS
-                ))
-            })?
-    };
+    let serial = super::devices::free_slot(pod)?;
     let file = file.to_path_buf();
     let made = file.clone();
     tokio::task::spawn_blocking(move || make_disk(&made, bytes))

@@ -55,6 +55,17 @@ impl Drop for Loop {
     }
 }
 
+/// An empty ext4 filesystem on `device` (the lab's mke2fs).
+fn mkfs_ext4(device: &Path) -> anyhow::Result<()> {
+    let mke2fs = std::env::var(frakti_lab::guest::MKE2FS_ENV).unwrap_or_else(|_| "mke2fs".into());
+    let status = Command::new(&mke2fs)
+        .args(["-q", "-t", "ext4"])
+        .arg(device)
+        .status()?;
+    ensure!(status.success(), "mke2fs {} failed", device.display());
+    Ok(())
+}
+
 fn device(host: &Path, permissions: &str) -> cri::Device {
     cri::Device {
         host_path: host.to_string_lossy().into_owned(),
@@ -170,12 +181,7 @@ async fn raw_block(daemon: &mut Daemon) -> anyhow::Result<()> {
     // Refusals: a device mounted on L1, a missing one, a file that is no
     // device. None takes a slot.
     let mounted = Loop::new(&work, "mounted.img", 32)?;
-    let mke2fs = std::env::var("FRAKTI_MKE2FS").unwrap_or_else(|_| "mke2fs".into());
-    let status = Command::new(&mke2fs)
-        .args(["-q", "-t", "ext4"])
-        .arg(&mounted.device)
-        .status()?;
-    ensure!(status.success(), "mke2fs failed");
+    mkfs_ext4(&mounted.device)?;
     let mount_point = work.join("mnt");
     std::fs::create_dir_all(&mount_point)?;
     let status = Command::new("mount")
@@ -269,12 +275,7 @@ async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
     let work = daemon.dir.path().join("blk");
     std::fs::create_dir_all(&work)?;
     let disk = Loop::new(&work, "pv.img", 64)?;
-    let mke2fs = std::env::var("FRAKTI_MKE2FS").unwrap_or_else(|_| "mke2fs".into());
-    let status = Command::new(&mke2fs)
-        .args(["-q", "-t", "ext4"])
-        .arg(&disk.device)
-        .status()?;
-    ensure!(status.success(), "mke2fs failed");
+    mkfs_ext4(&disk.device)?;
     // kubelet's volume path for a CSI volume: the driver registers it.
     let volume = work.join("kubelet/pods/u1/volumes/kubernetes.io~csi/pv1/mount");
     std::fs::create_dir_all(&volume)?;

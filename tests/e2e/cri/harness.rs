@@ -603,6 +603,25 @@ pub async fn remove_pod_without_leaks(
     ensure_no_leaks(daemon)
 }
 
+/// RemovePodSandbox of every pod at once, as kubelet does when a node
+/// drains.
+pub async fn remove_in_parallel(client: &Runtime, pods: Vec<String>) -> anyhow::Result<()> {
+    let mut removals = Vec::new();
+    for pod in pods {
+        let mut c = client.clone();
+        removals.push(tokio::spawn(async move {
+            c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod,
+            })
+            .await
+        }));
+    }
+    for removal in removals {
+        removal.await??;
+    }
+    Ok(())
+}
+
 pub fn ensure_no_leaks(daemon: &Daemon) -> anyhow::Result<()> {
     let leaks = daemon.leaks();
     ensure!(leaks.is_empty(), "left behind: {leaks:#?}");

@@ -563,19 +563,7 @@ async fn ten_pods(daemon: &mut Daemon) -> anyhow::Result<()> {
     ips.sort();
     ips.dedup();
     ensure!(ips.len() == 10, "ten distinct IPs expected: {ips:?}");
-    let mut removals = Vec::new();
-    for pod in pods {
-        let mut c = c.clone();
-        removals.push(tokio::spawn(async move {
-            c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod,
-            })
-            .await
-        }));
-    }
-    for removal in removals {
-        removal.await??;
-    }
+    remove_in_parallel(&c, pods).await?;
     ensure_no_network_traces(daemon)
 }
 

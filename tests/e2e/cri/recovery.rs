@@ -126,19 +126,7 @@ async fn ten_pods(daemon: &mut Daemon) -> anyhow::Result<()> {
         .filter(|c| c.state == cri::ContainerState::ContainerRunning as i32)
         .count();
     ensure!(running == 10, "{running} containers running");
-    let mut removals = Vec::new();
-    for pod in pods {
-        let mut c = c.clone();
-        removals.push(tokio::spawn(async move {
-            c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod,
-            })
-            .await
-        }));
-    }
-    for removal in removals {
-        removal.await??;
-    }
+    remove_in_parallel(&c, pods).await?;
     ensure_no_leaks(daemon)?;
     Ok(())
 }

@@ -31,6 +31,10 @@ use plugin::{Attachment, Plugins};
 pub const POD_IFNAME: &str = "eth0";
 /// The tap that carries the CNI interface's traffic to the VM.
 const TAP_NAME: &str = "tap0";
+/// Pod annotations for the `ips` and `mac` capabilities: "10.1.0.5/24,fd00::5/64"
+/// and "0a:58:0a:01:00:05".
+pub const IPS_ANNOTATION: &str = "cni.frakti.io/ips";
+pub const MAC_ANNOTATION: &str = "cni.frakti.io/mac";
 /// The cache file in the pod's directory.
 const CACHE_FILE: &str = "network.json";
 
@@ -363,6 +367,20 @@ fn runtime_config(config: &cri::PodSandboxConfig) -> Map<String, Value> {
             }),
         );
     }
+    // No CRI field asks for a pod's IPs or MAC: pods (or an admission
+    // webhook) ask through annotations, for plugins declaring `ips`/`mac`.
+    if let Some(ips) = config.annotations.get(IPS_ANNOTATION) {
+        let ips: Vec<Value> = ips
+            .split(',')
+            .map(str::trim)
+            .filter(|ip| !ip.is_empty())
+            .map(|ip| Value::String(ip.to_string()))
+            .collect();
+        runtime.insert("ips".into(), Value::Array(ips));
+    }
+    if let Some(mac) = config.annotations.get(MAC_ANNOTATION) {
+        runtime.insert("mac".into(), Value::String(mac.trim().to_string()));
+    }
     let rate = |key: &str| config.annotations.get(key).and_then(|q| quantity_bits(q));
     let ingress = rate("kubernetes.io/ingress-bandwidth");
     let egress = rate("kubernetes.io/egress-bandwidth");
@@ -433,10 +451,17 @@ mod tests {
                 searches: vec!["prod.svc.cluster.local".into()],
                 options: vec!["ndots:5".into()],
             }),
-            annotations: [(
-                "kubernetes.io/ingress-bandwidth".to_string(),
-                "10M".to_string(),
-            )]
+            annotations: [
+                (
+                    "kubernetes.io/ingress-bandwidth".to_string(),
+                    "10M".to_string(),
+                ),
+                (
+                    IPS_ANNOTATION.to_string(),
+                    "10.1.0.5/24, fd00::5/64".to_string(),
+                ),
+                (MAC_ANNOTATION.to_string(), "0a:58:0a:01:00:05".to_string()),
+            ]
             .into(),
             ..Default::default()
         }
@@ -470,6 +495,11 @@ mod tests {
         assert_eq!(runtime["dns"]["servers"][0], "10.96.0.10");
         assert_eq!(runtime["bandwidth"]["ingressRate"], 10_000_000);
         assert!(runtime["bandwidth"].get("egressRate").is_none());
+        assert_eq!(
+            runtime["ips"],
+            serde_json::json!(["10.1.0.5/24", "fd00::5/64"])
+        );
+        assert_eq!(runtime["mac"], "0a:58:0a:01:00:05");
         assert!(runtime_config(&cri::PodSandboxConfig::default()).is_empty());
     }
 

@@ -10,12 +10,21 @@
 //! guest RAM, guest RAM resident, daemon RSS / pods; containerd: shim +
 //! pause + container RSS, containerd RSS / pods). Prints p50/p95 and
 //! ratios frakti/containerd.
+//!
+//! Then exec and port-forward through each runtime's streaming server
+//! (`streaming.rs`), and pod networking (issue 15, `network.rs`): both
+//! runtimes' pods are on one CNI bridge (same bridge and subnet, disjoint
+//! host-local ranges); pod-to-pod TCP throughput and ping round trip per
+//! runtime, and what frakti's CNI network adds to RunPodSandbox (against a
+//! second frakti daemon with `--network none`).
 
 #[path = "../../cri/tests/support/mod.rs"]
 mod support;
 
 #[path = "cri/containerd.rs"]
 mod containerd;
+#[path = "cri/network.rs"]
+mod network;
 #[path = "cri/prepare.rs"]
 mod prepare;
 #[path = "cri/runtime.rs"]
@@ -55,6 +64,17 @@ struct Args {
     /// Exec round trips (`true` over SPDY) timed per runtime.
     #[arg(long, default_value_t = 30)]
     execs: usize,
+    /// Bytes each pod-to-pod TCP transfer sends. (In the lab, 32 MiB between two
+    /// frakti pods, about 3 minutes of virtio-net traffic under nested SVM in TCG,
+    /// froze L1 every time: no heartbeat, no kernel message; 4 MiB did not.)
+    #[arg(long, default_value_t = 4 << 20)]
+    net_bytes: u64,
+    /// Pod-to-pod transfers timed per runtime (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    net_runs: usize,
+    /// Pings (0.2 s apart) from one pod to the other per runtime.
+    #[arg(long, default_value_t = 20)]
+    pings: usize,
 }
 
 /// Issue 13's goal: pod start at most this times containerd + runc's.
@@ -73,6 +93,8 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
     ensure!(args.pods >= 1, "--pods must be at least 1");
     ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    ensure!(args.net_runs >= 1, "--net-runs must be at least 1");
+    ensure!(args.pings >= 1, "--pings must be at least 1");
     let in_lab = std::env::var_os(IN_LAB_ENV).is_some();
     // Holds what the host prepares until the run is over.
     let host_dir = tempfile::Builder::new()
@@ -83,8 +105,10 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         let nested = Mode::detect()?.is_nested();
         programs.extend(prepare::prepare(host_dir.path(), nested)?);
         if nested && std::env::var_os(TIMEOUT_ENV).is_none() {
-            // Two runtimes, each warm-up + 2 x pods starts and removals.
-            let secs = 900 + 90 * (args.pods + args.warmup);
+            // Two runtimes, each warm-up + 2 x pods starts and removals;
+            // the network part: 2 pods per runtime and warm-up + 2 x pods
+            // frakti pods.
+            let secs = 1500 + 150 * (args.pods + args.warmup) + 30 * args.net_runs + args.pings;
             // SAFETY: no other thread runs yet.
             unsafe { std::env::set_var(TIMEOUT_ENV, secs.to_string()) };
         }
@@ -120,9 +144,12 @@ struct Target {
     log: PathBuf,
     pid: u32,
     sequential: Vec<f64>,
+    /// RunPodSandbox alone, in the sequential round.
+    sandbox: Vec<f64>,
     concurrent: Vec<f64>,
     memory: Option<Memory>,
     streaming: Option<streaming::Streaming>,
+    network: Option<network::Measured>,
 }
 
 impl Target {
@@ -188,7 +215,7 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
     // Short: frakti's pod sockets live below its root.
     let work = tempfile::Builder::new().prefix("fb").tempdir_in("/tmp")?;
     eprintln!("bench: starting frakti daemon and containerd (importing the images)");
-    let frakti = runtime::Frakti::start(&work.path().join("f")).await?;
+    let frakti = runtime::Frakti::start(&work.path().join("f"), runtime::Networking::Cni).await?;
     let containerd = containerd::Containerd::start(&work.path().join("c")).await?;
     let mut targets = [
         Target {
@@ -198,9 +225,11 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
             log: frakti.log(),
             pid: frakti.pid(),
             sequential: Vec::new(),
+            sandbox: Vec::new(),
             concurrent: Vec::new(),
             memory: None,
             streaming: None,
+            network: None,
         },
         Target {
             name: "containerd",
@@ -209,9 +238,11 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
             log: containerd.log(),
             pid: containerd.pid(),
             sequential: Vec::new(),
+            sandbox: Vec::new(),
             concurrent: Vec::new(),
             memory: None,
             streaming: None,
+            network: None,
         },
     ];
     // Alternate which runtime goes first so drift hurts both alike.
@@ -234,6 +265,7 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
             );
             target.remove(&pod).await?;
             target.sequential.push(pod.secs);
+            target.sandbox.push(pod.sandbox_secs);
         }
     }
     let batch_size = args.concurrency.min(args.pods);
@@ -286,9 +318,45 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
         target.streaming = Some(measured);
         target.remove(&pod).await?;
     }
+    for w in order(1) {
+        let target = &mut targets[w];
+        let measured = network::measure(target, args.net_bytes, args.net_runs, args.pings).await?;
+        eprintln!(
+            "bench: {} pods {} <- {}: TCP {:.2} MiB/s (transfer p50 {:.3} s, `true` p50 {:.3} s), \
+             ping avg {:.3} ms",
+            target.name,
+            measured.ips.0,
+            measured.ips.1,
+            measured.mib_s,
+            percentile(&measured.transfer_secs, 50.0),
+            percentile(&measured.noop_secs, 50.0),
+            measured.rtt_ms
+        );
+        target.network = Some(measured);
+    }
+    eprintln!("bench: starting a second frakti daemon with --network none");
+    let bare = runtime::Frakti::start(&work.path().join("n"), runtime::Networking::None).await?;
+    let mut without = Target {
+        name: "frakti --network none",
+        client: runtime::connect(&bare.socket()).await?,
+        logs: bare.log_dir(),
+        log: bare.log(),
+        pid: bare.pid(),
+        sequential: Vec::new(),
+        sandbox: Vec::new(),
+        concurrent: Vec::new(),
+        memory: None,
+        streaming: None,
+        network: None,
+    };
+    let sandbox =
+        network::sandbox_times(&mut targets[0], &mut without, args.pods, args.warmup).await?;
+    drop(without);
+    drop(bare);
     print_warnings(&frakti.log());
     report(args, &cgroups, batch_size, &targets);
     report_streaming(&targets);
+    report_network(args, &targets, &sandbox);
     Ok(())
 }
 
@@ -348,9 +416,15 @@ fn report(args: &Args, cgroups: &str, batch: usize, targets: &[Target; 2]) {
         }
     );
     println!(
-        "  containerd's figure INCLUDES its CNI setup (loopback + bridge, host-local IPAM {}, \
-         no masquerade); frakti does no pod networking yet",
-        containerd::POD_SUBNET
+        "  both figures INCLUDE the CNI setup: one bridge {} for both runtimes' pods, host-local \
+         IPAM {} (frakti {}-{}, containerd {}-{}), no masquerade; frakti's pods also get a tap \
+         joined to the CNI interface by tc redirect",
+        network::BRIDGE,
+        network::POD_SUBNET,
+        network::FRAKTI_RANGE.0,
+        network::FRAKTI_RANGE.1,
+        network::CONTAINERD_RANGE.0,
+        network::CONTAINERD_RANGE.1,
     );
     println!(
         "  absolute times are the emulated lab's (QEMU TCG L1, nested KVM): quote the ratios only"
@@ -474,6 +548,89 @@ fn report_streaming(targets: &[Target; 2]) {
         ours.forward_mib_s,
         theirs.forward_mib_s,
         ours.forward_mib_s / theirs.forward_mib_s
+    );
+}
+
+fn report_network(args: &Args, targets: &[Target; 2], sandbox: &network::SandboxTimes) {
+    let [frakti, containerd] = targets;
+    println!();
+    let (Some(ours), Some(theirs)) = (&frakti.network, &containerd.network) else {
+        println!("  pod networks: not measured");
+        return;
+    };
+    println!(
+        "  pod networks: two pods of each runtime on the bridge; TCP: {} MiB of zeros with \
+         busybox nc from one pod to a sink in the other (bytes counted), ExecSync wall time \
+         minus that of `true`, median of {}; ping: {} pings 0.2 s apart, busybox's average",
+        args.net_bytes as f64 / f64::from(1u32 << 20),
+        args.net_runs,
+        args.pings
+    );
+    println!(
+        "  {:<28} {:>10.2} {:>13.2} {:>17.2}x  (MiB/s; higher is better)",
+        "pod-to-pod TCP throughput",
+        ours.mib_s,
+        theirs.mib_s,
+        ours.mib_s / theirs.mib_s
+    );
+    println!(
+        "  {:<28} {:>10.3} {:>13.3} {:>17.2}x  (ms)",
+        "pod-to-pod ping round trip",
+        ours.rtt_ms,
+        theirs.rtt_ms,
+        ours.rtt_ms / theirs.rtt_ms
+    );
+    let p50 = |v: &[f64]| percentile(v, 50.0);
+    println!(
+        "  RunPodSandbox p50, {} pods each, frakti with its CNI network and a second frakti \
+         daemon with --network none, alternating:",
+        sandbox.with.len()
+    );
+    println!(
+        "  {:<28} {:>10} {:>13} {:>18}",
+        "", "with s", "without s", "with/without"
+    );
+    for (label, with, without) in [
+        ("frakti RunPodSandbox p50", &sandbox.with, &sandbox.without),
+        (
+            "frakti pod start p50",
+            &sandbox.with_start,
+            &sandbox.without_start,
+        ),
+    ] {
+        let (a, b) = (p50(with), p50(without));
+        println!("  {label:<28} {a:>10.3} {b:>13.3} {:>17.2}x", a / b);
+    }
+    let (a, b) = (p50(&frakti.sandbox), p50(&containerd.sandbox));
+    println!(
+        "  {:<28} {a:>10.3} {b:>13.3} {:>17.2}x  (frakti s, containerd s, frakti/containerd; \
+         both with CNI)",
+        "RunPodSandbox p50, seq round",
+        a / b
+    );
+    println!(
+        "bench: pod-to-pod TCP throughput: frakti {:.2} MiB/s, containerd {:.2} MiB/s, ratio \
+         frakti/containerd {:.2}",
+        ours.mib_s,
+        theirs.mib_s,
+        ours.mib_s / theirs.mib_s
+    );
+    println!(
+        "bench: pod-to-pod round trip (ping avg): frakti {:.3} ms, containerd {:.3} ms, ratio \
+         frakti/containerd {:.2}",
+        ours.rtt_ms,
+        theirs.rtt_ms,
+        ours.rtt_ms / theirs.rtt_ms
+    );
+    println!(
+        "bench: RunPodSandbox p50: frakti with CNI {:.3} s, without (--network none) {:.3} s, \
+         ratio with/without {:.2}; containerd (with CNI, sequential round) {:.3} s, ratio \
+         frakti/containerd {:.2}",
+        p50(&sandbox.with),
+        p50(&sandbox.without),
+        p50(&sandbox.with) / p50(&sandbox.without),
+        b,
+        a / b
     );
 }
 

@@ -9,11 +9,10 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, bail, ensure};
 use frakti_lab::process::ChildGuard;
 
+use super::network;
 use super::prepare::{self, env_path};
 use super::runtime;
 
-/// The pods' CNI network (bridge + host-local IPAM).
-pub const POD_SUBNET: &str = "10.88.0.0/16";
 /// containerd's CRI namespace.
 const NAMESPACE: &str = "k8s.io";
 
@@ -73,24 +72,21 @@ impl Containerd {
         let bin = dir.join("bin");
         let cni_bin = dir.join("cni-bin");
         let cni_conf = dir.join("cni-conf");
-        for d in [&bin, &cni_bin, &cni_conf, &dir.join("logs")] {
+        for d in [&bin, &cni_conf, &dir.join("logs")] {
             fs::create_dir_all(d)?;
         }
-        // Under their own names: containerd looks the shim up on PATH, CNI
-        // looks plugins up by type in its bin dir.
+        // Under their own names: containerd looks the shim up on PATH.
         symlink(
             env_path(prepare::SHIM_ENV)?,
             bin.join("containerd-shim-runc-v2"),
         )?;
         symlink(env_path(prepare::RUNC_ENV)?, bin.join("runc"))?;
-        for (env, name) in [
-            (prepare::CNI_BRIDGE_ENV, "bridge"),
-            (prepare::CNI_LOOPBACK_ENV, "loopback"),
-            (prepare::CNI_HOST_LOCAL_ENV, "host-local"),
-        ] {
-            symlink(env_path(env)?, cni_bin.join(name))?;
-        }
-        fs::write(cni_conf.join("10-bench.conflist"), cni_config(dir))?;
+        network::link_plugins(&cni_bin)?;
+        // containerd adds loopback itself.
+        fs::write(
+            cni_conf.join("10-bench.conflist"),
+            network::bridge_config(&dir.join("cni-ipam"), network::CONTAINERD_RANGE),
+        )?;
         let config = dir.join("config.toml");
         fs::write(&config, containerd_config(dir)?)?;
 
@@ -244,28 +240,6 @@ pub fn root_is_initramfs() -> bool {
         let f: Vec<&str> = l.split_whitespace().collect();
         f.get(1) == Some(&"/") && matches!(f.get(2), Some(&"rootfs") | Some(&"ramfs"))
     })
-}
-
-/// A bridge with host-local IPAM (containerd adds loopback itself); no
-/// masquerading (no iptables in L1).
-fn cni_config(dir: &Path) -> String {
-    serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "bench",
-        "plugins": [{
-            "type": "bridge",
-            "bridge": "bench0",
-            "isGateway": true,
-            "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{"subnet": POD_SUBNET}]],
-                "routes": [{"dst": "0.0.0.0/0"}],
-                "dataDir": dir.join("cni-ipam").display().to_string(),
-            },
-        }],
-    })
-    .to_string()
 }
 
 /// Runs `cmd`; its stdout, or an error with its output.

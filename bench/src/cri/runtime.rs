@@ -14,6 +14,7 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
+use super::network;
 use super::prepare::{self, env_path};
 
 pub type Client = RuntimeServiceClient<Channel>;
@@ -22,6 +23,16 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// From StartContainer's answer to ContainerStatus saying RUNNING.
 const RUNNING_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How a [`Frakti`] daemon networks its pods.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Networking {
+    /// The bench's CNI configuration ([`network::bridge_config`], frakti's
+    /// range of the bridge both runtimes share) and plugins, in its dir.
+    Cni,
+    /// `--network none`: pods get a loopback only.
+    None,
+}
+
 /// A `frakti daemon` on a root holding the prepared image store.
 pub struct Frakti {
     dir: PathBuf,
@@ -29,7 +40,7 @@ pub struct Frakti {
 }
 
 impl Frakti {
-    pub async fn start(dir: &Path) -> anyhow::Result<Frakti> {
+    pub async fn start(dir: &Path, networking: Networking) -> anyhow::Result<Frakti> {
         let images = dir.join("r/images");
         fs::create_dir_all(&images)?;
         fs::create_dir_all(dir.join("logs"))?;
@@ -58,7 +69,29 @@ impl Frakti {
             .arg(env_path(frakti_lab::guest::INITRD_ENV)?)
             .arg("--vmm")
             .arg(env_path(frakti_lab::guest::VMM_ENV)?)
-            .args(["--log-level", "info"])
+            .args(["--log-level", "info"]);
+        match networking {
+            Networking::Cni => {
+                let (conf, bin) = (dir.join("cni-conf"), dir.join("cni-bin"));
+                network::link_plugins(&bin)?;
+                fs::create_dir_all(&conf)?;
+                fs::write(
+                    conf.join("10-bench.conflist"),
+                    network::bridge_config(&dir.join("cni-ipam"), network::FRAKTI_RANGE),
+                )?;
+                command
+                    .args(["--network", "cni", "--cni-conf-dir"])
+                    .arg(&conf)
+                    .arg("--cni-bin-dir")
+                    .arg(&bin)
+                    .arg("--netns-dir")
+                    .arg(dir.join("netns"));
+            }
+            Networking::None => {
+                command.args(["--network", "none"]);
+            }
+        }
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?);
@@ -141,7 +174,10 @@ pub fn log_tail(path: &Path, n: usize) -> String {
 pub struct Pod {
     pub id: String,
     pub container: String,
+    /// From RunPodSandbox to the container RUNNING.
     pub secs: f64,
+    /// RunPodSandbox alone.
+    pub sandbox_secs: f64,
 }
 
 pub fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
@@ -203,6 +239,7 @@ pub async fn start_pod(client: &mut Client, name: &str, logs: &Path) -> anyhow::
         .with_context(|| format!("RunPodSandbox {name}"))?
         .into_inner()
         .pod_sandbox_id;
+    let sandbox_secs = started.elapsed().as_secs_f64();
     let container = client
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: id.clone(),
@@ -239,7 +276,68 @@ pub async fn start_pod(client: &mut Client, name: &str, logs: &Path) -> anyhow::
         id,
         container,
         secs: started.elapsed().as_secs_f64(),
+        sandbox_secs,
     })
+}
+
+/// Creates and starts a second container `container` running `command` in
+/// `pod` (started as `name` with `logs`, as [`start_pod`] did); its id.
+pub async fn add_container(
+    client: &mut Client,
+    pod: &Pod,
+    name: &str,
+    logs: &Path,
+    container: &str,
+    command: &[&str],
+) -> anyhow::Result<String> {
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: container.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: prepare::IMAGE.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|a| a.to_string()).collect(),
+        log_path: format!("{container}.log"),
+        ..Default::default()
+    };
+    let id = client
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.id.clone(),
+            config: Some(config),
+            sandbox_config: Some(pod_config(name, &logs.join(name))),
+        })
+        .await
+        .with_context(|| format!("CreateContainer {container} in {name}"))?
+        .into_inner()
+        .container_id;
+    client
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .with_context(|| format!("StartContainer {container} in {name}"))?;
+    Ok(id)
+}
+
+/// The pod's IPv4 address (PodSandboxStatus `network.ip`).
+pub async fn pod_ip(client: &mut Client, id: &str) -> anyhow::Result<String> {
+    let ip = client
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: false,
+        })
+        .await
+        .context("PodSandboxStatus")?
+        .into_inner()
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    ensure!(!ip.is_empty(), "PodSandboxStatus of {id} shows no pod IP");
+    Ok(ip)
 }
 
 /// StopContainer (no grace), StopPodSandbox, RemovePodSandbox.

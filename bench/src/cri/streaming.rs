@@ -14,7 +14,6 @@ use anyhow::{Context, ensure};
 use k8s_cri::v1 as cri;
 use tokio::time::Instant as Deadline;
 
-use super::prepare;
 use super::runtime::{self, Client, Pod};
 use super::spdy_client::{Event, SpdyClient, SpdyStream};
 
@@ -39,39 +38,8 @@ pub async fn start_echo(
     name: &str,
     logs: &Path,
 ) -> anyhow::Result<String> {
-    let config = cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: "echo".into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: prepare::IMAGE.into(),
-            ..Default::default()
-        }),
-        command: ["busybox", "nc", "-ll", "-p", "8080", "-e", "cat"]
-            .map(String::from)
-            .to_vec(),
-        log_path: "echo.log".into(),
-        ..Default::default()
-    };
-    let sandbox_config = Some(runtime::pod_config(name, &logs.join(name)));
-    let id = client
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.id.clone(),
-            config: Some(config),
-            sandbox_config,
-        })
-        .await
-        .context("CreateContainer echo")?
-        .into_inner()
-        .container_id;
-    client
-        .start_container(cri::StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .context("StartContainer echo")?;
-    Ok(id)
+    let echo = ["busybox", "nc", "-ll", "-p", "8080", "-e", "cat"];
+    runtime::add_container(client, pod, name, logs, "echo", &echo).await
 }
 
 /// `rounds` exec round trips, then the port-forward.

@@ -153,6 +153,29 @@ struct Target {
 }
 
 impl Target {
+    /// A runtime serving CRI on `socket`, nothing measured yet.
+    async fn new(
+        name: &'static str,
+        socket: &std::path::Path,
+        logs: PathBuf,
+        log: PathBuf,
+        pid: u32,
+    ) -> anyhow::Result<Target> {
+        Ok(Target {
+            name,
+            client: runtime::connect(socket).await?,
+            logs,
+            log,
+            pid,
+            sequential: Vec::new(),
+            sandbox: Vec::new(),
+            concurrent: Vec::new(),
+            memory: None,
+            streaming: None,
+            network: None,
+        })
+    }
+
     /// `e` with the tail of the daemon's log.
     fn failed(&self, e: anyhow::Error) -> anyhow::Error {
         anyhow!(
@@ -218,32 +241,22 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
     let frakti = runtime::Frakti::start(&work.path().join("f"), runtime::Networking::Cni).await?;
     let containerd = containerd::Containerd::start(&work.path().join("c")).await?;
     let mut targets = [
-        Target {
-            name: "frakti",
-            client: runtime::connect(&frakti.socket()).await?,
-            logs: frakti.log_dir(),
-            log: frakti.log(),
-            pid: frakti.pid(),
-            sequential: Vec::new(),
-            sandbox: Vec::new(),
-            concurrent: Vec::new(),
-            memory: None,
-            streaming: None,
-            network: None,
-        },
-        Target {
-            name: "containerd",
-            client: runtime::connect(&containerd.socket).await?,
-            logs: containerd.log_dir(),
-            log: containerd.log(),
-            pid: containerd.pid(),
-            sequential: Vec::new(),
-            sandbox: Vec::new(),
-            concurrent: Vec::new(),
-            memory: None,
-            streaming: None,
-            network: None,
-        },
+        Target::new(
+            "frakti",
+            &frakti.socket(),
+            frakti.log_dir(),
+            frakti.log(),
+            frakti.pid(),
+        )
+        .await?,
+        Target::new(
+            "containerd",
+            &containerd.socket,
+            containerd.log_dir(),
+            containerd.log(),
+            containerd.pid(),
+        )
+        .await?,
     ];
     // Alternate which runtime goes first so drift hurts both alike.
     let order = |i: usize| if i % 2 == 0 { [0, 1] } else { [1, 0] };
@@ -336,19 +349,14 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
     }
     eprintln!("bench: starting a second frakti daemon with --network none");
     let bare = runtime::Frakti::start(&work.path().join("n"), runtime::Networking::None).await?;
-    let mut without = Target {
-        name: "frakti --network none",
-        client: runtime::connect(&bare.socket()).await?,
-        logs: bare.log_dir(),
-        log: bare.log(),
-        pid: bare.pid(),
-        sequential: Vec::new(),
-        sandbox: Vec::new(),
-        concurrent: Vec::new(),
-        memory: None,
-        streaming: None,
-        network: None,
-    };
+    let mut without = Target::new(
+        "frakti --network none",
+        &bare.socket(),
+        bare.log_dir(),
+        bare.log(),
+        bare.pid(),
+    )
+    .await?;
     let sandbox =
         network::sandbox_times(&mut targets[0], &mut without, args.pods, args.warmup).await?;
     drop(without);

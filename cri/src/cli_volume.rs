@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
+use frakti_cri::runtime::state::{self, PodRecord};
 use frakti_cri::volume::{Error, VolumeRecord, VolumeStore};
 
 #[derive(Subcommand)]
@@ -58,13 +59,11 @@ fn users(root: &Path, device: &Path) -> Vec<String> {
     entries
         .flatten()
         .filter(|pod| {
-            let record = std::fs::read_to_string(pod.path().join("pod.json")).unwrap_or_default();
-            serde_json::from_str::<serde_json::Value>(&record).is_ok_and(|r| {
-                r["volumes"].as_array().is_some_and(|slots| {
-                    slots
-                        .iter()
-                        .any(|s| s["device"].as_str() == Some(&*device.to_string_lossy()))
-                })
+            state::read_json::<PodRecord>(&pod.path().join("pod.json")).is_ok_and(|record| {
+                record
+                    .volumes
+                    .iter()
+                    .any(|slot| slot.device.as_deref() == Some(device))
             })
         })
         .map(|pod| pod.file_name().to_string_lossy().into_owned())

@@ -115,8 +115,7 @@ fn address(message: &AddressMessage) -> Option<(IpAddr, u8)> {
         AddressAttribute::Address(ip) => Some(*ip),
         _ => None,
     })?;
-    let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
-    (!link_local).then_some((ip, message.header.prefix_len))
+    (!is_link_local_v6(&ip)).then_some((ip, message.header.prefix_len))
 }
 
 /// The main table's unicast routes out of interface `index` that the
@@ -134,6 +133,11 @@ fn guest_routes(messages: &[RouteMessage], index: u32) -> Vec<Route> {
         .collect();
     routes.sort_by_key(|r| r.gateway.is_some());
     routes
+}
+
+/// fe80::/10: each side makes its own.
+fn is_link_local_v6(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }
 
 fn table(message: &RouteMessage) -> u32 {
@@ -184,8 +188,8 @@ fn route(message: &RouteMessage) -> Option<Route> {
         _ => return None,
     };
     // IPv6 link-local and multicast routes are the guest kernel's own.
-    if let Some((IpAddr::V6(v6), _)) = destination {
-        if v6.segments()[0] & 0xffc0 == 0xfe80 || v6.segments()[0] & 0xff00 == 0xff00 {
+    if let Some((ip @ IpAddr::V6(v6), _)) = destination {
+        if is_link_local_v6(&ip) || v6.is_multicast() {
             return None;
         }
     }

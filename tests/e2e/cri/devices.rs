@@ -137,7 +137,7 @@ async fn raw_block(daemon: &mut Daemon) -> anyhow::Result<()> {
         device_slots(daemon, &other)? == 0,
         "a refused device took a slot"
     );
-    remove_pod_without_leaks_of(&mut c, &writer).await?;
+    stop_and_remove(&mut c, &writer).await?;
     let head = std::fs::read(&disk.file)?;
     ensure!(
         head.starts_with(b"frakti-block-bytes\n"),
@@ -213,21 +213,9 @@ async fn raw_block(daemon: &mut Daemon) -> anyhow::Result<()> {
         "{code:?} {message}"
     );
     ensure!(device_slots(daemon, &other)? == 1, "only the reader's slot");
-    remove_pod_without_leaks_of(&mut c, &other)
+    stop_and_remove(&mut c, &other)
         .await
         .context("removing the reader pod")?;
-    Ok(())
-}
-
-async fn remove_pod_without_leaks_of(c: &mut Runtime, pod: &str) -> anyhow::Result<()> {
-    c.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: pod.into(),
-    })
-    .await?;
-    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod.into(),
-    })
-    .await?;
     Ok(())
 }
 
@@ -381,7 +369,7 @@ async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
         device_slots(daemon, &pod)? == 1,
         "the slot is known after the restart"
     );
-    remove_pod_without_leaks_of(&mut c, &pod).await?;
+    stop_and_remove(&mut c, &pod).await?;
 
     // The filesystem is clean and the data is there for the next pod.
     let out = Command::new("e2fsck")
@@ -408,7 +396,7 @@ async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
         out.stdout == b"direct-volume-bytes\n",
         "the next pod reads {out:?}"
     );
-    remove_pod_without_leaks_of(&mut c, &next).await?;
+    stop_and_remove(&mut c, &next).await?;
     let (ok, text) = volume_cli(daemon, &["remove", "--path", &volume_arg])?;
     ensure!(ok, "volume remove: {text}");
     ensure_no_leaks(daemon)

@@ -603,6 +603,21 @@ pub async fn remove_pod_without_leaks(
     ensure_no_leaks(daemon)
 }
 
+/// StopPodSandbox then RemovePodSandbox, as kubelet does.
+pub async fn stop_and_remove(client: &mut Runtime, pod: &str) -> anyhow::Result<()> {
+    client
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        })
+        .await?;
+    client
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        })
+        .await?;
+    Ok(())
+}
+
 /// RemovePodSandbox of every pod at once, as kubelet does when a node
 /// drains.
 pub async fn remove_in_parallel(client: &Runtime, pods: Vec<String>) -> anyhow::Result<()> {

@@ -220,14 +220,7 @@ fn ensure_no_network_traces(daemon: &Daemon) -> anyhow::Result<()> {
 
 async fn remove_all(c: &mut Runtime, pods: &[String]) -> anyhow::Result<()> {
     for pod in pods {
-        c.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await?;
-        c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await?;
+        stop_and_remove(c, pod).await?;
     }
     Ok(())
 }

@@ -17,6 +17,10 @@
 //! host-local ranges); pod-to-pod TCP throughput and ping round trip per
 //! runtime, and what frakti's CNI network adds to RunPodSandbox (against a
 //! second frakti daemon with `--network none`).
+//!
+//! Last, block I/O on a volume (issue 16, `volumes.rs`): frakti's direct
+//! volume against the same kind of device mounted on the node and
+//! bind-mounted into a runc container. `--only` runs a subset of the parts.
 
 #[path = "../../cri/tests/support/mod.rs"]
 mod support;
@@ -35,6 +39,8 @@ mod runtime;
 mod spdy_client;
 #[path = "cri/streaming.rs"]
 mod streaming;
+#[path = "cri/volumes.rs"]
+mod volumes;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +81,41 @@ struct Args {
     /// Pings (0.2 s apart) from one pod to the other per runtime.
     #[arg(long, default_value_t = 20)]
     pings: usize,
+    /// MiB each sequential volume run writes and reads (1 MiB blocks).
+    #[arg(long, default_value_t = 32)]
+    io_mib: u64,
+    /// 4 KiB operations each random volume run does.
+    #[arg(long, default_value_t = 1024)]
+    io_rand_ops: u64,
+    /// Rounds of the four volume runs per runtime (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    io_runs: usize,
+    /// Only these parts (comma-separated); all of them by default.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
+}
+
+/// The benchmark's parts, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    /// Pod + container start times and memory per pod.
+    Start,
+    /// Exec and port-forward through the streaming servers.
+    Streaming,
+    /// Pod-to-pod throughput and latency, and what CNI adds to RunPodSandbox.
+    Network,
+    /// Block I/O on a volume.
+    Volumes,
+}
+
+impl Args {
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
+
+    fn io(&self) -> (u64, u64, usize) {
+        (self.io_mib, self.io_rand_ops, self.io_runs)
+    }
 }
 
 /// Issue 13's goal: pod start at most this times containerd + runc's.
@@ -95,6 +136,10 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
     ensure!(args.net_runs >= 1, "--net-runs must be at least 1");
     ensure!(args.pings >= 1, "--pings must be at least 1");
+    ensure!(
+        args.io_mib >= 1 && args.io_rand_ops >= 1 && args.io_runs >= 1,
+        "--io-mib, --io-rand-ops and --io-runs must be at least 1"
+    );
     let in_lab = std::env::var_os(IN_LAB_ENV).is_some();
     // Holds what the host prepares until the run is over.
     let host_dir = tempfile::Builder::new()
@@ -108,7 +153,11 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             // Two runtimes, each warm-up + 2 x pods starts and removals;
             // the network part: 2 pods per runtime and warm-up + 2 x pods
             // frakti pods.
-            let secs = 1500 + 150 * (args.pods + args.warmup) + 30 * args.net_runs + args.pings;
+            let secs = 1500
+                + 150 * (args.pods + args.warmup)
+                + 30 * args.net_runs
+                + args.pings
+                + 120 * args.io_runs;
             // SAFETY: no other thread runs yet.
             unsafe { std::env::set_var(TIMEOUT_ENV, secs.to_string()) };
         }
@@ -150,6 +199,7 @@ struct Target {
     memory: Option<Memory>,
     streaming: Option<streaming::Streaming>,
     network: Option<network::Measured>,
+    volumes: Option<volumes::Measured>,
 }
 
 impl Target {
@@ -173,6 +223,7 @@ impl Target {
             memory: None,
             streaming: None,
             network: None,
+            volumes: None,
         })
     }
 
@@ -258,10 +309,56 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
         )
         .await?,
     ];
-    // Alternate which runtime goes first so drift hurts both alike.
-    let order = |i: usize| if i % 2 == 0 { [0, 1] } else { [1, 0] };
 
-    for target in &mut targets {
+    if args.runs(Part::Start) {
+        start_part(args, &mut targets).await?;
+    }
+    if args.runs(Part::Streaming) {
+        streaming::part(&mut targets, args.execs).await?;
+    }
+    let mut sandbox = None;
+    if args.runs(Part::Network) {
+        sandbox = Some(network_part(args, &mut targets, work.path()).await?);
+    }
+    if args.runs(Part::Volumes) {
+        volumes::part(&mut targets, &frakti.root(), work.path(), args.io()).await?;
+    }
+    print_warnings(&frakti.log());
+    if args.runs(Part::Start) {
+        report(args, &cgroups, &targets);
+    }
+    if args.runs(Part::Streaming) {
+        report_streaming(&targets);
+    }
+    if let Some(sandbox) = &sandbox {
+        report_network(args, &targets, sandbox);
+    }
+    if let [
+        Target {
+            volumes: Some(ours),
+            ..
+        },
+        Target {
+            volumes: Some(theirs),
+            ..
+        },
+    ] = &targets
+    {
+        volumes::report(ours, theirs, args.io());
+    }
+    Ok(())
+}
+
+/// Which runtime goes first in round `i` (they alternate so drift hurts
+/// both alike).
+fn order(i: usize) -> [usize; 2] {
+    if i % 2 == 0 { [0, 1] } else { [1, 0] }
+}
+
+/// Warm-up, then pods one after another, then `--concurrency` at a time
+/// (memory measured with the first full batch running).
+async fn start_part(args: &Args, targets: &mut [Target; 2]) -> anyhow::Result<()> {
+    for target in targets.iter_mut() {
         for i in 0..args.warmup {
             let pod = target.start(&format!("warm-{i}")).await?;
             eprintln!("bench: {} warm-up pod {i}: {:.2} s", target.name, pod.secs);
@@ -304,7 +401,7 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
             target.concurrent.extend(pods.iter().map(|p| p.secs));
         }
     }
-    for target in &mut targets {
+    for target in targets.iter_mut() {
         let left = runtime::pods_left(&mut target.client).await?;
         if left > 0 {
             eprintln!(
@@ -313,24 +410,16 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
             );
         }
     }
-    for w in order(0) {
-        let target = &mut targets[w];
-        let pod = target.start("stream").await?;
-        let measured = async {
-            streaming::start_echo(&mut target.client, &pod, "stream", &target.logs).await?;
-            streaming::measure(&mut target.client, &pod, args.execs).await
-        }
-        .await;
-        let measured = measured.map_err(|e| target.failed(e))?;
-        eprintln!(
-            "bench: {} streaming: exec p50 {:.3} s, port-forward {:.1} MiB/s",
-            target.name,
-            percentile(&measured.exec_secs, 50.0),
-            measured.forward_mib_s
-        );
-        target.streaming = Some(measured);
-        target.remove(&pod).await?;
-    }
+    Ok(())
+}
+
+/// Pod-to-pod traffic per runtime, then RunPodSandbox with and without
+/// CNI (a second frakti daemon with `--network none`).
+async fn network_part(
+    args: &Args,
+    targets: &mut [Target; 2],
+    work: &std::path::Path,
+) -> anyhow::Result<network::SandboxTimes> {
     for w in order(1) {
         let target = &mut targets[w];
         let measured = network::measure(target, args.net_bytes, args.net_runs, args.pings).await?;
@@ -348,7 +437,7 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
         target.network = Some(measured);
     }
     eprintln!("bench: starting a second frakti daemon with --network none");
-    let bare = runtime::Frakti::start(&work.path().join("n"), runtime::Networking::None).await?;
+    let bare = runtime::Frakti::start(&work.join("n"), runtime::Networking::None).await?;
     let mut without = Target::new(
         "frakti --network none",
         &bare.socket(),
@@ -361,11 +450,7 @@ async fn bench(args: &Args, in_lab: bool) -> anyhow::Result<()> {
         network::sandbox_times(&mut targets[0], &mut without, args.pods, args.warmup).await?;
     drop(without);
     drop(bare);
-    print_warnings(&frakti.log());
-    report(args, &cgroups, batch_size, &targets);
-    report_streaming(&targets);
-    report_network(args, &targets, &sandbox);
-    Ok(())
+    Ok(sandbox)
 }
 
 /// frakti daemon's WARN and ERROR lines, if any (to stderr).
@@ -397,7 +482,8 @@ fn percentile(values: &[f64], p: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn report(args: &Args, cgroups: &str, batch: usize, targets: &[Target; 2]) {
+fn report(args: &Args, cgroups: &str, targets: &[Target; 2]) {
+    let batch = args.concurrency.min(args.pods);
     let [frakti, containerd] = targets;
     println!(
         "CRI pod + container start: frakti vs {} (lab, ratios only)",

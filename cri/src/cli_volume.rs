@@ -49,6 +49,19 @@ pub enum VolumeCommand {
         #[arg(long, default_value = "table")]
         format: String,
     },
+    /// Usage of direct volumes, measured inside the VM that mounts each one (statfs in the
+    /// guest, through the daemon): what a CSI node plugin answers NodeGetVolumeStats with.
+    /// A volume no running pod mounts has no usage to report (an error with --path).
+    ///
+    /// Example: frakti volume stats --path /var/lib/kubelet/pods/UID/volumes/kubernetes.io~csi/PV/mount --format json
+    Stats {
+        /// One volume path; without it, every registered volume.
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// json for scripts (one object with --path, a list without).
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
 }
 
 /// The pods (by id) whose VM has `device` attached, from their records.
@@ -70,9 +83,12 @@ fn users(root: &Path, device: &Path) -> Vec<String> {
         .collect()
 }
 
-pub fn run(root: &Path, command: VolumeCommand) -> anyhow::Result<()> {
+pub async fn run(root: &Path, endpoint: &Path, command: VolumeCommand) -> anyhow::Result<()> {
     let store = VolumeStore::new(root);
     match command {
+        VolumeCommand::Stats { path, format } => {
+            crate::cli_volume_stats::run(&store, endpoint, path, &format).await
+        }
         VolumeCommand::Add {
             path,
             device,

@@ -15,6 +15,7 @@ use frakti_cri::sandbox::vmm::VmAssets;
 
 mod cli_image;
 mod cli_volume;
+mod cli_volume_stats;
 
 const DEFAULT_SOCKET: &str = "/run/frakti/frakti.sock";
 const DEFAULT_STATE: &str = "/var/lib/frakti";
@@ -316,7 +317,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Image(command) => cli_image::run(&cli.endpoint, command).await,
-        Command::Volume { root, command } => cli_volume::run(&root, command),
+        Command::Volume { root, command } => cli_volume::run(&root, &cli.endpoint, command).await,
     }
 }
 

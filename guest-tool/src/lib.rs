@@ -2,6 +2,7 @@
 //! bytes each stream carries, so either end can check them without
 //! sending checksums around.
 
+pub mod blockio;
 pub mod tree;
 
 use std::io::{self, Read, Write};
@@ -24,7 +25,8 @@ impl Pattern {
         }
     }
 
-    fn next_word(&mut self) -> u64 {
+    /// The next 8 bytes of the stream, as a number.
+    pub fn next_word(&mut self) -> u64 {
         let mut x = self.state;
         x ^= x << 13;
         x ^= x >> 7;

@@ -3,8 +3,9 @@
 
 use super::*;
 
-/// Guest memory and per-interface counters, from /proc.
-pub(super) fn sandbox_stats() -> pb::StatsSandboxResponse {
+/// Guest memory and per-interface counters, from /proc; the usage of the
+/// mounted disks.
+pub(super) fn sandbox_stats(disks: Vec<storage::DiskUsage>) -> pb::StatsSandboxResponse {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let kib = |key: &str| -> u64 {
         meminfo
@@ -45,6 +46,19 @@ pub(super) fn sandbox_stats() -> pb::StatsSandboxResponse {
         mem_available_bytes: kib("MemAvailable") * 1024,
         interfaces,
         timestamp_ns: unix_ns(SystemTime::now()),
+        disks: disks.into_iter().map(disk_usage).collect(),
+    }
+}
+
+fn disk_usage(d: storage::DiskUsage) -> pb::DiskUsage {
+    pb::DiskUsage {
+        disk_id: d.id,
+        fs_type: d.fs_type,
+        capacity_bytes: d.capacity_bytes,
+        used_bytes: d.used_bytes,
+        available_bytes: d.available_bytes,
+        inodes_total: d.inodes_total,
+        inodes_free: d.inodes_free,
     }
 }
 

@@ -52,7 +52,11 @@ impl AgentApi for Service {
         &self,
         _: Request<pb::StatsSandboxRequest>,
     ) -> Result<Response<pb::StatsSandboxResponse>, Status> {
-        Ok(Response::new(sandbox_stats()))
+        let agent = self.agent.clone();
+        let disks = tokio::task::spawn_blocking(move || agent.storage.disk_usage())
+            .await
+            .map_err(join_error)?;
+        Ok(Response::new(sandbox_stats(disks)))
     }
 
     async fn mount_disk(

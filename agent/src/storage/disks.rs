@@ -35,6 +35,38 @@ pub(super) struct Disk {
     device: PathBuf,
     /// Where it is mounted; `None` for a raw block device.
     mount: Option<PathBuf>,
+    fs_type: String,
+}
+
+/// statfs of a mounted disk, in bytes and inodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub id: String,
+    pub fs_type: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub available_bytes: u64,
+    pub inodes_total: u64,
+    pub inodes_free: u64,
+}
+
+/// Usage of the filesystem mounted at `target`.
+fn filesystem_usage(id: &str, fs_type: &str, target: &Path) -> Result<DiskUsage, Error> {
+    let stat = nix::sys::statvfs::statvfs(target).map_err(|source| {
+        io_error("cannot statfs", target)(io::Error::from_raw_os_error(source as i32))
+    })?;
+    let fragment = stat.fragment_size();
+    let bytes = |blocks: u64| blocks.saturating_mul(fragment);
+    let blocks = stat.blocks();
+    Ok(DiskUsage {
+        id: id.to_string(),
+        fs_type: fs_type.to_string(),
+        capacity_bytes: bytes(blocks),
+        used_bytes: bytes(blocks.saturating_sub(stat.blocks_free())),
+        available_bytes: bytes(stat.blocks_available()),
+        inodes_total: stat.files(),
+        inodes_free: stat.files_free(),
+    })
 }
 
 impl Storage {
@@ -98,6 +130,7 @@ impl Storage {
                 Disk {
                     device: device.clone(),
                     mount: None,
+                    fs_type: String::new(),
                 },
             );
             return Ok((device.clone(), device));
@@ -127,9 +160,27 @@ impl Storage {
             Disk {
                 device: device.clone(),
                 mount: Some(target.clone()),
+                fs_type: request.fs_type.clone(),
             },
         );
         Ok((target, device))
+    }
+
+    /// statfs of every mounted disk, by id (for volume stats); a disk whose
+    /// statfs fails is left out and logged.
+    pub fn disk_usage(&self) -> Vec<DiskUsage> {
+        let disks = self.disks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut usage: Vec<DiskUsage> = disks
+            .iter()
+            .filter_map(|(id, disk)| {
+                let target = disk.mount.as_ref()?;
+                filesystem_usage(id, &disk.fs_type, target)
+                    .inspect_err(|e| tracing::warn!(disk = %id, "{e}"))
+                    .ok()
+            })
+            .collect();
+        usage.sort_by(|a, b| a.id.cmp(&b.id));
+        usage
     }
 
     pub fn unmount_disk(&self, id: &str) -> Result<(), Error> {
@@ -246,5 +297,19 @@ mod tests {
             ..request
         };
         assert!(matches!(storage.mount_disk(&bad), Err(Error::Invalid(_))));
+    }
+
+    #[test]
+    fn filesystem_usage_is_consistent_and_errors_on_missing_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let usage = filesystem_usage("d1", "tmpfs", dir.path()).unwrap();
+        assert_eq!((usage.id.as_str(), usage.fs_type.as_str()), ("d1", "tmpfs"));
+        assert!(usage.capacity_bytes > 0);
+        assert!(usage.used_bytes <= usage.capacity_bytes);
+        assert!(usage.available_bytes <= usage.capacity_bytes - usage.used_bytes);
+        assert!(usage.inodes_free <= usage.inodes_total);
+        let missing = dir.path().join("gone");
+        let err = filesystem_usage("d2", "ext4", &missing).unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use nix::errno::Errno;
 
-pub use disks::{DiskRequest, find_by_serial};
+pub use disks::{DiskRequest, DiskUsage, find_by_serial};
 pub use files::{CopyFile, FileKind};
 pub use rootfs::{PreparedRootfs, RootfsSource, prepare_rootfs, unmount_all};
 

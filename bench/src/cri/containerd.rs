@@ -67,7 +67,7 @@ pub struct Containerd {
 
 impl Containerd {
     /// Starts containerd with its CRI plugin under `dir` and imports the
-    /// two images into its CRI namespace.
+    /// images into its CRI namespace.
     pub async fn start(dir: &Path) -> anyhow::Result<Containerd> {
         let bin = dir.join("bin");
         let cni_bin = dir.join("cni-bin");
@@ -115,6 +115,7 @@ impl Containerd {
         for (env, base) in [
             (prepare::PAUSE_OCI_ENV, prepare::PAUSE_BASE),
             (prepare::BUSYBOX_OCI_ENV, prepare::IMAGE_BASE),
+            (prepare::BLOCKIO_OCI_ENV, prepare::BLOCKIO_BASE),
         ] {
             run(containerd
                 .ctr()
@@ -122,7 +123,7 @@ impl Containerd {
                 .arg(env_path(env)?))?;
         }
         let listed = run(containerd.ctr().args(["images", "ls", "-q"]))?;
-        for image in [prepare::PAUSE_IMAGE, prepare::IMAGE] {
+        for image in [prepare::PAUSE_IMAGE, prepare::IMAGE, prepare::BLOCKIO_IMAGE] {
             ensure!(
                 listed.lines().any(|l| l == image),
                 "containerd lacks {image} after import: {listed:?}"

@@ -221,7 +221,7 @@ async fn measure_pods(
 }
 
 /// ExecSync `cmd` in `container`; the answer and its wall time.
-async fn exec(
+pub(super) async fn exec(
     client: &mut Client,
     container: &str,
     cmd: &[&str],
@@ -240,7 +240,7 @@ async fn exec(
     Ok((out, started.elapsed().as_secs_f64()))
 }
 
-fn outcome(out: &cri::ExecSyncResponse) -> String {
+pub(super) fn outcome(out: &cri::ExecSyncResponse) -> String {
     format!(
         "exit {}: {}{}",
         out.exit_code,

@@ -19,6 +19,10 @@ pub const IMAGE_BASE: &str = "frakti.test/busybox";
 /// containerd's sandbox image: busybox whose Cmd sleeps for ever.
 pub const PAUSE_IMAGE: &str = "frakti.test/pause:latest";
 pub const PAUSE_BASE: &str = "frakti.test/pause";
+/// busybox + `/bin/frakti-guest-tool` (its `blockio`), for the volume I/O
+/// part.
+pub const BLOCKIO_IMAGE: &str = "frakti.test/blockio:latest";
+pub const BLOCKIO_BASE: &str = "frakti.test/blockio";
 
 pub const FRAKTI_ENV: &str = "BENCH_CRI_FRAKTI";
 /// frakti's image store holding [`IMAGE`], tarred.
@@ -26,6 +30,7 @@ pub const STORE_ENV: &str = "BENCH_CRI_STORE";
 /// OCI archives (`ctr images import`) of the two images.
 pub const BUSYBOX_OCI_ENV: &str = "BENCH_CRI_BUSYBOX_OCI";
 pub const PAUSE_OCI_ENV: &str = "BENCH_CRI_PAUSE_OCI";
+pub const BLOCKIO_OCI_ENV: &str = "BENCH_CRI_BLOCKIO_OCI";
 
 /// containerd's side: (env var, program on PATH or absolute path, Debian
 /// package).
@@ -100,16 +105,37 @@ pub fn prepare(dir: &Path, nested: bool) -> anyhow::Result<Vec<(&'static str, Pa
         ..Default::default()
     };
     let pause = images::busybox_image_with(&layouts, "pause", &pause_config);
+    let tool = fs::read(frakti_lab::guest::guest_tool_binary()?)?;
+    let blockio = images::build_image(
+        &layouts,
+        "blockio",
+        &images::ImageConfig::default(),
+        &[
+            images::LayerSpec::new(images::Compression::Gzip, images::busybox_entries()),
+            images::LayerSpec::new(
+                images::Compression::Gzip,
+                vec![images::TarEntry::file("bin/frakti-guest-tool", 0o755, tool)],
+            ),
+        ],
+    );
+    files.push((
+        frakti_lab::guest::MKE2FS_ENV,
+        frakti_lab::guest::mke2fs_binary()?,
+    ));
 
     // frakti's store, filled here (mkfs.erofs runs on the host), as the
     // CRI e2e suite's harness prepares it.
     let store_root = dir.join("cri-store");
     let store = ImageStore::open(StoreConfig::new(&store_root))?;
+    let imports = async {
+        store.import(&busybox.layout, Some(IMAGE_BASE)).await?;
+        store.import(&blockio.layout, Some(BLOCKIO_BASE)).await
+    };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(store.import(&busybox.layout, Some(IMAGE_BASE)))
-        .context("importing the busybox image into frakti's store")?;
+        .block_on(imports)
+        .context("importing the busybox and blockio images into frakti's store")?;
     drop(store);
     let store_tar = dir.join("cri-store.tar");
     tar(&store_root, &store_tar)?;
@@ -118,6 +144,7 @@ pub fn prepare(dir: &Path, nested: bool) -> anyhow::Result<Vec<(&'static str, Pa
     for (env, image, name) in [
         (BUSYBOX_OCI_ENV, &busybox, "busybox-oci.tar"),
         (PAUSE_OCI_ENV, &pause, "pause-oci.tar"),
+        (BLOCKIO_OCI_ENV, &blockio, "blockio-oci.tar"),
     ] {
         let archive = dir.join(name);
         tar(&image.layout, &archive)?;

@@ -115,6 +115,11 @@ impl Frakti {
         self.dir.join("logs")
     }
 
+    /// Its `--root` (state dir).
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("r")
+    }
+
     pub fn pid(&self) -> u32 {
         self.daemon.id()
     }

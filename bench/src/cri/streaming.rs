@@ -14,6 +14,7 @@ use anyhow::{Context, ensure};
 use k8s_cri::v1 as cri;
 use tokio::time::Instant as Deadline;
 
+use super::Target;
 use super::runtime::{self, Client, Pod};
 use super::spdy_client::{Event, SpdyClient, SpdyStream};
 
@@ -132,4 +133,28 @@ async fn forward(client: &mut Client, pod: &str) -> anyhow::Result<f64> {
         String::from_utf8_lossy(&failure)
     );
     Ok(2.0 * FORWARDED as f64 / f64::from(1u32 << 20) / secs)
+}
+
+/// Exec and port-forward through each runtime's streaming server, in one
+/// pod each.
+pub async fn part(targets: &mut [Target; 2], execs: usize) -> anyhow::Result<()> {
+    for w in super::order(0) {
+        let target = &mut targets[w];
+        let pod = target.start("stream").await?;
+        let measured = async {
+            start_echo(&mut target.client, &pod, "stream", &target.logs).await?;
+            measure(&mut target.client, &pod, execs).await
+        }
+        .await;
+        let measured = measured.map_err(|e| target.failed(e))?;
+        eprintln!(
+            "bench: {} streaming: exec p50 {:.3} s, port-forward {:.1} MiB/s",
+            target.name,
+            super::percentile(&measured.exec_secs, 50.0),
+            measured.forward_mib_s
+        );
+        target.streaming = Some(measured);
+        target.remove(&pod).await?;
+    }
+    Ok(())
 }

@@ -17,6 +17,7 @@ mod container;
 mod devices;
 mod exec;
 mod guest_network;
+pub mod metrics;
 mod mounts;
 mod pod;
 mod recover;

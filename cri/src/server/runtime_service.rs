@@ -541,16 +541,27 @@ impl CriRuntimeService for RuntimeService {
         &self,
         _: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Reply<cri::ListMetricDescriptorsResponse> {
-        // No extra metrics beyond the stats RPCs (kubelet's cadvisor-less
-        // path reads those).
-        Ok(Response::new(cri::ListMetricDescriptorsResponse::default()))
+        // CPU, memory and network are in the stats RPCs; the metrics carry
+        // what those cannot: the usage of direct-assigned volumes.
+        Ok(Response::new(cri::ListMetricDescriptorsResponse {
+            descriptors: crate::runtime::metrics::descriptors(),
+        }))
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Reply<cri::ListPodSandboxMetricsResponse> {
-        Ok(Response::new(cri::ListPodSandboxMetricsResponse::default()))
+        let mut pod_metrics = Vec::new();
+        for pod in self.runtime.pods() {
+            match self.runtime.pod_metrics(&pod).await {
+                Ok(m) => pod_metrics.push(m),
+                Err(e) => tracing::debug!(pod = %pod.id, "metrics: {}", crate::error_chain(&e)),
+            }
+        }
+        Ok(Response::new(cri::ListPodSandboxMetricsResponse {
+            pod_metrics,
+        }))
     }
 
     async fn runtime_config(

@@ -8,6 +8,7 @@
 //!   killed on drop.
 //! - [`token`]: a token server (the realm of token auth) signing ES256 JWTs
 //!   the registry trusts; counts its requests; stopped on drop.
+//! - [`loopdev`]: loop devices over sparse files (block volume tests).
 //! - [`images`]: OCI image layouts written from scratch (layers built with the
 //!   `tar` crate, gzip/zstd/uncompressed), the expected unpacked tree of each
 //!   image, a scanner of real trees to compare with, and pushing with
@@ -36,6 +37,7 @@
 #![allow(dead_code)]
 
 pub mod images;
+pub mod loopdev;
 pub mod pki;
 pub mod registry;
 pub mod token;

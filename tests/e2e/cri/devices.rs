@@ -7,7 +7,7 @@
 //! are mounted inside the VM, shared by a pod's containers, kept across
 //! pods and a daemon crash, read-only where asked, and left clean (e2fsck).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, ensure};
@@ -15,6 +15,7 @@ use k8s_cri::v1 as cri;
 use libtest_mimic::Trial;
 
 use super::harness::*;
+use crate::support::loopdev::LoopDevice;
 
 pub fn tests() -> Vec<Trial> {
     vec![
@@ -27,43 +28,15 @@ pub fn tests() -> Vec<Trial> {
     ]
 }
 
-/// A loop device over a sparse file; detached when dropped.
-struct Loop {
-    device: PathBuf,
-    file: PathBuf,
+/// A loop device over a sparse `mib` MiB file `dir/name`.
+fn loop_device(dir: &Path, name: &str, mib: u64) -> anyhow::Result<LoopDevice> {
+    Ok(LoopDevice::new(&dir.join(name), mib)?)
 }
 
-impl Loop {
-    fn new(dir: &Path, name: &str, mib: u64) -> anyhow::Result<Loop> {
-        let file = dir.join(name);
-        std::fs::File::create(&file)?.set_len(mib << 20)?;
-        let out = Command::new("losetup").arg("-f").output()?;
-        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        ensure!(
-            out.status.success() && device.starts_with("/dev/"),
-            "losetup -f: {out:?}"
-        );
-        let status = Command::new("losetup").arg(&device).arg(&file).status()?;
-        ensure!(status.success(), "losetup {} failed", device.display());
-        Ok(Loop { device, file })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
-    }
-}
-
-/// An empty ext4 filesystem on `device` (the lab's mke2fs).
-fn mkfs_ext4(device: &Path) -> anyhow::Result<()> {
-    let mke2fs = std::env::var(frakti_lab::guest::MKE2FS_ENV).unwrap_or_else(|_| "mke2fs".into());
-    let status = Command::new(&mke2fs)
-        .args(["-q", "-t", "ext4"])
-        .arg(device)
-        .status()?;
-    ensure!(status.success(), "mke2fs {} failed", device.display());
-    Ok(())
+/// An empty ext4 filesystem on `disk` (the lab's mke2fs).
+fn mkfs_ext4(disk: &LoopDevice) -> anyhow::Result<()> {
+    let mke2fs = std::env::var_os(frakti_lab::guest::MKE2FS_ENV).unwrap_or_else(|| "mke2fs".into());
+    Ok(disk.mkfs_ext4(&mke2fs)?)
 }
 
 fn device(host: &Path, permissions: &str) -> cri::Device {
@@ -99,7 +72,7 @@ fn device_slots(daemon: &Daemon, pod: &str) -> anyhow::Result<usize> {
 async fn raw_block(daemon: &mut Daemon) -> anyhow::Result<()> {
     let work = daemon.dir.path().join("blk");
     std::fs::create_dir_all(&work)?;
-    let disk = Loop::new(&work, "disk.img", 64)?;
+    let disk = loop_device(&work, "disk.img", 64)?;
     // kubelet passes a symlink to the device (its volumeDevices map).
     let link = work.join("volume-device");
     std::os::unix::fs::symlink(&disk.device, &link)?;
@@ -180,8 +153,8 @@ async fn raw_block(daemon: &mut Daemon) -> anyhow::Result<()> {
 
     // Refusals: a device mounted on L1, a missing one, a file that is no
     // device. None takes a slot.
-    let mounted = Loop::new(&work, "mounted.img", 32)?;
-    mkfs_ext4(&mounted.device)?;
+    let mounted = loop_device(&work, "mounted.img", 32)?;
+    mkfs_ext4(&mounted)?;
     let mount_point = work.join("mnt");
     std::fs::create_dir_all(&mount_point)?;
     let status = Command::new("mount")
@@ -226,6 +199,8 @@ fn volume_cli(daemon: &Daemon, args: &[&str]) -> anyhow::Result<(bool, String)> 
         .arg("volume")
         .arg("--root")
         .arg(daemon.root())
+        .arg("--endpoint")
+        .arg(daemon.socket())
         .args(args)
         .output()?;
     let text = format!(
@@ -262,8 +237,8 @@ async fn run_with_mounts(
 async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
     let work = daemon.dir.path().join("blk");
     std::fs::create_dir_all(&work)?;
-    let disk = Loop::new(&work, "pv.img", 64)?;
-    mkfs_ext4(&disk.device)?;
+    let disk = loop_device(&work, "pv.img", 64)?;
+    mkfs_ext4(&disk)?;
     // kubelet's volume path for a CSI volume: the driver registers it.
     let volume = work.join("kubelet/pods/u1/volumes/kubernetes.io~csi/pv1/mount");
     std::fs::create_dir_all(&volume)?;
@@ -310,7 +285,8 @@ async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
         &[
             "sh",
             "-c",
-            "echo direct-volume-bytes > /data/hello && sleep 1000",
+            "echo direct-volume-bytes > /data/hello && \
+             busybox dd if=/dev/urandom of=/data/blob bs=1M count=4 conv=fsync && sleep 1000",
         ],
         vec![mount_of(&volume, "/data", false)],
     )
@@ -336,6 +312,14 @@ async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+    check_volume_usage(
+        daemon,
+        &mut c,
+        &volume_arg,
+        &disk.device,
+        [&writer, &reader],
+    )
+    .await?;
     let mounts = exec(&mut c, &writer, &["cat", "/proc/mounts"], 30).await?;
     let mounts = String::from_utf8_lossy(&mounts.stdout).into_owned();
     ensure!(
@@ -400,4 +384,78 @@ async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
     let (ok, text) = volume_cli(daemon, &["remove", "--path", &volume_arg])?;
     ensure!(ok, "volume remove: {text}");
     ensure_no_leaks(daemon)
+}
+
+/// The volume's usage, measured in the guest: `frakti volume stats` sees
+/// the writer's 4 MiB blob, and ListPodSandboxMetrics has the series for
+/// both containers that mount it, labelled with the device.
+async fn check_volume_usage(
+    daemon: &Daemon,
+    c: &mut Runtime,
+    volume: &str,
+    device: &Path,
+    containers: [&str; 2],
+) -> anyhow::Result<()> {
+    const MIB: u64 = 1024 * 1024;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let usage = loop {
+        let (ok, text) = volume_cli(daemon, &["stats", "--path", volume, "--format", "json"])?;
+        ensure!(ok, "volume stats: {text}");
+        let usage: serde_json::Value = serde_json::from_str(&text).context(text.clone())?;
+        if usage["used_bytes"].as_u64().unwrap_or(0) >= 4 * MIB {
+            break usage;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the 4 MiB blob never showed in the usage: {usage}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    let field = |name: &str| usage[name].as_u64().unwrap_or(0);
+    // A 64 MiB ext4 image: its metadata takes a few MiB of the capacity.
+    ensure!(
+        (48 * MIB..=64 * MIB).contains(&field("capacity_bytes"))
+            && field("used_bytes") < field("capacity_bytes")
+            && field("available_bytes") <= field("capacity_bytes") - field("used_bytes")
+            && field("inodes_used") >= 2
+            && field("inodes_used") < field("inodes_total"),
+        "implausible usage: {usage}"
+    );
+    let device = std::fs::canonicalize(device)?.display().to_string();
+    ensure!(usage["device"] == device.as_str(), "{usage}");
+
+    let descriptors = c
+        .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+        .await?
+        .into_inner()
+        .descriptors;
+    let usage_descriptor = descriptors
+        .iter()
+        .find(|d| d.name == "container_fs_usage_bytes")
+        .context("no container_fs_usage_bytes descriptor")?;
+    let device_label = usage_descriptor
+        .label_keys
+        .iter()
+        .position(|k| k == "device")
+        .context("no device label")?;
+    let metrics = c
+        .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+        .await?
+        .into_inner()
+        .pod_metrics;
+    for id in containers {
+        let series = metrics
+            .iter()
+            .flat_map(|p| &p.container_metrics)
+            .filter(|m| m.container_id == id)
+            .flat_map(|m| &m.metrics)
+            .find(|m| m.name == "container_fs_usage_bytes")
+            .with_context(|| format!("no volume series for container {id}: {metrics:?}"))?;
+        ensure!(
+            series.label_values.get(device_label) == Some(&device)
+                && series.value.as_ref().map_or(0, |v| v.value) >= 4 * MIB,
+            "{series:?}"
+        );
+    }
+    Ok(())
 }

@@ -17,6 +17,7 @@ mod vsock;
 #[path = "../../cri/tests/support/mod.rs"]
 mod support;
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use frakti_lab::guest;
@@ -33,6 +34,10 @@ fn main() -> ExitCode {
             (guest::VMM_ENV, vmm),
             (guest::GUEST_TOOL_ENV, guest::guest_tool_binary()?),
             (guest::MKE2FS_ENV, guest::mke2fs_binary()?),
+            (
+                cri::devices::CSI_EXAMPLE_ENV,
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/csi-loop-volume.sh"),
+            ),
         ])
     });
     let mut programs = match programs {

@@ -21,16 +21,21 @@ impl LoopDevice {
     /// A `mib` MiB sparse file `file`, attached to the first free loop device.
     pub fn new(file: &Path, mib: u64) -> io::Result<LoopDevice> {
         std::fs::File::create(file)?.set_len(mib << 20)?;
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()?;
+        // Busybox's losetup (the lab's) has no --show: find, then attach.
+        let out = Command::new("losetup").arg("-f").output()?;
         let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if !out.status.success() || !device.starts_with("/dev/") {
             return Err(failed(format!(
-                "losetup -f --show {}: {}",
-                file.display(),
+                "losetup -f: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let status = Command::new("losetup").arg(&device).arg(file).status()?;
+        if !status.success() {
+            return Err(failed(format!(
+                "losetup {} {} failed ({status})",
+                device.display(),
+                file.display()
             )));
         }
         Ok(LoopDevice {

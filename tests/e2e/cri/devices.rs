@@ -17,6 +17,10 @@ use libtest_mimic::Trial;
 use super::harness::*;
 use crate::support::loopdev::LoopDevice;
 
+/// examples/csi-loop-volume.sh, the README's CSI driver example: the
+/// direct volume test publishes, measures and unpublishes through it.
+pub const CSI_EXAMPLE_ENV: &str = "FRAKTI_CSI_EXAMPLE";
+
 pub fn tests() -> Vec<Trial> {
     vec![
         Trial::test("devices::raw_block_volumes_go_into_the_vm", || {
@@ -211,6 +215,24 @@ fn volume_cli(daemon: &Daemon, args: &[&str]) -> anyhow::Result<(bool, String)> 
     Ok((out.status.success(), text))
 }
 
+/// `sh examples/csi-loop-volume.sh ARGS` for the daemon; (success,
+/// stdout, stderr).
+fn csi_example(daemon: &Daemon, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let script = std::env::var(CSI_EXAMPLE_ENV).context(CSI_EXAMPLE_ENV)?;
+    let out = Command::new("sh")
+        .arg(script)
+        .args(args)
+        .env("FRAKTI", std::env::var(FRAKTI_ENV).context("FRAKTI_BIN")?)
+        .env("FRAKTI_ROOT", daemon.root())
+        .env("FRAKTI_ENDPOINT", daemon.socket())
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 fn mount_of(path: &Path, container_path: &str, readonly: bool) -> cri::Mount {
     cri::Mount {
         container_path: container_path.into(),
@@ -260,21 +282,9 @@ async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
         !ok && text.contains("--fstype \"nfs\" is not one of"),
         "bad fstype: {text}"
     );
-    let (ok, text) = volume_cli(
-        daemon,
-        &[
-            "add",
-            "--path",
-            &volume_arg,
-            "--device",
-            &device_arg,
-            "--fstype",
-            "ext4",
-            "--options",
-            "noatime",
-        ],
-    )?;
-    ensure!(ok, "volume add: {text}");
+    // NodePublishVolume, as the README's example driver does it.
+    let (ok, out, err) = csi_example(daemon, &["publish", &device_arg, &volume_arg])?;
+    ensure!(ok, "csi-loop-volume.sh publish: {out}{err}");
 
     let mut c = daemon.runtime().await?;
     let pod = run_pod(&mut c, pod_config("pv-writer", &daemon.log_dir())).await?;
@@ -354,6 +364,11 @@ async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
         "the slot is known after the restart"
     );
     stop_and_remove(&mut c, &pod).await?;
+    let (ok, text) = volume_cli(daemon, &["stats", "--path", &volume_arg])?;
+    ensure!(
+        !ok && text.contains("no running pod mounts"),
+        "stats of a volume no pod mounts: {text}"
+    );
 
     // The filesystem is clean and the data is there for the next pod.
     let out = Command::new("e2fsck")
@@ -381,8 +396,10 @@ async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
         "the next pod reads {out:?}"
     );
     stop_and_remove(&mut c, &next).await?;
-    let (ok, text) = volume_cli(daemon, &["remove", "--path", &volume_arg])?;
-    ensure!(ok, "volume remove: {text}");
+    let (ok, out, err) = csi_example(daemon, &["unpublish", &volume_arg])?;
+    ensure!(ok, "csi-loop-volume.sh unpublish: {out}{err}");
+    let (ok, text) = volume_cli(daemon, &["list", "--format", "json"])?;
+    ensure!(ok && text.trim() == "[]", "left registered: {text}");
     ensure_no_leaks(daemon)
 }
 
@@ -399,8 +416,9 @@ async fn check_volume_usage(
     const MIB: u64 = 1024 * 1024;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let usage = loop {
-        let (ok, text) = volume_cli(daemon, &["stats", "--path", volume, "--format", "json"])?;
-        ensure!(ok, "volume stats: {text}");
+        // NodeGetVolumeStats, as the README's example driver answers it.
+        let (ok, text, err) = csi_example(daemon, &["stats", volume])?;
+        ensure!(ok, "csi-loop-volume.sh stats: {text}{err}");
         let usage: serde_json::Value = serde_json::from_str(&text).context(text.clone())?;
         if usage["used_bytes"].as_u64().unwrap_or(0) >= 4 * MIB {
             break usage;

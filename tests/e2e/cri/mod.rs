@@ -3,7 +3,7 @@
 //! drives it as kubelet would. The image store is filled on the host (mkfs
 //! runs there) and unpacked into each daemon's root.
 
-mod devices;
+pub mod devices;
 mod features;
 pub mod harness;
 mod lifecycle;

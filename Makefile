@@ -24,7 +24,7 @@ help:
 	@echo "make demo   boot the guest (directly or in the lab) and print its ready line and boot time"
 	@echo "make test   fmt check, clippy, unit tests, end-to-end tests (in the lab where needed)"
 	@echo "make assets build the guest kernel (cached), the initrd with the static agent, frakti-vmm"
-	@echo "make bench  benchmarks as ratios: boot/disk/vsock vs qemu -M microvm, image pulls vs containerd, EROFS vs ext4"
+	@echo "make bench  benchmarks as ratios: boot/disk/vsock vs qemu -M microvm, image pulls vs containerd, EROFS vs ext4, CRI pods, streaming, networks and block volumes vs containerd + runc"
 	@echo "make fuzz   run each cargo-fuzz target for FUZZ_SECONDS (default 120)"
 	@echo "make deps   check/install the Debian packages the build and tests need"
 
@@ -74,7 +74,7 @@ bench: assets
 FUZZ_SECONDS ?= 120
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
-	cd vmm/fuzz && for target in block_request mmio_transport vsock_packet net_tx; do \
+	cd vmm/fuzz && for target in block_request mmio_transport vsock_packet net_tx api_request; do \
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
 	cd cri/fuzz && for target in cni_documents layer_tar registry_documents runtime_inputs spdy_frames websocket_messages; do \
@@ -89,6 +89,7 @@ lint:
 # the host's /dev/kvm.
 unit:
 	$(CARGO) test --workspace --exclude frakti-tests 2>&1 | tee -a $(TEST_LOG)
+	cd vmm/fuzz && $(CARGO) test --no-default-features 2>&1 | tee -a ../../$(TEST_LOG)
 	$(CARGO) test -p frakti-tests --lib --bins 2>&1 | tee -a $(TEST_LOG)
 
 # The CRI suite runs the daemon (debug build) in the lab beside the tests.

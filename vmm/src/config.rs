@@ -233,6 +233,10 @@ pub enum Error {
     TapName(String),
     #[error("net: fd {0} is not an open file descriptor")]
     TapFd(i32),
+    #[error("net: fd {0} is a standard stream, not an inherited tap")]
+    StdioFd(i32),
+    #[error("net: fd {fd} is not a usable tap: {reason}")]
+    NotATap { fd: i32, reason: String },
     #[error("net: MAC {0:?} is not a unicast aa:bb:cc:dd:ee:ff")]
     Mac(String),
     #[error("cannot read config file {path}: {reason}")]
@@ -353,6 +357,28 @@ impl VmConfig {
     }
 }
 
+/// An inherited `fd=N` must be a tap, checked before the VMM opens
+/// anything (validation runs before the API socket is bound), so N can
+/// never be one of the VMM's own descriptors. Standard streams are refused.
+fn check_inherited_tap(fd: i32) -> Result<(), Error> {
+    if (0..=2).contains(&fd) {
+        return Err(Error::StdioFd(fd));
+    }
+    // SAFETY: F_GETFD only asks whether `fd` is open.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(Error::TapFd(fd));
+    }
+    // SAFETY: `fd` is open (checked above) and stays open for the check:
+    // nothing in the process closes descriptors it does not own.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    crate::devices::virtio::net::tap::check_tap_fd(borrowed)
+        .map(drop)
+        .map_err(|e| Error::NotATap {
+            fd,
+            reason: frakti_proto::error_chain(&e),
+        })
+}
+
 fn validate_net(net: &NetConfig) -> Result<(), Error> {
     match (&net.tap, net.fd) {
         (Some(name), None) => {
@@ -363,12 +389,7 @@ fn validate_net(net: &NetConfig) -> Result<(), Error> {
                 return Err(Error::TapName(name.clone()));
             }
         }
-        (None, Some(fd)) => {
-            // SAFETY: F_GETFD only asks whether `fd` is open.
-            if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-                return Err(Error::TapFd(fd));
-            }
-        }
+        (None, Some(fd)) => check_inherited_tap(fd)?,
         _ => return Err(Error::NetBackend),
     }
     if let Some(mac) = &net.mac {
@@ -483,7 +504,22 @@ mod tests {
             c.validate()
         };
         assert_eq!(check("tap=tap0"), Ok(()));
-        assert_eq!(check("fd=2"), Ok(()));
+        assert_eq!(check("fd=2"), Err(Error::StdioFd(2)));
+        // An open descriptor that is no tap (e.g. what would have been the
+        // API socket) is refused, not adopted and closed.
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        match check(&format!("fd={fd}")) {
+            Err(Error::NotATap {
+                fd: refused,
+                reason,
+            }) => {
+                assert_eq!(refused, fd);
+                assert!(reason.contains("not an attached tun/tap"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(file.metadata().is_ok(), "the refused fd was closed");
         assert_eq!(check("mac=52:54:00:12:34:56"), Err(Error::NetBackend));
         assert_eq!(check("tap=a,fd=2"), Err(Error::NetBackend));
         assert_eq!(

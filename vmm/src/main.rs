@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use frakti_vmm::config::{SerialOutput, VmConfig};
-use frakti_vmm::{api, memory, vm};
+use frakti_vmm::{api, vm};
 
 /// Frakti's micro-VMM: boots one KVM virtual machine (a pod sandbox).
 ///
@@ -191,19 +191,7 @@ fn boot_and_run(
     let seccomp = config.seccomp;
     let vm = vm::build(config, start, usize::from(listener.is_some()))?;
     if let Some(listener) = listener {
-        let ctx = api::ApiContext {
-            vcpus: vm.vcpus.remote(),
-            vcpu_count: vm.config.vcpus,
-            memory_mib: vm.config.memory_mib,
-            start,
-            boot_done: vm.boot_done.clone(),
-            counters: vm.counters.clone(),
-            guest_ranges: memory::host_ranges(&vm.memory),
-            stop: vm.stop_request.clone(),
-            disks: vm.disks.clone(),
-            vsock: vm.vsock.clone(),
-            net: vm.net.clone(),
-        };
+        let ctx = api::ApiContext::of(&vm, start);
         api::spawn(listener, ctx, seccomp, vm.start_barrier())?;
     }
     Ok(vm.run()?)

@@ -351,6 +351,8 @@ fn api_syscalls() -> &'static [i64] {
         libc::SYS_epoll_ctl,
         libc::SYS_epoll_wait,
         libc::SYS_epoll_pwait,
+        // The API's runtime (tokio) wakes its event loop through an eventfd.
+        libc::SYS_eventfd2,
         // std's read_to_string asks for the stream position.
         libc::SYS_lseek,
     ]

@@ -7,7 +7,7 @@
 //! replay --write-seeds DIR     write the seed inputs to DIR/<target>/<name>
 //! ```
 //!
-//! TARGET is `block_request`, `mmio_transport`, `vsock_packet` or `net_tx`. A failing input found by
+//! TARGET is `block_request`, `mmio_transport`, `vsock_packet`, `net_tx` or `api_request`. A failing input found by
 //! `--mutate` is saved to `artifacts/<target>/crash-<n>`.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use frakti_vmm_fuzz::{block_request, mmio_transport, net, seeds, vsock_packet};
+use frakti_vmm_fuzz::{api, block_request, mmio_transport, net, seeds, vsock_packet};
 
 type Target = fn(&[u8]);
 type Seeds = fn() -> Vec<(&'static str, Vec<u8>)>;
@@ -26,6 +26,7 @@ fn target(name: &str) -> Option<(Target, Seeds)> {
         "mmio_transport" => Some((mmio_transport, seeds::mmio_transport)),
         "vsock_packet" => Some((vsock_packet, seeds::vsock_packet)),
         "net_tx" => Some((net::net_tx, net::seeds)),
+        "api_request" => Some((api::api_request, api::seeds)),
         _ => None,
     }
 }
@@ -64,6 +65,7 @@ fn write_seeds(dir: &Path) -> Result<(), String> {
         ("mmio_transport", seeds::mmio_transport()),
         ("vsock_packet", seeds::vsock_packet()),
         ("net_tx", net::seeds()),
+        ("api_request", api::seeds()),
     ] {
         let target_dir = dir.join(name);
         std::fs::create_dir_all(&target_dir).map_err(|e| e.to_string())?;

@@ -212,5 +212,8 @@ pub fn vsock_packet() -> Vec<(&'static str, Vec<u8>)> {
     plain.extend_from_slice(&image.0);
     let mut event_idx = vec![FLAG_EVENT_IDX];
     event_idx.extend_from_slice(&image.0);
-    vec![("request-and-rw", plain), ("request-and-rw-event-idx", event_idx)]
+    vec![
+        ("request-and-rw", plain),
+        ("request-and-rw-event-idx", event_idx),
+    ]
 }

@@ -9,7 +9,7 @@
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use super::backend::{self, Backend, GuestBuffers};
@@ -44,6 +44,26 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// Checks that `fd` is a tap attached with this device's flags; its name.
+/// Nothing is changed on the descriptor (the VMM checks an inherited tap
+/// this way before it opens anything of its own).
+pub fn check_tap_fd(fd: BorrowedFd<'_>) -> Result<String, Error> {
+    let mut request = ifreq("", 0)?;
+    // SAFETY: TUNGETIFF writes an `ifreq`, which `request` is; on any
+    // other kind of descriptor the call fails without writing.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut request) };
+    if ret < 0 {
+        return Err(Error::NotTun(io::Error::last_os_error()));
+    }
+    let name = ifreq_name(&request);
+    // SAFETY: TUNGETIFF filled the flags member of the union.
+    let flags = libc::c_int::from(unsafe { request.ifr_ifru.ifru_flags });
+    if flags & TYPE_MASK != libc::IFF_TAP || flags & TAP_FLAGS != TAP_FLAGS {
+        return Err(Error::WrongFlags { name, flags });
+    }
+    Ok(name)
 }
 
 /// An open tap interface.
@@ -93,20 +113,8 @@ impl Tap {
     /// attached, so a tap with packet information but no filter passes.
     /// Whoever creates the tap must set `IFF_NO_PI`.
     pub fn from_fd(fd: OwnedFd) -> Result<Tap, Error> {
+        let name = check_tap_fd(fd.as_fd())?;
         let file = File::from(fd);
-        let mut request = ifreq("", 0)?;
-        // SAFETY: TUNGETIFF writes an `ifreq`, which `request` is; on any
-        // other kind of descriptor the call fails without writing.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETIFF, &mut request) };
-        if ret < 0 {
-            return Err(Error::NotTun(io::Error::last_os_error()));
-        }
-        let name = ifreq_name(&request);
-        // SAFETY: TUNGETIFF filled the flags member of the union.
-        let flags = libc::c_int::from(unsafe { request.ifr_ifru.ifru_flags });
-        if flags & TYPE_MASK != libc::IFF_TAP || flags & TAP_FLAGS != TAP_FLAGS {
-            return Err(Error::WrongFlags { name, flags });
-        }
         let tap = Tap { file, name };
         tap.set_nonblocking()?;
         tap.configure()?;

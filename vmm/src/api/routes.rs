@@ -1,167 +1,21 @@
-//! The control API: HTTP/1.1 + JSON on a unix socket, one request per
-//! connection, served by its own thread (in the style of Firecracker's API).
-//!
-//! | method | path          | does |
-//! |--------|---------------|------|
-//! | GET    | `/vm`         | state, size, uptime, boot-done time |
-//! | PUT    | `/vm/pause`   | pauses every vCPU |
-//! | PUT    | `/vm/resume`  | resumes them |
-//! | PUT    | `/vm/shutdown`| stops the VM; the VMM exits 0 |
-//! | GET    | `/metrics`    | boot-done time, exits per kind, RSS |
-//! | GET    | `/devices`    | virtio devices: disks and slots (backing, capacity), vsock (CID, socket, counters), net (tap, MAC, counters) |
-//! | PUT    | `/disks/{serial}` | `{"path": FILE}`: sets or replaces a disk's backing file |
-//! | DELETE | `/disks/{serial}` | empties the slot |
+//! The control API's resources: what each method and path does, with the
+//! JSON it answers (see the table in [`super`]).
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::{Arc, Barrier, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::ApiContext;
 use crate::devices::bus::lock;
 use crate::devices::manager::DiskHandle;
-use crate::devices::virtio::net::Net;
-use crate::devices::virtio::vsock::Vsock;
-use crate::metrics::{self, ExitCounters};
-use crate::seccomp::{self, ThreadKind};
-use crate::vcpu::{VcpuRemote, VcpuState};
-use crate::vm::{DEFAULT_SHUTDOWN_GRACE, StopRequest};
+use crate::metrics;
+use crate::vcpu::VcpuState;
+use crate::vm::DEFAULT_SHUTDOWN_GRACE;
 use frakti_proto::error_chain;
 
-const MAX_REQUEST: usize = 64 * 1024;
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot bind the API socket {0}")]
-    Bind(PathBuf, #[source] std::io::Error),
-    #[error("cannot start the API thread")]
-    Spawn(#[source] std::io::Error),
-}
-
-/// What the API thread may see and do.
-pub struct ApiContext {
-    pub vcpus: VcpuRemote,
-    pub vcpu_count: u8,
-    pub memory_mib: u32,
-    pub start: Instant,
-    pub boot_done: Arc<OnceLock<Duration>>,
-    pub counters: Arc<ExitCounters>,
-    pub guest_ranges: Vec<(u64, u64)>,
-    pub stop: Arc<StopRequest>,
-    pub disks: Vec<DiskHandle>,
-    pub vsock: Option<Arc<Mutex<Vsock>>>,
-    pub net: Option<Arc<Mutex<Net>>>,
-}
-
-/// Binds the socket (replacing a stale one left by a dead VMM).
-pub fn bind(path: &PathBuf) -> Result<UnixListener, Error> {
-    if UnixStream::connect(path).is_err() {
-        let _ = std::fs::remove_file(path);
-    }
-    UnixListener::bind(path).map_err(|e| Error::Bind(path.clone(), e))
-}
-
-/// Starts the API thread. It installs its seccomp filter and waits at
-/// `start` before serving.
-pub fn spawn(
-    listener: UnixListener,
-    ctx: ApiContext,
-    with_seccomp: bool,
-    start: Arc<Barrier>,
-) -> Result<(), Error> {
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            let filtered = !with_seccomp || seccomp::apply(ThreadKind::Api).is_ok();
-            start.wait();
-            if !filtered {
-                tracing::error!("API seccomp filter failed; the API is disabled");
-                return;
-            }
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => serve(stream, &ctx),
-                    Err(e) => tracing::warn!("API accept: {e}"),
-                }
-            }
-        })
-        .map(drop)
-        .map_err(Error::Spawn)
-}
-
-fn serve(mut stream: UnixStream, ctx: &ApiContext) {
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let (status, body) = match read_request(&mut stream) {
-        Ok((method, path, body)) => route(ctx, &method, &path, &body),
-        Err(message) => (400, json!({ "error": message })),
-    };
-    let text = body.to_string();
-    let reason = match status {
-        200 => "OK",
-        202 => "Accepted",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Internal Server Error",
-    };
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
-    );
-    let _ = stream.write_all(response.as_bytes());
-}
-
-/// Reads one request: method, path and body.
-fn read_request(stream: &mut impl Read) -> Result<(String, String, Vec<u8>), String> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = stream.read(&mut chunk).map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("connection closed before a complete request".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_REQUEST {
-            return Err(format!("request larger than {MAX_REQUEST} bytes"));
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut request = httparse::Request::new(&mut headers);
-        let header_len = match request.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => continue,
-            Err(e) => return Err(format!("malformed HTTP request: {e}")),
-        };
-        let content_length = request
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .map(|h| {
-                std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .ok_or_else(|| "bad Content-Length".to_string())
-            })
-            .transpose()?
-            .unwrap_or(0);
-        if header_len + content_length > MAX_REQUEST {
-            return Err(format!("request larger than {MAX_REQUEST} bytes"));
-        }
-        if buf.len() < header_len + content_length {
-            continue;
-        }
-        let method = request.method.unwrap_or_default().to_string();
-        let path = request.path.unwrap_or_default().to_string();
-        let body = buf[header_len..header_len + content_length].to_vec();
-        return Ok((method, path, body));
-    }
-}
-
-fn route(ctx: &ApiContext, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+/// Answers one request: the status and the JSON body.
+pub(super) fn route(ctx: &ApiContext, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
     match (method, path) {
         ("GET", "/vm") => (200, vm_info(ctx)),
         ("PUT", "/vm/pause") => state_change(ctx, ctx.vcpus.pause()),
@@ -366,16 +220,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_are_parsed_with_bodies() {
-        let raw = b"PUT /vm/shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
-        let (method, path, body) = read_request(&mut &raw[..]).unwrap();
-        assert_eq!(
-            (method.as_str(), path.as_str(), body.as_slice()),
-            ("PUT", "/vm/shutdown", &b"{}"[..])
-        );
-    }
-
-    #[test]
     fn shutdown_bodies() {
         assert_eq!(parse_shutdown(b""), Ok(DEFAULT_SHUTDOWN_GRACE));
         assert_eq!(parse_shutdown(b"{}"), Ok(DEFAULT_SHUTDOWN_GRACE));
@@ -404,18 +248,5 @@ mod tests {
         assert!(parse_backing(br#"{"path": "/a", "ro": true}"#).is_err());
         assert!(parse_backing(br#"{"path": "/a", "read_only": "yes"}"#).is_err());
         assert!(parse_backing(b"").is_err());
-    }
-
-    #[test]
-    fn malformed_requests_are_errors() {
-        assert!(read_request(&mut &b"\x00\x01garbage\r\n\r\n"[..]).is_err());
-        assert!(read_request(&mut &b"GET /vm HTTP/1.1\r\n"[..]).is_err());
-        let bad_len = b"PUT /vm HTTP/1.1\r\nContent-Length: x\r\n\r\n";
-        assert!(read_request(&mut &bad_len[..]).is_err());
-        let huge = format!(
-            "PUT /vm HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-            MAX_REQUEST
-        );
-        assert!(read_request(&mut huge.as_bytes()).is_err());
     }
 }

@@ -24,6 +24,8 @@ pub enum Error {
     Spawn(u8, #[source] std::io::Error),
     #[error("vCPUs did not {0} within {1:?}")]
     Timeout(&'static str, Duration),
+    #[error("the vCPUs have exited")]
+    Exited,
 }
 
 /// Why the guest stopped running.
@@ -129,13 +131,43 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    fn wait_parked(&self, want: impl Fn(usize) -> bool, timeout: Duration) -> bool {
+    /// Moves the requested state from `from` to `to`; false (and nothing
+    /// changed) when it was not `from`, e.g. the VMM asked the vCPUs to
+    /// exit meanwhile: a pause can never undo that.
+    fn transition(&self, from: VcpuState, to: VcpuState) -> bool {
+        let _guard = lock(&self.parked);
+        let moved = self
+            .requested
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if moved {
+            self.changed.notify_all();
+        }
+        moved
+    }
+
+    /// Waits until the parked count satisfies `want`, the vCPUs are told to
+    /// exit, or `timeout` passes.
+    fn wait_parked(
+        &self,
+        what: &'static str,
+        want: impl Fn(usize) -> bool,
+        timeout: Duration,
+    ) -> Result<(), Error> {
         let parked = lock(&self.parked);
         let (_guard, result) = self
             .changed
-            .wait_timeout_while(parked, timeout, |p| !want(*p))
+            .wait_timeout_while(parked, timeout, |p| {
+                !want(*p) && self.requested() != VcpuState::Exited
+            })
             .unwrap_or_else(|p| p.into_inner());
-        !result.timed_out()
+        if self.requested() == VcpuState::Exited {
+            Err(Error::Exited)
+        } else if result.timed_out() {
+            Err(Error::Timeout(what, timeout))
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -333,13 +365,22 @@ fn run_once(
 pub struct Vcpus {
     handles: Vec<VcpuHandle>,
     control: Arc<VcpuControl>,
+    /// The threads a remote may signal: emptied (under the lock) before
+    /// any is joined, so no remote ever signals a joined thread.
+    kickable: Arc<Mutex<Vec<libc::pthread_t>>>,
 }
 
 const STATE_CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Vcpus {
     pub fn new(handles: Vec<VcpuHandle>, control: Arc<VcpuControl>) -> Self {
-        Vcpus { handles, control }
+        use std::os::unix::thread::JoinHandleExt;
+        let threads = handles.iter().map(|h| h.thread.as_pthread_t()).collect();
+        Vcpus {
+            handles,
+            control,
+            kickable: Arc::new(Mutex::new(threads)),
+        }
     }
 
     pub fn count(&self) -> usize {
@@ -360,6 +401,11 @@ impl Vcpus {
     pub fn join(self) {
         self.control.request(VcpuState::Exited);
         self.kick_all();
+        // From here on remotes kick nobody (a pause now answers at once).
+        self.kickable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         for handle in self.handles {
             if handle.thread.join().is_err() {
                 tracing::error!(vcpu = handle.id, "vCPU thread panicked");
@@ -372,19 +418,14 @@ impl Vcpus {
 #[derive(Clone)]
 pub struct VcpuRemote {
     control: Arc<VcpuControl>,
-    threads: Vec<libc::pthread_t>,
+    threads: Arc<Mutex<Vec<libc::pthread_t>>>,
 }
 
 impl Vcpus {
     pub fn remote(&self) -> VcpuRemote {
-        use std::os::unix::thread::JoinHandleExt;
         VcpuRemote {
             control: self.control.clone(),
-            threads: self
-                .handles
-                .iter()
-                .map(|h| h.thread.as_pthread_t())
-                .collect(),
+            threads: self.kickable.clone(),
         }
     }
 }
@@ -395,32 +436,45 @@ impl VcpuRemote {
     }
 
     pub fn pause(&self) -> Result<(), Error> {
-        if self.control.requested() != VcpuState::Running {
-            return Ok(());
-        }
-        self.control.request(VcpuState::Paused);
-        for thread in &self.threads {
-            // SAFETY: the pthread handles belong to vCPU threads that are
-            // only joined after the API thread stops using this remote.
-            unsafe { libc::pthread_kill(*thread, kick_signal()) };
-        }
-        let n = self.threads.len();
-        if self.control.wait_parked(|p| p == n, STATE_CHANGE_TIMEOUT) {
-            Ok(())
-        } else {
-            Err(Error::Timeout("pause", STATE_CHANGE_TIMEOUT))
-        }
+        let n = {
+            let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+            if threads.is_empty() {
+                // Joined: the VM is over.
+                return Err(Error::Exited);
+            }
+            if !self
+                .control
+                .transition(VcpuState::Running, VcpuState::Paused)
+            {
+                return match self.control.requested() {
+                    VcpuState::Exited => Err(Error::Exited),
+                    _ => Ok(()),
+                };
+            }
+            for thread in threads.iter() {
+                // SAFETY: `Vcpus::join` empties this list under the same
+                // lock before it joins any thread, so each handle here is
+                // of a thread not yet joined (one that has returned stays
+                // valid to signal until it is joined).
+                unsafe { libc::pthread_kill(*thread, kick_signal()) };
+            }
+            threads.len()
+        };
+        self.control
+            .wait_parked("pause", |p| p == n, STATE_CHANGE_TIMEOUT)
     }
 
     pub fn resume(&self) -> Result<(), Error> {
-        if self.control.requested() != VcpuState::Paused {
-            return Ok(());
+        if !self
+            .control
+            .transition(VcpuState::Paused, VcpuState::Running)
+        {
+            return match self.control.requested() {
+                VcpuState::Exited => Err(Error::Exited),
+                _ => Ok(()),
+            };
         }
-        self.control.request(VcpuState::Running);
-        if self.control.wait_parked(|p| p == 0, STATE_CHANGE_TIMEOUT) {
-            Ok(())
-        } else {
-            Err(Error::Timeout("resume", STATE_CHANGE_TIMEOUT))
-        }
+        self.control
+            .wait_parked("resume", |p| p == 0, STATE_CHANGE_TIMEOUT)
     }
 }

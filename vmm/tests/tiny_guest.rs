@@ -185,3 +185,55 @@ fn stop_without_grace_is_immediate() {
         }
     );
 }
+
+/// The API's pause and resume racing the guest's own reset, again and
+/// again: the VM always ends as the guest asked, nothing hangs, and a pause
+/// after the vCPU threads were joined answers at once without signalling
+/// them (it used to signal joined threads: undefined behaviour).
+#[test]
+fn pause_and_resume_racing_the_guests_reset() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for round in 0..300 {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = vm::build_with_loader(
+            config(dir.path(), 2, false),
+            Instant::now(),
+            0,
+            load_code(HELLO_AND_RESET),
+        )
+        .unwrap();
+        let remote = vm.vcpus.remote();
+        let done = Arc::new(AtomicBool::new(false));
+        let racer = {
+            let (remote, done) = (remote.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut calls = 0u32;
+                while !done.load(Ordering::Acquire) {
+                    let _ = remote.pause();
+                    let _ = remote.resume();
+                    calls += 1;
+                }
+                calls
+            })
+        };
+        let started = Instant::now();
+        let outcome = vm.run().unwrap();
+        done.store(true, Ordering::Release);
+        assert_eq!(outcome, Outcome::GuestDone, "round {round}");
+        racer.join().unwrap();
+        let asked = Instant::now();
+        let late = remote.pause();
+        assert!(
+            asked.elapsed() < Duration::from_millis(100),
+            "round {round}: a pause after the VM ended took {:?} ({late:?})",
+            asked.elapsed()
+        );
+        assert_eq!(remote.state(), VcpuState::Exited, "round {round}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "round {round} took {:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -543,12 +543,12 @@ impl MutEventSubscriber for VmmEvents {
         ];
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("cannot watch fd {fd}: {e:?}");
+                tracing::error!("cannot watch fd {fd}: {}", frakti_proto::error_chain(&e));
             }
         }
         if self.console_input {
             if let Err(e) = ops.add(Events::new_raw(STDIN, EventSet::IN)) {
-                tracing::warn!("console input disabled: {e:?}");
+                tracing::warn!("console input disabled: {}", frakti_proto::error_chain(&e));
             }
         }
     }

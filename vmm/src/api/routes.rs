@@ -14,6 +14,31 @@ use crate::vcpu::VcpuState;
 use crate::vm::DEFAULT_SHUTDOWN_GRACE;
 use frakti_proto::error_chain;
 
+/// Why a request body was refused (answered 400 with its whole chain).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum BodyError {
+    #[error("body must be JSON")]
+    Json(#[source] serde_json::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<&str> for BodyError {
+    fn from(message: &str) -> Self {
+        BodyError::Invalid(message.to_string())
+    }
+}
+
+impl From<String> for BodyError {
+    fn from(message: String) -> Self {
+        BodyError::Invalid(message)
+    }
+}
+
+fn bad_request(e: &BodyError) -> (u16, Value) {
+    (400, json!({ "error": error_chain(e) }))
+}
+
 /// Answers one request: the status and the JSON body.
 pub(super) fn route(ctx: &ApiContext, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
     match (method, path) {
@@ -59,7 +84,7 @@ fn vm_info(ctx: &ApiContext) -> Value {
 fn state_change(ctx: &ApiContext, result: Result<(), crate::vcpu::Error>) -> (u16, Value) {
     match result {
         Ok(()) => (200, json!({ "state": state_name(ctx.vcpus.state()) })),
-        Err(e) => (500, json!({ "error": e.to_string() })),
+        Err(e) => (500, json!({ "error": error_chain(&e) })),
     }
 }
 
@@ -68,7 +93,7 @@ fn state_change(ctx: &ApiContext, result: Result<(), crate::vcpu::Error>) -> (u1
 fn shutdown(ctx: &ApiContext, body: &[u8]) -> (u16, Value) {
     let grace = match parse_shutdown(body) {
         Ok(grace) => grace,
-        Err(message) => return (400, json!({ "error": message })),
+        Err(e) => return bad_request(&e),
     };
     ctx.stop
         .request("shutdown requested through the API", grace);
@@ -78,17 +103,16 @@ fn shutdown(ctx: &ApiContext, body: &[u8]) -> (u16, Value) {
     )
 }
 
-fn parse_shutdown(body: &[u8]) -> Result<Duration, String> {
+fn parse_shutdown(body: &[u8]) -> Result<Duration, BodyError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(DEFAULT_SHUTDOWN_GRACE);
     }
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("body must be JSON: {e}"))?;
+    let value: Value = serde_json::from_slice(body).map_err(BodyError::Json)?;
     let object = value
         .as_object()
         .ok_or("body must be a JSON object such as {\"timeout_ms\": 5000}")?;
     if let Some(key) = object.keys().find(|k| *k != "timeout_ms") {
-        return Err(format!("unknown field '{key}' (only timeout_ms)"));
+        return Err(format!("unknown field '{key}' (only timeout_ms)").into());
     }
     match object.get("timeout_ms") {
         None => Ok(DEFAULT_SHUTDOWN_GRACE),
@@ -96,7 +120,7 @@ fn parse_shutdown(body: &[u8]) -> Result<Duration, String> {
             .as_u64()
             .filter(|ms| *ms <= 3_600_000)
             .map(Duration::from_millis)
-            .ok_or_else(|| "timeout_ms must be an integer from 0 to 3600000".to_string()),
+            .ok_or_else(|| "timeout_ms must be an integer from 0 to 3600000".into()),
     }
 }
 
@@ -164,7 +188,7 @@ fn disk_request(ctx: &ApiContext, method: &str, serial: &str, body: &[u8]) -> (u
         "DELETE" => (None, false),
         "PUT" => match parse_backing(body) {
             Ok((path, read_only)) => (Some(path), read_only),
-            Err(message) => return (400, json!({ "error": message })),
+            Err(e) => return bad_request(&e),
         },
         _ => {
             return (
@@ -181,21 +205,20 @@ fn disk_request(ctx: &ApiContext, method: &str, serial: &str, body: &[u8]) -> (u
 
 /// `{"path": FILE}` with an optional `"read_only": true` (a slot that is
 /// read-only stays so whatever the body says).
-fn parse_backing(body: &[u8]) -> Result<(PathBuf, bool), String> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("body must be JSON: {e}"))?;
+fn parse_backing(body: &[u8]) -> Result<(PathBuf, bool), BodyError> {
+    let value: Value = serde_json::from_slice(body).map_err(BodyError::Json)?;
     let object = value
         .as_object()
         .ok_or("body must be a JSON object such as {\"path\": \"/images/x.img\"}")?;
     if let Some(key) = object.keys().find(|k| *k != "path" && *k != "read_only") {
-        return Err(format!("unknown field '{key}' (only path and read_only)"));
+        return Err(format!("unknown field '{key}' (only path and read_only)").into());
     }
     let path = object
         .get("path")
         .and_then(Value::as_str)
         .ok_or("path must be a string")?;
     if !path.starts_with('/') {
-        return Err(format!("path {path:?} must be absolute"));
+        return Err(format!("path {path:?} must be absolute").into());
     }
     let read_only = match object.get("read_only") {
         None => false,
@@ -221,11 +244,11 @@ mod tests {
 
     #[test]
     fn shutdown_bodies() {
-        assert_eq!(parse_shutdown(b""), Ok(DEFAULT_SHUTDOWN_GRACE));
-        assert_eq!(parse_shutdown(b"{}"), Ok(DEFAULT_SHUTDOWN_GRACE));
+        assert_eq!(parse_shutdown(b"").ok(), Some(DEFAULT_SHUTDOWN_GRACE));
+        assert_eq!(parse_shutdown(b"{}").ok(), Some(DEFAULT_SHUTDOWN_GRACE));
         assert_eq!(
-            parse_shutdown(br#"{"timeout_ms": 250}"#),
-            Ok(Duration::from_millis(250))
+            parse_shutdown(br#"{"timeout_ms": 250}"#).ok(),
+            Some(Duration::from_millis(250))
         );
         assert!(parse_shutdown(br#"{"timeout_ms": -1}"#).is_err());
         assert!(parse_shutdown(br#"{"timeout": 1}"#).is_err());
@@ -236,17 +259,22 @@ mod tests {
     #[test]
     fn backing_bodies() {
         assert_eq!(
-            parse_backing(br#"{"path": "/img/a.raw"}"#),
-            Ok((PathBuf::from("/img/a.raw"), false))
+            parse_backing(br#"{"path": "/img/a.raw"}"#).ok(),
+            Some((PathBuf::from("/img/a.raw"), false))
         );
         assert_eq!(
-            parse_backing(br#"{"path": "/dev/loop0", "read_only": true}"#),
-            Ok((PathBuf::from("/dev/loop0"), true))
+            parse_backing(br#"{"path": "/dev/loop0", "read_only": true}"#).ok(),
+            Some((PathBuf::from("/dev/loop0"), true))
         );
         assert!(parse_backing(br#"{"path": "relative.raw"}"#).is_err());
         assert!(parse_backing(br#"{"path": 3}"#).is_err());
         assert!(parse_backing(br#"{"path": "/a", "ro": true}"#).is_err());
         assert!(parse_backing(br#"{"path": "/a", "read_only": "yes"}"#).is_err());
-        assert!(parse_backing(b"").is_err());
+        let err = parse_backing(b"").unwrap_err();
+        // The JSON parser's own words are kept as the cause.
+        assert!(
+            error_chain(&err).starts_with("body must be JSON: "),
+            "{err}"
+        );
     }
 }

@@ -24,6 +24,7 @@ use super::virtio::vsock::{self, Vsock};
 use super::virtio::{MMIO_WINDOW_SIZE, MmioSlot, VirtioDevice};
 use crate::config::{DiskConfig, NetConfig, VsockConfig};
 use crate::seccomp::{self, ThreadKind};
+use frakti_proto::error_chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -236,19 +237,25 @@ fn device_loop(
 ) {
     // Created before the filter: epoll_create1 is not on the device list.
     let manager = EventManager::<Subscriber>::new();
-    let filtered = !with_seccomp || seccomp::apply(ThreadKind::Device).is_ok();
+    let filtered = if with_seccomp {
+        seccomp::apply(ThreadKind::Device)
+    } else {
+        Ok(())
+    };
     start.wait();
     let mut manager = match (manager, filtered) {
-        (Ok(manager), true) => manager,
-        (Err(e), _) => return tracing::error!("device event loop: {e:?}"),
-        (_, false) => return tracing::error!("device seccomp filter failed; devices stopped"),
+        (Ok(manager), Ok(())) => manager,
+        (Err(e), _) => {
+            return tracing::error!("devices stopped: no event loop: {}", error_chain(&e));
+        }
+        (_, Err(e)) => return tracing::error!("devices stopped: {}", error_chain(&e)),
     };
     for subscriber in subscribers {
         manager.add_subscriber(subscriber);
     }
     while !stopped.load(Ordering::Acquire) {
         if let Err(e) = manager.run() {
-            tracing::error!("device event loop: {e:?}");
+            tracing::error!("devices stopped: event loop: {}", error_chain(&e));
             return;
         }
     }
@@ -263,7 +270,10 @@ struct StopEvent {
 impl MutEventSubscriber for StopEvent {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.event, EventSet::IN)) {
-            tracing::error!("device thread cannot watch its stop event: {e:?}");
+            tracing::error!(
+                "device thread cannot watch its stop event: {}",
+                error_chain(&e)
+            );
         }
     }
 

@@ -135,7 +135,7 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
             if let Err(e) = self.serial.write(offset, *byte) {
-                tracing::debug!("serial write: {e:?}");
+                tracing::debug!("serial write: {}", frakti_proto::error_chain(&e));
             }
         }
     }

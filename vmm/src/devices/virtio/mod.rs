@@ -288,7 +288,10 @@ impl QueueEvents {
     /// Subscriber `init`: watch the control eventfd.
     pub fn init(&self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.control, EventSet::IN)) {
-            tracing::error!("cannot watch a device's control eventfd: {e:?}");
+            tracing::error!(
+                "cannot watch a device's control eventfd: {}",
+                frakti_proto::error_chain(&e)
+            );
         }
     }
 
@@ -319,13 +322,19 @@ impl QueueEvents {
         let _ = self.control.read();
         for evt in self.watched.drain(..) {
             if let Err(e) = ops.remove(Events::new(evt.as_ref(), EventSet::IN)) {
-                tracing::warn!("cannot unwatch a queue eventfd: {e:?}");
+                tracing::warn!(
+                    "cannot unwatch a queue eventfd: {}",
+                    frakti_proto::error_chain(&e)
+                );
             }
         }
         for evt in wanted {
             match ops.add(Events::new(evt.as_ref(), EventSet::IN)) {
                 Ok(()) => self.watched.push(evt.clone()),
-                Err(e) => tracing::error!("cannot watch a queue eventfd: {e:?}"),
+                Err(e) => tracing::error!(
+                    "cannot watch a queue eventfd: {}",
+                    frakti_proto::error_chain(&e)
+                ),
             }
         }
     }

@@ -302,7 +302,11 @@ impl<B: Backend> Net<B> {
         };
         match result {
             Ok(()) => self.watched = wanted,
-            Err(e) => tracing::error!("net {}: cannot watch the backend: {e:?}", self.mac),
+            Err(e) => tracing::error!(
+                "net {}: cannot watch the backend: {}",
+                self.mac,
+                frakti_proto::error_chain(&e)
+            ),
         }
     }
 }

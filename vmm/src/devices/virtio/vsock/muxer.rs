@@ -153,7 +153,11 @@ impl Muxer {
     /// Subscriber `init`: watch the listening socket.
     pub fn init(&self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
-            tracing::error!("vsock: cannot watch {}: {e:?}", self.uds_path.display());
+            tracing::error!(
+                "vsock: cannot watch {}: {}",
+                self.uds_path.display(),
+                frakti_proto::error_chain(&e)
+            );
         }
     }
 
@@ -206,7 +210,10 @@ impl Muxer {
             }
             let fd = stream.as_raw_fd();
             if let Err(e) = ops.add(Events::new(&stream, stream_events())) {
-                tracing::warn!("vsock: cannot watch a host client: {e:?}");
+                tracing::warn!(
+                    "vsock: cannot watch a host client: {}",
+                    frakti_proto::error_chain(&e)
+                );
                 continue;
             }
             self.handshakes.insert(
@@ -419,7 +426,10 @@ impl Muxer {
             }
         };
         if let Err(e) = ops.add(Events::new(&stream, stream_events())) {
-            tracing::warn!("vsock: cannot watch {path}: {e:?}");
+            tracing::warn!(
+                "vsock: cannot watch {path}: {}",
+                frakti_proto::error_chain(&e)
+            );
             return self.owe_reset(key);
         }
         let mut conn = Connection::new(key, stream, State::Established);

@@ -6,7 +6,7 @@
 //! say, device emulation on a vCPU thread cannot `execve`, open files, or
 //! create sockets.
 //!
-//! Three kinds of thread exist ([`ThreadKind`]):
+//! The kinds of thread ([`ThreadKind`]):
 //!
 //! * [`ThreadKind::Vcpu`]: runs `KVM_RUN` and a fixed set of per-vCPU KVM
 //!   ioctls, emulates port/MMIO exits (reads and writes on already-open
@@ -16,6 +16,8 @@
 //!   ioctls, the terminal, and signalling the vCPU threads.
 //! * [`ThreadKind::Api`]: serves the control socket and reads `/proc/self/*`
 //!   for metrics.
+//! * [`ThreadKind::Device`]: virtio queues and disk I/O;
+//!   [`ThreadKind::Console`]: writes the guest's console output.
 //!
 //! All three also get the runtime's basics (`runtime_syscalls`): what Rust's
 //! std, glibc and `tracing` (to stderr) need on any thread.
@@ -54,6 +56,9 @@ pub enum ThreadKind {
     Api,
     /// The device thread: virtio queue processing and disk I/O.
     Device,
+    /// The console writer: writes what the guest printed to stdout or the
+    /// console file, which are open already.
+    Console,
 }
 
 /// Errors from building or installing a filter.
@@ -96,6 +101,7 @@ pub fn filter(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, E
         ThreadKind::Vcpu => vcpu_thread_rules(),
         ThreadKind::Api => api_thread_rules(),
         ThreadKind::Device => device_thread_rules(),
+        ThreadKind::Console => console_thread_rules(),
     }
     .map_err(|source| Error::Rule { kind, source })?;
     let filter = SeccompFilter::new(allow.0, mismatch, SeccompAction::Allow, TargetArch::x86_64)
@@ -410,6 +416,13 @@ fn device_thread_rules() -> Result<AllowList, BackendError> {
     Ok(allow)
 }
 
+/// The runtime's basics cover it: write/writev to open descriptors, futex.
+fn console_thread_rules() -> Result<AllowList, BackendError> {
+    let mut allow = AllowList::default();
+    runtime_rules(&mut allow)?;
+    Ok(allow)
+}
+
 fn api_thread_rules() -> Result<AllowList, BackendError> {
     let mut allow = AllowList::default();
     runtime_rules(&mut allow)?;
@@ -636,6 +649,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::Api,
             ThreadKind::Device,
+            ThreadKind::Console,
         ] {
             for mismatch in [SeccompAction::KillProcess, SeccompAction::Trap, EPERM] {
                 let program = filter(kind, mismatch).expect("filter builds");

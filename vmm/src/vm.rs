@@ -4,6 +4,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,7 @@ use crate::arch::x86_64::{cpuid, mptable, msr, regs};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::EventFdTrigger;
 use crate::devices::bus::{self, Bus, lock};
+use crate::devices::legacy::console_writer::BoundedWriter;
 use crate::devices::legacy::{BootDone, ConsoleOutput, I8042, SerialDevice, i8042, serial};
 use crate::devices::manager::{self, DeviceThread, DiskHandle, VirtioDevices};
 use crate::devices::virtio::net::Net;
@@ -76,6 +78,8 @@ pub enum Error {
     },
     #[error("cannot create an event fd")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot start the console writer thread")]
+    ConsoleThread(#[source] std::io::Error),
     #[error("event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
 }
@@ -115,6 +119,8 @@ pub struct Vm {
     pub counters: Arc<ExitCounters>,
     pub boot_done: Arc<OnceLock<Duration>>,
     panic_watch: Arc<Mutex<Option<String>>>,
+    /// Console bytes dropped because its output was behind, for the API.
+    pub console_dropped: Arc<AtomicU64>,
     reset: EventFdTrigger,
     i8042: Arc<Mutex<I8042>>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -283,6 +289,7 @@ pub fn build_with_loader(
         counters,
         boot_done: devices.boot_done,
         panic_watch: devices.panic_watch,
+        console_dropped: devices.console_dropped,
         reset: devices.reset,
         i8042: devices.i8042,
         serial: devices.serial,
@@ -327,6 +334,7 @@ struct LegacyDevices {
     reset: EventFdTrigger,
     boot_done: Arc<OnceLock<Duration>>,
     panic_watch: Arc<Mutex<Option<String>>>,
+    console_dropped: Arc<AtomicU64>,
 }
 
 /// COM1, the i8042 reset line and the boot-done port on the I/O bus.
@@ -349,7 +357,10 @@ fn attach_legacy_devices(
                 })?,
         ),
     };
-    let console = ConsoleOutput::new(out);
+    // The vCPU that writes COM1 never waits for the output.
+    let writer = BoundedWriter::spawn(out, config.seccomp).map_err(Error::ConsoleThread)?;
+    let console_dropped = writer.dropped();
+    let console = ConsoleOutput::new(Box::new(writer));
     let panic_watch = console.panic_watch();
     let irq = EventFdTrigger::new().map_err(Error::EventFd)?;
     vm_fd
@@ -387,6 +398,7 @@ fn attach_legacy_devices(
         reset,
         boot_done: boot_done_watch,
         panic_watch,
+        console_dropped,
     })
 }
 

@@ -136,6 +136,9 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     wait_for_output(10);
     remote.pause().unwrap();
     assert_eq!(remote.state(), VcpuState::Paused);
+    // The console's writer thread may still be writing what the guest
+    // printed before the pause.
+    std::thread::sleep(Duration::from_millis(100));
     let paused_len = console(dir.path()).len();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(

@@ -8,7 +8,7 @@
 //! | PUT    | `/vm/pause`   | pauses every vCPU |
 //! | PUT    | `/vm/resume`  | resumes them |
 //! | PUT    | `/vm/shutdown`| stops the VM; the VMM exits 0 |
-//! | GET    | `/metrics`    | boot-done time, exits per kind, RSS |
+//! | GET    | `/metrics`    | boot-done time, exits per kind, RSS, console bytes dropped |
 //! | GET    | `/devices`    | virtio devices: disks and slots (backing, capacity), vsock (CID, socket, counters), net (tap, MAC, counters) |
 //! | PUT    | `/disks/{serial}` | `{"path": FILE}`: sets or replaces a disk's backing file |
 //! | DELETE | `/disks/{serial}` | empties the slot |
@@ -18,6 +18,7 @@ mod routes;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,7 @@ pub struct ApiContext {
     pub disks: Vec<DiskHandle>,
     pub vsock: Option<Arc<Mutex<Vsock>>>,
     pub net: Option<Arc<Mutex<Net>>>,
+    pub console_dropped: Arc<AtomicU64>,
 }
 
 impl ApiContext {
@@ -68,6 +70,7 @@ impl ApiContext {
             disks: vm.disks.clone(),
             vsock: vm.vsock.clone(),
             net: vm.net.clone(),
+            console_dropped: vm.console_dropped.clone(),
         }
     }
 }

@@ -235,6 +235,7 @@ fn metrics_json(ctx: &ApiContext) -> Value {
         "exits": ctx.counters.snapshot(),
         "rss_kib": rss_kib,
         "vmm_rss_kib": vmm_rss_kib,
+        "console_dropped_bytes": ctx.console_dropped.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
 

@@ -1,6 +1,7 @@
 //! Legacy PC devices on the I/O port bus.
 
 pub mod boot_done;
+pub mod console_writer;
 pub mod i8042;
 pub mod serial;
 

@@ -189,10 +189,12 @@ fn boot_and_run(
     start: Instant,
 ) -> anyhow::Result<vm::Outcome> {
     let seccomp = config.seccomp;
-    let vm = vm::build(config, start, usize::from(listener.is_some()))?;
+    let mut vm = vm::build(config, start, usize::from(listener.is_some()))?;
     if let Some(listener) = listener {
-        let ctx = api::ApiContext::of(&vm, start);
-        api::spawn(listener, ctx, seccomp, vm.start_barrier())?;
+        let (sender, inbox) =
+            api::channel(api::ApiContext::of(&vm, start)).context("API channel")?;
+        vm.serve_api(inbox);
+        api::spawn(listener, sender, seccomp, vm.start_barrier())?;
     }
     Ok(vm.run()?)
 }

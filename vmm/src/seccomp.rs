@@ -338,8 +338,9 @@ fn vmm_thread_rules() -> Result<AllowList, BackendError> {
 }
 
 /// The API thread: accept and serve connections on the listening socket it
-/// was handed (no `socket`/`bind`/`connect`), poll them, wake the main thread
-/// through eventfds, and read `/proc/self/*` for metrics.
+/// was handed (no `socket`/`bind`/`connect`, no `open`: the VMM thread acts
+/// on its requests), poll them (tokio: epoll and an eventfd), and wake the
+/// VMM thread through an eventfd.
 fn api_syscalls() -> &'static [i64] {
     &[
         libc::SYS_accept4,
@@ -359,23 +360,7 @@ fn api_syscalls() -> &'static [i64] {
         libc::SYS_epoll_pwait,
         // The API's runtime (tokio) wakes its event loop through an eventfd.
         libc::SYS_eventfd2,
-        // std's read_to_string asks for the stream position.
-        libc::SYS_lseek,
     ]
-}
-
-/// `openat` only read-only and without creating or truncating: enough for
-/// `/proc/self/smaps`, `/proc/self/status` and the like.
-/// The API opens /proc files for metrics and the backing files of disk
-/// slots (read-write for writable disks), but never creates or truncates.
-fn api_open_rules(allow: &mut AllowList) -> Result<(), BackendError> {
-    let forbidden = libc::O_CREAT | libc::O_TRUNC;
-    // openat(dirfd, path, flags, mode): flags is arg 2. O_RDONLY is 0.
-    allow.syscall_if(
-        libc::SYS_openat,
-        vec![arg_masked_eq(2, u64::from(forbidden.unsigned_abs()), 0u64)?],
-    );
-    Ok(())
 }
 
 /// Device thread: an event loop over queue eventfds, guest memory copies
@@ -429,7 +414,6 @@ fn api_thread_rules() -> Result<AllowList, BackendError> {
     allow.syscalls(api_syscalls());
     // std's set_nonblocking on sockets is ioctl(FIONBIO).
     allow.syscall_if(libc::SYS_ioctl, ioctl_requests(vec![libc::FIONBIO])?);
-    api_open_rules(&mut allow)?;
     Ok(allow)
 }
 
@@ -763,26 +747,25 @@ mod tests {
     struct ApiOutcome {
         execve: Sys,
         socket: Sys,
-        read_proc: Result<usize, i32>,
-        open_rw: Sys,
-        open_create: Sys,
-        open_truncate: Sys,
+        open_read: Sys,
         fionbio: Sys,
     }
 
     #[test]
-    fn api_filter_denies_execve_and_creating_opens() {
+    fn api_filter_denies_execve_sockets_and_opens() {
         let outcome = on_filtered_thread(ThreadKind::Api, || {
-            let open = |path: &std::ffi::CStr, flags: libc::c_int| {
-                // SAFETY: path is a valid NUL-terminated string; a returned
-                // fd is closed right away.
-                let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
-                if fd >= 0 {
-                    // SAFETY: fd was just returned by open() and is owned here.
-                    unsafe { libc::close(fd) };
-                }
-                sys(fd)
+            // SAFETY: the path is a valid NUL-terminated string; a returned
+            // fd is closed right away.
+            let fd = unsafe {
+                libc::open(
+                    c"/proc/self/status".as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC,
+                )
             };
+            if fd >= 0 {
+                // SAFETY: fd was just returned by open() and is owned here.
+                unsafe { libc::close(fd) };
+            }
             let mut one = 1 as libc::c_int;
             // SAFETY: FIONBIO reads an int through a valid pointer; fd -1 is
             // no descriptor, so nothing is changed.
@@ -790,23 +773,15 @@ mod tests {
             ApiOutcome {
                 execve: try_execve(),
                 socket: try_socket(),
-                read_proc: std::fs::read_to_string("/proc/self/status")
-                    .map(|s| s.len())
-                    .map_err(|e| e.raw_os_error().unwrap_or_default()),
-                open_rw: open(c"/dev/null", libc::O_RDWR),
-                open_create: open(c"/tmp/frakti-seccomp-test", libc::O_WRONLY | libc::O_CREAT),
-                open_truncate: open(c"/dev/null", libc::O_WRONLY | libc::O_TRUNC),
+                open_read: sys(fd),
                 fionbio,
             }
         });
 
         assert_eq!(outcome.execve, Err(libc::EPERM), "{outcome:?}");
         assert_eq!(outcome.socket, Err(libc::EPERM), "{outcome:?}");
-        assert!(matches!(outcome.read_proc, Ok(n) if n > 0), "{outcome:?}");
-        // Disk slots open their backing files read-write.
-        assert!(outcome.open_rw.is_ok(), "{outcome:?}");
-        assert_eq!(outcome.open_create, Err(libc::EPERM), "{outcome:?}");
-        assert_eq!(outcome.open_truncate, Err(libc::EPERM), "{outcome:?}");
+        // Not even /proc: metrics and disk files are the VMM thread's.
+        assert_eq!(outcome.open_read, Err(libc::EPERM), "{outcome:?}");
         // FIONBIO is allowed: the kernel answers EBADF for fd -1.
         assert_eq!(outcome.fionbio, Err(libc::EBADF), "{outcome:?}");
     }

@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::api::ApiInbox;
 use crate::arch::x86_64::boot::{self, BootProtocol};
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 use crate::arch::x86_64::{cpuid, mptable, msr, regs};
@@ -135,6 +136,8 @@ pub struct Vm {
     /// The network device, for the API.
     pub net: Option<Arc<Mutex<Net>>>,
     device_thread: Option<DeviceThread>,
+    /// The API's requests, served on the VMM thread once it runs.
+    api: Option<ApiInbox>,
 }
 
 /// A request to stop the VM, waking the event loop. The guest is asked to
@@ -300,6 +303,7 @@ pub fn build_with_loader(
         vsock: virtio.vsock,
         net: virtio.net,
         device_thread,
+        api: None,
     })
 }
 
@@ -441,6 +445,11 @@ impl Vm {
         self.start_barrier.clone()
     }
 
+    /// Has the VMM thread serve the API's requests (from [`crate::api::channel`]).
+    pub fn serve_api(&mut self, inbox: ApiInbox) {
+        self.api = Some(inbox);
+    }
+
     /// Lets the guest run, serves events until it stops, then tears the
     /// vCPUs down. The calling thread becomes the VMM event loop.
     pub fn run(self) -> Result<Outcome, Error> {
@@ -466,6 +475,9 @@ impl Vm {
             stop: None,
         }));
         manager.add_subscriber(events.clone());
+        if let Some(api) = self.api {
+            manager.add_subscriber(Arc::new(Mutex::new(api)));
+        }
         self.start_barrier.wait();
         tracing::info!(
             vcpus = self.config.vcpus,

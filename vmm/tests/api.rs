@@ -37,13 +37,10 @@ fn start_vm(dir: &Path) -> (PathBuf, std::thread::JoinHandle<Outcome>) {
     .unwrap();
     let socket = dir.join("api.sock");
     let listener = api::bind(&socket).unwrap();
-    api::spawn(
-        listener,
-        ApiContext::of(&vm, start),
-        true,
-        vm.start_barrier(),
-    )
-    .unwrap();
+    let mut vm = vm;
+    let (sender, inbox) = api::channel(ApiContext::of(&vm, start)).unwrap();
+    vm.serve_api(inbox);
+    api::spawn(listener, sender, true, vm.start_barrier()).unwrap();
     (socket, std::thread::spawn(move || vm.run().unwrap()))
 }
 
@@ -142,6 +139,26 @@ fn hostile_and_slow_clients_neither_crash_nor_stall_the_api() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // The VMM thread acts on what the API thread parsed.
+    let put = |path: &str| {
+        exchange(
+            &socket,
+            format!("PUT {path} HTTP/1.1\r\nHost: vmm\r\n\r\n").as_bytes(),
+        )
+    };
+    let (status, text) = put("/vm/pause");
+    assert!(status == 200 && text.contains("\"paused\""), "{text}");
+    assert!(get_vm(&socket).1.contains("\"state\":\"paused\""));
+    let (status, text) = put("/vm/resume");
+    assert!(status == 200 && text.contains("\"running\""), "{text}");
+    let (status, text) = exchange(&socket, b"GET /metrics HTTP/1.1\r\nHost: vmm\r\n\r\n");
+    assert!(
+        status == 200
+            && text.contains("\"vmm_rss_kib\"")
+            && text.contains("\"console_dropped_bytes\":0"),
+        "{text}"
+    );
+
     let (status, text) = exchange(
         &socket,
         b"PUT /vm/shutdown HTTP/1.1\r\nHost: vmm\r\nContent-Length: 16\r\n\r\n{\"timeout_ms\":0}",
@@ -151,4 +168,7 @@ fn hostile_and_slow_clients_neither_crash_nor_stall_the_api() {
         Outcome::Stopped { .. } => {}
         other => panic!("unexpected outcome {other:?}"),
     }
+    // The VMM's loop is over: the API says so instead of hanging.
+    let (status, text) = get_vm(&socket);
+    assert_eq!(status, 503, "{text}");
 }

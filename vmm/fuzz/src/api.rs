@@ -22,18 +22,21 @@ pub fn exchange(data: &[u8]) -> (usize, Vec<u8>) {
     let answer = local.block_on(&runtime, async {
         let (mut client, server) = tokio::io::duplex(http::MAX_HEAD_BYTES * 4);
         let counted = calls.clone();
-        let handler = Rc::new(move |method: &str, path: &str, body: &[u8]| {
-            assert!(
-                body.len() <= http::MAX_BODY_BYTES,
-                "{} body bytes",
-                body.len()
-            );
-            counted.set(counted.get() + 1);
-            (
-                200,
-                json!({ "method": method, "path": path, "len": body.len() }),
-            )
-        });
+        let handler = Rc::new(
+            move |method: &str, path: &str, body: Vec<u8>| -> http::Answer {
+                assert!(
+                    body.len() <= http::MAX_BODY_BYTES,
+                    "{} body bytes",
+                    body.len()
+                );
+                counted.set(counted.get() + 1);
+                let answer = (
+                    200,
+                    json!({ "method": method, "path": path, "len": body.len() }),
+                );
+                Box::pin(async move { answer })
+            },
+        );
         let served = tokio::task::spawn_local(http::serve_connection(server, handler));
         // The pipe may fill while the server answers early: write what fits.
         let _ = client.write_all(data).await;

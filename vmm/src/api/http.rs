@@ -12,7 +12,9 @@
 //! - one request per connection (`Connection: close`).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -35,14 +37,16 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A whole connection, answer included (a client that never reads it).
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// method, path, body → status and JSON.
-pub type Handler = dyn Fn(&str, &str, &[u8]) -> (u16, Value);
+/// The answer to a request, when it is ready: status and JSON.
+pub type Answer = Pin<Box<dyn Future<Output = (u16, Value)>>>;
+/// method, path, body → the answer.
+pub type Handler = dyn Fn(&str, &str, Vec<u8>) -> Answer;
 
 /// Serves `listener` until the process ends; an error only if the runtime
 /// cannot start.
 pub fn serve(
     listener: std::os::unix::net::UnixListener,
-    handler: impl Fn(&str, &str, &[u8]) -> (u16, Value) + 'static,
+    handler: impl Fn(&str, &str, Vec<u8>) -> Answer + 'static,
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -167,6 +171,6 @@ async fn answer(request: Request<Incoming>, handler: &Handler) -> Response<Full<
             );
         }
     };
-    let (status, value) = handler(parts.method.as_str(), parts.uri.path(), &bytes);
+    let (status, value) = handler(parts.method.as_str(), parts.uri.path(), bytes.to_vec()).await;
     json_response(status, &value)
 }

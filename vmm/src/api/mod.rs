@@ -1,6 +1,7 @@
 //! The control API: HTTP/1.1 + JSON on a unix socket, one request per
-//! connection, served by its own thread (in the style of Firecracker's API)
-//! with hyper on a current-thread runtime ([`http`]).
+//! connection. Its own thread parses requests (hyper on a current-thread
+//! runtime, [`http`]) and hands them to the VMM thread, which acts and
+//! answers ([`inbox`]), in the style of Firecracker's API.
 //!
 //! | method | path          | does |
 //! |--------|---------------|------|
@@ -14,7 +15,10 @@
 //! | DELETE | `/disks/{serial}` | empties the slot |
 
 pub mod http;
+pub mod inbox;
 mod routes;
+
+pub use inbox::{ApiInbox, ApiSender, channel};
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -83,11 +87,16 @@ pub fn bind(path: &PathBuf) -> Result<UnixListener, Error> {
     UnixListener::bind(path).map_err(|e| Error::Bind(path.clone(), e))
 }
 
-/// Starts the API thread. It installs its seccomp filter and waits at
-/// `start` before serving.
+/// How long a client waits for the VMM thread's answer (a pause waits up
+/// to 5 s for the vCPUs).
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Starts the API thread, which hands each request to the VMM thread
+/// through `sender`. It installs its seccomp filter and waits at `start`
+/// before serving.
 pub fn spawn(
     listener: UnixListener,
-    ctx: ApiContext,
+    sender: ApiSender,
     with_seccomp: bool,
     start: Arc<Barrier>,
 ) -> Result<(), Error> {
@@ -105,7 +114,22 @@ pub fn spawn(
                 return;
             }
             let served = http::serve(listener, move |method, path, body| {
-                routes::route(&ctx, method, path, body)
+                let answer = sender.ask(method, path, body);
+                Box::pin(async move {
+                    let Some(answer) = answer else {
+                        return stopping();
+                    };
+                    match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+                        Ok(Ok(answer)) => answer,
+                        Ok(Err(_)) => stopping(),
+                        Err(_) => (
+                            504,
+                            serde_json::json!({
+                                "error": format!("the VMM did not answer within {ANSWER_TIMEOUT:?}")
+                            }),
+                        ),
+                    }
+                })
             });
             if let Err(e) = served {
                 tracing::error!("the API stopped: {}", error_chain(&e));
@@ -113,4 +137,11 @@ pub fn spawn(
         })
         .map(drop)
         .map_err(Error::Spawn)
+}
+
+fn stopping() -> (u16, serde_json::Value) {
+    (
+        503,
+        serde_json::json!({ "error": "the VM has stopped; the VMM is exiting" }),
+    )
 }

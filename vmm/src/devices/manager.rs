@@ -79,10 +79,16 @@ impl DiskHandle {
     /// Sets (or with `None` removes) the backing file, read-only when asked
     /// or when the slot is; the guest gets a config-change interrupt and
     /// sees the new capacity.
+    /// Opens `path` (without holding the device: a slow open must not
+    /// stall the device thread or a vCPU reading the config space), then
+    /// swaps it in.
     pub fn set_backing(&self, path: Option<&Path>, read_only: bool) -> Result<(), block::Error> {
-        let mut block = lock(&self.block);
-        let read_only = read_only || block.read_only();
-        block.set_backing(path, read_only)
+        let read_only = read_only || lock(&self.block).read_only();
+        let disk = path
+            .map(|path| block::disk::Disk::open(path, read_only))
+            .transpose()?;
+        lock(&self.block).set_disk(disk);
+        Ok(())
     }
 
     pub fn backing(&self) -> Option<PathBuf> {

@@ -17,7 +17,6 @@ mod vsock;
 #[path = "../../cri/tests/support/mod.rs"]
 mod support;
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use frakti_lab::guest;
@@ -36,7 +35,7 @@ fn main() -> ExitCode {
             (guest::MKE2FS_ENV, guest::mke2fs_binary()?),
             (
                 cri::devices::CSI_EXAMPLE_ENV,
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/csi-loop-volume.sh"),
+                cri::devices::csi_example_script(),
             ),
         ])
     });

@@ -7,7 +7,7 @@
 //! are mounted inside the VM, shared by a pod's containers, kept across
 //! pods and a daemon crash, read-only where asked, and left clean (e2fsck).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, ensure};
@@ -20,6 +20,14 @@ use crate::support::loopdev::LoopDevice;
 /// examples/csi-loop-volume.sh, the README's CSI driver example: the
 /// direct volume test publishes, measures and unpublishes through it.
 pub const CSI_EXAMPLE_ENV: &str = "FRAKTI_CSI_EXAMPLE";
+
+/// The script: where the lab put it (inside L1), else the repository's.
+pub fn csi_example_script() -> PathBuf {
+    std::env::var_os(CSI_EXAMPLE_ENV).map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/csi-loop-volume.sh"),
+        PathBuf::from,
+    )
+}
 
 pub fn tests() -> Vec<Trial> {
     vec![

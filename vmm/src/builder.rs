@@ -118,7 +118,7 @@ pub fn build_with_loader(
     let control = Arc::new(VcpuControl::default());
     // vCPUs + the VMM thread + helper threads (API) meet here once their
     // seccomp filters are in place.
-    let device_threads = usize::from(!virtio.is_empty());
+    let device_threads = virtio.thread_count();
     let start_barrier = Arc::new(Barrier::new(
         usize::from(config.vcpus) + 1 + extra_threads + device_threads,
     ));
@@ -137,11 +137,7 @@ pub fn build_with_loader(
     tracing::debug!(ms = start.elapsed().as_millis() as u64, "vCPUs created");
     // Spawned before the VMM thread installs its filter, which threads
     // would inherit; it installs its own.
-    let device_thread = if virtio.is_empty() {
-        None
-    } else {
-        Some(virtio.start_thread(config.seccomp, start_barrier.clone())?)
-    };
+    let device_threads = virtio.start_threads(config.seccomp, start_barrier.clone())?;
 
     Ok(Vm {
         config,
@@ -164,7 +160,7 @@ pub fn build_with_loader(
         disks: virtio.disks,
         vsock: virtio.vsock,
         net: virtio.net,
-        device_thread,
+        device_threads,
         api: None,
     })
 }

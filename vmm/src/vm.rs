@@ -21,7 +21,7 @@ use crate::config::VmConfig;
 use crate::devices::EventFdTrigger;
 use crate::devices::bus::{self, lock};
 use crate::devices::legacy::{I8042, SerialDevice};
-use crate::devices::manager::{self, DeviceThread, DiskHandle};
+use crate::devices::manager::{self, DeviceThreads, DiskHandle};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::metrics::ExitCounters;
@@ -128,7 +128,7 @@ pub struct Vm {
     pub vsock: Option<Arc<Mutex<Vsock>>>,
     /// The network device, for the API.
     pub net: Option<Arc<Mutex<Net>>>,
-    pub(crate) device_thread: Option<DeviceThread>,
+    pub(crate) device_threads: DeviceThreads,
     /// The API's requests, served on the VMM thread once it runs.
     pub(crate) api: Option<ApiInbox>,
 }
@@ -217,9 +217,7 @@ impl Vm {
             }
         };
         self.vcpus.join();
-        if let Some(devices) = self.device_thread {
-            devices.stop();
-        }
+        self.device_threads.stop();
         let panic = lock(&self.panic_watch).clone();
         Ok(outcome(stop, panic))
     }

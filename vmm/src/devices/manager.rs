@@ -104,7 +104,11 @@ pub struct VirtioDevices {
     pub net: Option<Arc<Mutex<Net>>>,
     /// `virtio_mmio.device=...` parameters for the kernel command line.
     pub cmdline: Vec<String>,
-    subscribers: Vec<Subscriber>,
+    /// The disks' event handlers: served on a thread of their own, so
+    /// disk I/O never delays network or vsock traffic.
+    disk_subscribers: Vec<Subscriber>,
+    /// vsock and net.
+    io_subscribers: Vec<Subscriber>,
 }
 
 impl VirtioDevices {
@@ -132,21 +136,21 @@ impl VirtioDevices {
             .map_err(block_err)?;
             let block = Arc::new(Mutex::new(block));
             devices.attach(vm_fd, memory, mmio_bus, slot, block.clone())?;
-            devices.subscribers.push(block.clone());
+            devices.disk_subscribers.push(block.clone());
             devices.disks.push(DiskHandle { slot, block });
         }
         if let Some(config) = vsock {
             let slot = devices.next_slot()?;
             let vsock = Arc::new(Mutex::new(Vsock::new(config.cid, &config.uds)?));
             devices.attach(vm_fd, memory, mmio_bus, slot, vsock.clone())?;
-            devices.subscribers.push(vsock.clone());
+            devices.io_subscribers.push(vsock.clone());
             devices.vsock = Some(vsock);
         }
         if let Some(config) = net {
             let slot = devices.next_slot()?;
             let net = Arc::new(Mutex::new(Net::new(open_tap(config)?, mac(config)?)?));
             devices.attach(vm_fd, memory, mmio_bus, slot, net.clone())?;
-            devices.subscribers.push(net.clone());
+            devices.io_subscribers.push(net.clone());
             devices.net = Some(net);
         }
         Ok(devices)
@@ -184,32 +188,58 @@ impl VirtioDevices {
         Ok(())
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.subscribers.is_empty()
+    /// How many device threads [`VirtioDevices::start_threads`] starts (each
+    /// waits at the start barrier).
+    pub fn thread_count(&self) -> usize {
+        usize::from(!self.disk_subscribers.is_empty())
+            + usize::from(!self.io_subscribers.is_empty())
     }
 
-    /// Starts the device thread: it installs its seccomp filter, waits at
-    /// `start` with the other threads, then serves queue events until
-    /// [`DeviceThread::stop`].
-    pub fn start_thread(
+    /// Starts the device threads — one for the disks, one for vsock and
+    /// net — each installs its seccomp filter, waits at `start` with the
+    /// other threads, then serves queue events until
+    /// [`DeviceThreads::stop`].
+    pub fn start_threads(
         &self,
         with_seccomp: bool,
         start: Arc<Barrier>,
-    ) -> Result<DeviceThread, Error> {
-        let stop_event = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Thread)?;
-        let stopped = Arc::new(AtomicBool::new(false));
-        let stop = StopEvent {
-            event: stop_event.try_clone().map_err(Error::Thread)?,
-            stopped: stopped.clone(),
-        };
-        let mut subscribers = self.subscribers.clone();
-        subscribers.push(Arc::new(Mutex::new(stop)));
-        let handle = std::thread::Builder::new()
-            .name("devices".into())
-            .spawn(move || device_loop(subscribers, &stopped, with_seccomp, &start))
-            .map_err(Error::Thread)?;
-        Ok(DeviceThread { stop_event, handle })
+    ) -> Result<DeviceThreads, Error> {
+        let mut threads = Vec::new();
+        for (name, subscribers) in [
+            ("disks", &self.disk_subscribers),
+            ("net-vsock", &self.io_subscribers),
+        ] {
+            if !subscribers.is_empty() {
+                threads.push(start_thread(
+                    name,
+                    subscribers.clone(),
+                    with_seccomp,
+                    start.clone(),
+                )?);
+            }
+        }
+        Ok(DeviceThreads(threads))
     }
+}
+
+fn start_thread(
+    name: &str,
+    mut subscribers: Vec<Subscriber>,
+    with_seccomp: bool,
+    start: Arc<Barrier>,
+) -> Result<DeviceThread, Error> {
+    let stop_event = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Thread)?;
+    let stopped = Arc::new(AtomicBool::new(false));
+    let stop = StopEvent {
+        event: stop_event.try_clone().map_err(Error::Thread)?,
+        stopped: stopped.clone(),
+    };
+    subscribers.push(Arc::new(Mutex::new(stop)));
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || device_loop(subscribers, &stopped, with_seccomp, &start))
+        .map_err(Error::Thread)?;
+    Ok(DeviceThread { stop_event, handle })
 }
 
 /// Opens the tap on the VMM thread, before its seccomp filter forbids it.
@@ -289,18 +319,25 @@ impl MutEventSubscriber for StopEvent {
     }
 }
 
-/// The running device thread.
-pub struct DeviceThread {
+/// A running device thread.
+struct DeviceThread {
     stop_event: EventFd,
     handle: JoinHandle<()>,
 }
 
-impl DeviceThread {
-    /// Stops the loop after the current event and joins the thread.
+/// The running device threads.
+pub struct DeviceThreads(Vec<DeviceThread>);
+
+impl DeviceThreads {
+    /// Stops each loop after its current event and joins the threads.
     pub fn stop(self) {
-        let _ = self.stop_event.write(1);
-        if self.handle.join().is_err() {
-            tracing::error!("device thread panicked");
+        for thread in &self.0 {
+            let _ = thread.stop_event.write(1);
+        }
+        for thread in self.0 {
+            if thread.handle.join().is_err() {
+                tracing::error!("device thread panicked");
+            }
         }
     }
 }

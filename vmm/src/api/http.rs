@@ -42,19 +42,27 @@ pub type Answer = Pin<Box<dyn Future<Output = (u16, Value)>>>;
 /// method, path, body → the answer.
 pub type Handler = dyn Fn(&str, &str, Vec<u8>) -> Answer;
 
-/// Serves `listener` until the process ends; an error only if the runtime
-/// cannot start.
+/// The API thread's runtime: one thread, I/O and timers. Built before the
+/// thread's seccomp filter is installed: building it makes what it needs
+/// (an epoll, an eventfd, with tokio's signal feature — which the
+/// workspace turns on — a socketpair) and the filter allows none of that.
+pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+}
+
+/// Serves `listener` on `runtime` until the process ends; an error only
+/// if the listener cannot join the runtime.
 pub fn serve(
+    runtime: &tokio::runtime::Runtime,
     listener: std::os::unix::net::UnixListener,
     handler: impl Fn(&str, &str, Vec<u8>) -> Answer + 'static,
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, accept_loop(listener, Rc::new(handler)))
+    local.block_on(runtime, accept_loop(listener, Rc::new(handler)))
 }
 
 async fn accept_loop(

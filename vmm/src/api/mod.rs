@@ -103,6 +103,8 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            // The runtime first: the filter forbids what building it does.
+            let runtime = http::runtime();
             let filtered = if with_seccomp {
                 seccomp::apply(ThreadKind::Api)
             } else {
@@ -113,7 +115,14 @@ pub fn spawn(
                 tracing::error!("the API is disabled: {}", error_chain(&e));
                 return;
             }
-            let served = http::serve(listener, move |method, path, body| {
+            let runtime = match runtime {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!("the API is disabled: no runtime: {}", error_chain(&e));
+                    return;
+                }
+            };
+            let served = http::serve(&runtime, listener, move |method, path, body| {
                 let answer = sender.ask(method, path, body);
                 Box::pin(async move {
                     let Some(answer) = answer else {

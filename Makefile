@@ -64,6 +64,7 @@ bench: assets
 	$(CARGO) run -q --release -p frakti-bench --bin boot
 	$(CARGO) run -q --release -p frakti-bench --bin disk
 	$(CARGO) run -q --release -p frakti-bench --bin vsock
+	$(CARGO) run -q --release -p frakti-bench --bin contention
 	$(CARGO) build --release -p frakti-cri
 	$(CARGO) run -q --release -p frakti-bench --bin images
 	$(CARGO) run -q --release -p frakti-bench --bin image_disks

@@ -150,7 +150,8 @@ async fn measure_pods(
     let command = [
         "busybox", "nc", "-ll", "-p", &port, "-e", "sh", "-c", &count,
     ];
-    let counter = runtime::add_container(client, sink, "net-sink", logs, "sink", &command).await?;
+    let config = runtime::container_config("sink", prepare::IMAGE, &command);
+    let counter = runtime::add_container(client, sink, "net-sink", logs, config).await?;
     let sink_ip = runtime::pod_ip(client, &sink.id).await?;
     let sender_ip = runtime::pod_ip(client, &sender.id).await?;
     ensure!(sink_ip != sender_ip, "both pods have the IP {sink_ip}");

@@ -211,18 +211,19 @@ pub fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
     }
 }
 
-fn container_config() -> cri::ContainerConfig {
+/// Container `name` of `image` running `command`, logging to `<name>.log`.
+pub fn container_config(name: &str, image: &str, command: &[&str]) -> cri::ContainerConfig {
     cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata {
-            name: "main".into(),
+            name: name.into(),
             attempt: 0,
         }),
         image: Some(cri::ImageSpec {
-            image: prepare::IMAGE.into(),
+            image: image.into(),
             ..Default::default()
         }),
-        command: vec!["sleep".into(), "3600".into()],
-        log_path: "main.log".into(),
+        command: command.iter().map(|a| a.to_string()).collect(),
+        log_path: format!("{name}.log"),
         ..Default::default()
     }
 }
@@ -248,7 +249,7 @@ pub async fn start_pod(client: &mut Client, name: &str, logs: &Path) -> anyhow::
     let container = client
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: id.clone(),
-            config: Some(container_config()),
+            config: Some(container_config("main", prepare::IMAGE, &["sleep", "3600"])),
             sandbox_config: Some(config),
         })
         .await
@@ -285,29 +286,20 @@ pub async fn start_pod(client: &mut Client, name: &str, logs: &Path) -> anyhow::
     })
 }
 
-/// Creates and starts a second container `container` running `command` in
-/// `pod` (started as `name` with `logs`, as [`start_pod`] did); its id.
+/// Creates and starts a second container, `config`, in `pod` (started as
+/// `name` with `logs`, as [`start_pod`] did); its id.
 pub async fn add_container(
     client: &mut Client,
     pod: &Pod,
     name: &str,
     logs: &Path,
-    container: &str,
-    command: &[&str],
+    config: cri::ContainerConfig,
 ) -> anyhow::Result<String> {
-    let config = cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: container.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: prepare::IMAGE.into(),
-            ..Default::default()
-        }),
-        command: command.iter().map(|a| a.to_string()).collect(),
-        log_path: format!("{container}.log"),
-        ..Default::default()
-    };
+    let container = config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
     let id = client
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: pod.id.clone(),

@@ -15,6 +15,7 @@ use k8s_cri::v1 as cri;
 use tokio::time::Instant as Deadline;
 
 use super::Target;
+use super::prepare;
 use super::runtime::{self, Client, Pod};
 use super::spdy_client::{Event, SpdyClient, SpdyStream};
 
@@ -40,7 +41,8 @@ pub async fn start_echo(
     logs: &Path,
 ) -> anyhow::Result<String> {
     let echo = ["busybox", "nc", "-ll", "-p", "8080", "-e", "cat"];
-    runtime::add_container(client, pod, name, logs, "echo", &echo).await
+    let config = runtime::container_config("echo", prepare::IMAGE, &echo);
+    runtime::add_container(client, pod, name, logs, config).await
 }
 
 /// `rounds` exec round trips, then the port-forward.

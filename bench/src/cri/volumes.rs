@@ -116,41 +116,13 @@ async fn start_io_container(
     logs: &Path,
     volume_path: &Path,
 ) -> anyhow::Result<String> {
-    let config = cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: "io".into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: prepare::BLOCKIO_IMAGE.into(),
-            ..Default::default()
-        }),
-        command: vec!["sleep".into(), "3600".into()],
-        log_path: "io.log".into(),
-        mounts: vec![cri::Mount {
-            container_path: "/data".into(),
-            host_path: volume_path.display().to_string(),
-            ..Default::default()
-        }],
+    let mut config = runtime::container_config("io", prepare::BLOCKIO_IMAGE, &["sleep", "3600"]);
+    config.mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: volume_path.display().to_string(),
         ..Default::default()
-    };
-    let id = client
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.id.clone(),
-            config: Some(config),
-            sandbox_config: Some(runtime::pod_config("blockio", &logs.join("blockio"))),
-        })
-        .await
-        .context("CreateContainer io")?
-        .into_inner()
-        .container_id;
-    client
-        .start_container(cri::StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .context("StartContainer io")?;
-    Ok(id)
+    }];
+    runtime::add_container(client, pod, "blockio", logs, config).await
 }
 
 /// One `blockio` run; MiB/s (sequential) or IOPS (random).

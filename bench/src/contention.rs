@@ -6,6 +6,8 @@
 //! is taken over exactly the time the read ran (the guest prints when it
 //! starts and ends; the host notes when it sees those lines). Prints each
 //! rate alone and together, and together/alone (goal: at least 0.8 each).
+//! The guest has two vCPUs and L1 two CPUs (`FRAKTI_LAB_CPUS`), so the
+//! reader and the sink do not simply take turns on one CPU.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -21,6 +23,7 @@ use frakti_bench::{frakti_command, median};
 use frakti_lab::guest::{self, GuestAssets};
 use frakti_lab::process::{ChildGuard, FileTail, read_log};
 use frakti_lab::rerun::{Placement, run_here_or_in_lab};
+use frakti_lab::runner::CPUS_ENV;
 use frakti_lab::vsock::hybrid_connect;
 
 /// Disk and vsock throughput, each alone and both at once (ratios).
@@ -93,6 +96,13 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         (guest::VMM_ENV, vmm.clone()),
         (guest::GUEST_TOOL_ENV, tool.clone()),
     ];
+    if std::env::var_os(CPUS_ENV).is_none() {
+        // Two L1 CPUs: with one, the guest's vCPUs, the VMM's device
+        // threads and the host's streamer all take turns on it, and the
+        // figures measure that, not the devices.
+        // SAFETY: no other thread runs yet.
+        unsafe { std::env::set_var(CPUS_ENV, "2") };
+    }
     match run_here_or_in_lab(&programs)? {
         Placement::Here(mode) => eprintln!("bench: running here ({mode})"),
         Placement::RanInLab(status) => {
@@ -111,7 +121,9 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         let console = dir.path().join(format!("console-{i}.log"));
         let uds = dir.path().join(format!("vsock-{i}.sock"));
         let mut command = frakti_command(&vmm, &guest.kernel, &initrd, &console);
+        // One guest vCPU for the reader, one for the sink.
         command
+            .args(["--vcpus", "2"])
             .arg("--disk")
             .arg(format!("serial=bench,path={},ro", disk.display()))
             .arg("--vsock")

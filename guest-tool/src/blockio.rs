@@ -1,4 +1,5 @@
-//! `blockio FILE MODE BLOCK_SIZE BYTES`: fio-style I/O on one file with
+//! `blockio FILE MODE BLOCK_SIZE BYTES [DEPTH]`: fio-style I/O on one file (or
+//! block device) with
 //! O_DIRECT (the page cache would otherwise measure memory, not the block
 //! path): sequential or random, read or write, timed inside the caller so
 //! the exec that started it does not count. Random offsets are aligned to
@@ -137,31 +138,53 @@ fn open(path: &Path, mode: Mode) -> io::Result<File> {
 /// Runs `mode` on `path`: `bytes` in `block_size` operations. Random modes
 /// need the file to exist with at least one block (a seq-write makes it).
 pub fn run(path: &Path, mode: Mode, block_size: usize, bytes: u64) -> io::Result<Report> {
+    run_at_depth(path, mode, block_size, bytes, 1)
+}
+
+/// [`run`] with `depth` operations in flight: that many threads, each
+/// doing its share of the random operations with offsets of its own (a
+/// queue depth the device sees without io_uring in the guest). Depths
+/// above 1 are for the random modes only.
+pub fn run_at_depth(
+    path: &Path,
+    mode: Mode,
+    block_size: usize,
+    bytes: u64,
+    depth: u64,
+) -> io::Result<Report> {
     let ops = check_sizes(block_size, bytes)?;
-    let file = open(path, mode)?;
+    if depth == 0 || depth > 256 || (depth > 1 && !matches!(mode, Mode::RandRead | Mode::RandWrite))
+    {
+        return Err(io::Error::other(format!(
+            "depth {depth}: 1 for any mode, up to 256 for rand-read and rand-write"
+        )));
+    }
+    let file = std::sync::Arc::new(open(path, mode)?);
     let block = block_size as u64;
-    let blocks_in_file = file.metadata()?.len() / block;
-    if matches!(mode, Mode::RandRead | Mode::RandWrite | Mode::SeqRead) && blocks_in_file == 0 {
+    // Seeking to the end sizes block devices too (their metadata says 0).
+    let blocks_in_file = io::Seek::seek(&mut &*file, io::SeekFrom::End(0))? / block;
+    if mode != Mode::SeqWrite && blocks_in_file == 0 {
         return Err(io::Error::other(format!(
             "{} has no whole block of {block_size} bytes to {}",
             path.display(),
             mode.name()
         )));
     }
-    let mut buffer = AlignedBuffer::new(block_size)?;
-    let mut offsets = Pattern::new(1);
     let started = Instant::now();
-    for op in 0..ops {
-        let offset = match mode {
-            // A sequential read wraps around a file shorter than `bytes`.
-            Mode::SeqWrite => op * block,
-            Mode::SeqRead => (op % blocks_in_file) * block,
-            Mode::RandWrite | Mode::RandRead => (offsets.next_word() % blocks_in_file) * block,
-        };
-        match mode {
-            Mode::SeqWrite | Mode::RandWrite => file.write_all_at(buffer.bytes(), offset)?,
-            Mode::SeqRead | Mode::RandRead => file.read_exact_at(buffer.bytes_mut(), offset)?,
-        }
+    let workers: Vec<_> = (0..depth)
+        .map(|worker| {
+            let file = file.clone();
+            // This worker's share: ops spread as evenly as they go.
+            let share = ops / depth + u64::from(worker < ops % depth);
+            std::thread::spawn(move || {
+                do_ops(&file, mode, block, blocks_in_file, share, worker + 1)
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker
+            .join()
+            .map_err(|_| io::Error::other("an I/O thread panicked"))??;
     }
     if matches!(mode, Mode::SeqWrite | Mode::RandWrite) {
         file.sync_data()?;
@@ -173,6 +196,33 @@ pub fn run(path: &Path, mode: Mode, block_size: usize, bytes: u64) -> io::Result
         ops,
         secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// `ops` operations of `block` bytes; random offsets from pattern `stream`.
+fn do_ops(
+    file: &File,
+    mode: Mode,
+    block: u64,
+    blocks_in_file: u64,
+    ops: u64,
+    stream: u64,
+) -> io::Result<()> {
+    let len = usize::try_from(block).map_err(io::Error::other)?;
+    let mut buffer = AlignedBuffer::new(len)?;
+    let mut offsets = Pattern::new(stream);
+    for op in 0..ops {
+        let offset = match mode {
+            Mode::SeqWrite => op * block,
+            // A sequential read wraps around a file shorter than `bytes`.
+            Mode::SeqRead => (op % blocks_in_file) * block,
+            Mode::RandWrite | Mode::RandRead => (offsets.next_word() % blocks_in_file) * block,
+        };
+        match mode {
+            Mode::SeqWrite | Mode::RandWrite => file.write_all_at(buffer.bytes(), offset)?,
+            Mode::SeqRead | Mode::RandRead => file.read_exact_at(buffer.bytes_mut(), offset)?,
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -205,6 +255,18 @@ mod tests {
         }
         // Random writes stay inside the file.
         assert_eq!(std::fs::metadata(&file).unwrap().len(), 64 * 1024);
+    }
+
+    #[test]
+    fn random_reads_at_depth_split_the_operations() {
+        let dir = dir();
+        let file = dir.path().join("f");
+        run(&file, Mode::SeqWrite, 4096, 256 * 1024).unwrap();
+        let report = run_at_depth(&file, Mode::RandRead, 4096, 100 * 4096, 8).unwrap();
+        assert_eq!(report.ops, 100);
+        assert!(run_at_depth(&file, Mode::SeqRead, 4096, 4096, 2).is_err());
+        assert!(run_at_depth(&file, Mode::RandRead, 4096, 4096, 0).is_err());
+        assert!(run_at_depth(&file, Mode::RandRead, 4096, 4096, 257).is_err());
     }
 
     #[test]

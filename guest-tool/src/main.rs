@@ -12,8 +12,9 @@
 //!     send BYTES of stream STREAM's pattern over TCP, then read the peer's answer
 //! frakti-guest-tool tree ROOT
 //!     one JSON line per path under ROOT: kind, mode, owner, link, hash, xattrs…
-//! frakti-guest-tool blockio FILE seq-write|seq-read|rand-write|rand-read BLOCK_SIZE BYTES
-//!     O_DIRECT I/O on FILE, timed inside: {"mode","block_size","bytes","ops","secs"}
+//! frakti-guest-tool blockio FILE seq-write|seq-read|rand-write|rand-read BLOCK_SIZE BYTES [DEPTH]
+//!     O_DIRECT I/O on FILE (or a block device), DEPTH random ops in flight (threads),
+//!     timed inside: {"mode","block_size","bytes","ops","secs"}
 //! ```
 //! Every command prints one result line and exits non-zero on failure.
 
@@ -48,22 +49,24 @@ fn main() -> ExitCode {
             std::path::Path::new(root),
             &mut io::BufWriter::new(io::stdout().lock()),
         ),
-        ["blockio", file, mode, block_size, bytes] => frakti_guest_tool::blockio::Mode::parse(mode)
-            .and_then(|mode| {
-                let report = frakti_guest_tool::blockio::run(
+        ["blockio", file, mode, block_size, bytes, depth @ ..] if depth.len() <= 1 => {
+            frakti_guest_tool::blockio::Mode::parse(mode).and_then(|mode| {
+                let report = frakti_guest_tool::blockio::run_at_depth(
                     std::path::Path::new(file),
                     mode,
                     parse(block_size),
                     parse(bytes),
+                    depth.first().map_or(1, |d| parse(d)),
                 )?;
                 println!("{}", report.json());
                 Ok(())
-            }),
+            })
+        }
         _ => Err(io::Error::other(
             "usage: frakti-guest-tool vsock-echo-server PORT CONNECTIONS | \
              vsock-echo-client CID PORT STREAMS BYTES | vsock-sink PORT CONNECTIONS | \
              tcp-send ADDR:PORT STREAM BYTES | tree ROOT | \
-             blockio FILE seq-write|seq-read|rand-write|rand-read BLOCK_SIZE BYTES",
+             blockio FILE seq-write|seq-read|rand-write|rand-read BLOCK_SIZE BYTES [DEPTH]",
         )),
     };
     match result {

@@ -13,7 +13,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use frakti_lab::guest::{self, GuestAssets};
-use frakti_lab::rerun::{Placement, run_here_or_in_lab};
 use frakti_vmm::metrics::sum_rss;
 
 /// Boot time and memory: frakti-vmm vs QEMU microvm (ratios).
@@ -47,11 +46,8 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let guest = GuestAssets::locate()?;
     let vmm = guest::vmm_binary()?;
-    match run_here_or_in_lab(&[(guest::VMM_ENV, vmm.clone())])? {
-        Placement::Here(mode) => eprintln!("bench: running here ({mode})"),
-        Placement::RanInLab(status) => {
-            return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
-        }
+    if let Some(code) = frakti_bench::here_or_in_lab(&[(guest::VMM_ENV, vmm.clone())])? {
+        return Ok(code);
     }
     let mut frakti = Samples::default();
     let mut qemu = Samples::default();

@@ -22,7 +22,6 @@ use clap::Parser;
 use frakti_bench::{frakti_command, median};
 use frakti_lab::guest::{self, GuestAssets};
 use frakti_lab::process::{ChildGuard, FileTail, read_log};
-use frakti_lab::rerun::{Placement, run_here_or_in_lab};
 use frakti_lab::runner::CPUS_ENV;
 use frakti_lab::vsock::hybrid_connect;
 
@@ -103,18 +102,13 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         // SAFETY: no other thread runs yet.
         unsafe { std::env::set_var(CPUS_ENV, "2") };
     }
-    match run_here_or_in_lab(&programs)? {
-        Placement::Here(mode) => eprintln!("bench: running here ({mode})"),
-        Placement::RanInLab(status) => {
-            return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
-        }
+    if let Some(code) = frakti_bench::here_or_in_lab(&programs)? {
+        return Ok(code);
     }
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("contention-initrd.cpio");
     guest::build_script_initrd_with(&guest_script(), &[(TOOL, &tool)], &initrd)?;
-    let disk = dir.path().join("disk.raw");
-    // Written, not sparse: the reads come from the page cache, as in `disk`.
-    std::fs::write(&disk, vec![0x5au8; (args.disk << 20) as usize])?;
+    let disk = frakti_bench::written_disk(dir.path(), args.disk)?;
 
     let mut all = Vec::new();
     for i in 0..args.runs {

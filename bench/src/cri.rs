@@ -50,7 +50,6 @@ use anyhow::{anyhow, ensure};
 use clap::Parser;
 use frakti_lab::guest::{self, GuestAssets};
 use frakti_lab::mode::{IN_LAB_ENV, Mode};
-use frakti_lab::rerun::{Placement, run_here_or_in_lab};
 use frakti_lab::runner::TIMEOUT_ENV;
 use runtime::{Client, Memory, Pod};
 
@@ -162,11 +161,8 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             unsafe { std::env::set_var(TIMEOUT_ENV, secs.to_string()) };
         }
     }
-    match run_here_or_in_lab(&programs)? {
-        Placement::Here(mode) => eprintln!("bench: running here ({mode})"),
-        Placement::RanInLab(status) => {
-            return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
-        }
+    if let Some(code) = frakti_bench::here_or_in_lab(&programs)? {
+        return Ok(code);
     }
     let assets = GuestAssets::locate()?;
     programs.push((guest::KERNEL_ENV, assets.kernel));

@@ -12,7 +12,6 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use frakti_bench::{alternate_medians, boot_until_line, frakti_command, median, qemu_command};
 use frakti_lab::guest::{self, GuestAssets};
-use frakti_lab::rerun::{Placement, run_here_or_in_lab};
 
 /// Sequential disk read in the guest: frakti-vmm vs QEMU microvm (ratio).
 #[derive(Debug, Parser)]
@@ -63,18 +62,13 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         (guest::VMM_ENV, vmm.clone()),
         (guest::GUEST_TOOL_ENV, tool.clone()),
     ];
-    match run_here_or_in_lab(&programs)? {
-        Placement::Here(mode) => eprintln!("bench: running here ({mode})"),
-        Placement::RanInLab(status) => {
-            return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
-        }
+    if let Some(code) = frakti_bench::here_or_in_lab(&programs)? {
+        return Ok(code);
     }
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("read-initrd.cpio");
     guest::build_script_initrd_with(&guest_script(), &[(TOOL, &tool)], &initrd)?;
-    let disk = dir.path().join("disk.raw");
-    // Written, not sparse: both VMMs read real data from the page cache.
-    std::fs::write(&disk, vec![0x5au8; (args.size << 20) as usize])?;
+    let disk = frakti_bench::written_disk(dir.path(), args.size)?;
 
     // IOPS per VMM (frakti-vmm, QEMU), beside the MiB/s the medians take.
     let (mut our_iops, mut qemu_iops) = (Vec::new(), Vec::new());

@@ -17,7 +17,6 @@ use frakti_bench::{boot_until_line, frakti_command, median};
 use frakti_cri::image::disk::{DiskFormat, ErofsCompression};
 use frakti_cri::image::{ImageStore, StoreConfig};
 use frakti_lab::guest::{self, GuestAssets};
-use frakti_lab::rerun::{Placement, run_here_or_in_lab};
 
 #[path = "../../cri/tests/support/mod.rs"]
 mod support;
@@ -105,11 +104,8 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         std::fs::write(&figures, text)?;
         programs.push((FIGURES_ENV, figures));
     }
-    match run_here_or_in_lab(&programs)? {
-        Placement::Here(mode) => eprintln!("bench: running here ({mode})"),
-        Placement::RanInLab(status) => {
-            return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
-        }
+    if let Some(code) = frakti_bench::here_or_in_lab(&programs)? {
+        return Ok(code);
     }
     for (env, path) in &programs {
         if std::env::var_os(env).is_none() {

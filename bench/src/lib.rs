@@ -2,12 +2,13 @@
 //! the same test guest, a boot that waits for the guest's result line, and
 //! alternating runs reduced to medians.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use frakti_lab::process::{ChildGuard, FileTail, read_log};
+use frakti_lab::rerun::{Placement, run_here_or_in_lab};
 
 /// Boots `command` (its output to `<console>.vmm.log`) and waits up to
 /// 300 s for the first complete console line starting with `prefix`; the
@@ -49,6 +50,27 @@ pub fn boot_until_line(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Runs the benchmark here, or again inside the lab (with `programs`
+/// copied in) where this host needs it: `Some(exit code)` once that lab
+/// run is over, `None` to go on here.
+pub fn here_or_in_lab(programs: &[(&str, PathBuf)]) -> anyhow::Result<Option<ExitCode>> {
+    match run_here_or_in_lab(programs)? {
+        Placement::Here(mode) => {
+            eprintln!("bench: running here ({mode})");
+            Ok(None)
+        }
+        Placement::RanInLab(status) => Ok(Some(ExitCode::from(u8::try_from(status).unwrap_or(1)))),
+    }
+}
+
+/// A `mib` MiB disk image in `dir`, written rather than sparse so that a
+/// VMM reads real data from the page cache.
+pub fn written_disk(dir: &Path, mib: u64) -> anyhow::Result<PathBuf> {
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, vec![0x5au8; usize::try_from(mib << 20)?])?;
+    Ok(disk)
 }
 
 /// frakti-vmm booting `kernel` + `initrd` with 256 MiB, console to

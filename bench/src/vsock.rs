@@ -17,7 +17,6 @@ use clap::Parser;
 use frakti_bench::{alternate_medians, frakti_command, qemu_command};
 use frakti_lab::guest::{self, GuestAssets};
 use frakti_lab::process::{ChildGuard, read_log};
-use frakti_lab::rerun::{Placement, run_here_or_in_lab};
 use frakti_lab::vsock::{hybrid_connect, kernel_connect};
 
 /// Host-to-guest vsock throughput: frakti-vmm vs QEMU microvm (ratio).
@@ -55,11 +54,8 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         (guest::VMM_ENV, vmm.clone()),
         (guest::GUEST_TOOL_ENV, tool.clone()),
     ];
-    match run_here_or_in_lab(&programs)? {
-        Placement::Here(mode) => eprintln!("bench: running here ({mode})"),
-        Placement::RanInLab(status) => {
-            return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
-        }
+    if let Some(code) = frakti_bench::here_or_in_lab(&programs)? {
+        return Ok(code);
     }
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("sink-initrd.cpio");

@@ -65,6 +65,7 @@ bench: assets
 	$(CARGO) run -q --release -p frakti-bench --bin disk
 	$(CARGO) run -q --release -p frakti-bench --bin vsock
 	$(CARGO) run -q --release -p frakti-bench --bin contention
+	$(CARGO) run -q --release -p frakti-bench --bin net
 	$(CARGO) build --release -p frakti-cri
 	$(CARGO) run -q --release -p frakti-bench --bin images
 	$(CARGO) run -q --release -p frakti-bench --bin image_disks

@@ -33,14 +33,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const EXTRA_CMDLINE: &str = "quiet frakti_after_ready=wait";
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("bench: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    frakti_bench::exit(run(&Args::parse()))
 }
 
 fn run(args: &Args) -> anyhow::Result<ExitCode> {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
-use frakti_bench::{frakti_command, median};
-use frakti_lab::guest::{self, GuestAssets};
+use frakti_bench::{Entered, VmBench, frakti_command, median};
+use frakti_lab::guest;
 use frakti_lab::process::{ChildGuard, FileTail, read_log};
 use frakti_lab::runner::CPUS_ENV;
 use frakti_lab::vsock::hybrid_connect;
@@ -74,13 +74,7 @@ struct Figures {
 }
 
 fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("bench: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    frakti_bench::exit(run(&Args::parse()))
 }
 
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -88,13 +82,6 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         args.runs >= 1 && args.disk >= 1 && args.stream >= 1,
         "sizes and runs must be at least 1"
     );
-    let guest = GuestAssets::locate()?;
-    let vmm = guest::vmm_binary()?;
-    let tool = guest::guest_tool_binary()?;
-    let programs = [
-        (guest::VMM_ENV, vmm.clone()),
-        (guest::GUEST_TOOL_ENV, tool.clone()),
-    ];
     if std::env::var_os(CPUS_ENV).is_none() {
         // Two L1 CPUs: with one, the guest's vCPUs, the VMM's device
         // threads and the host's streamer all take turns on it, and the
@@ -102,9 +89,10 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         // SAFETY: no other thread runs yet.
         unsafe { std::env::set_var(CPUS_ENV, "2") };
     }
-    if let Some(code) = frakti_bench::here_or_in_lab(&programs)? {
-        return Ok(code);
-    }
+    let VmBench { guest, vmm, tool } = match VmBench::enter()? {
+        Entered::Here(bench) => bench,
+        Entered::RanInLab(code) => return Ok(code),
+    };
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("contention-initrd.cpio");
     guest::build_script_initrd_with(&guest_script(), &[(TOOL, &tool)], &initrd)?;

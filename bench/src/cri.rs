@@ -121,13 +121,7 @@ impl Args {
 const GOAL: f64 = 1.5;
 
 fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("bench: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    frakti_bench::exit(run(&Args::parse()))
 }
 
 fn run(args: &Args) -> anyhow::Result<ExitCode> {

@@ -10,8 +10,10 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use frakti_bench::{alternate_medians, boot_until_line, frakti_command, median, qemu_command};
-use frakti_lab::guest::{self, GuestAssets};
+use frakti_bench::{
+    Entered, VmBench, alternate_medians, boot_until_line, frakti_command, median, qemu_command,
+};
+use frakti_lab::guest;
 
 /// Sequential disk read in the guest: frakti-vmm vs QEMU microvm (ratio).
 #[derive(Debug, Parser)]
@@ -45,26 +47,14 @@ echo "@@ read_seconds $(echo "$start $end" | awk '{{print $2 - $1}}') bytes $(($
 }
 
 fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("bench: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    frakti_bench::exit(run(&Args::parse()))
 }
 
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let guest = GuestAssets::locate()?;
-    let vmm = guest::vmm_binary()?;
-    let tool = guest::guest_tool_binary()?;
-    let programs = [
-        (guest::VMM_ENV, vmm.clone()),
-        (guest::GUEST_TOOL_ENV, tool.clone()),
-    ];
-    if let Some(code) = frakti_bench::here_or_in_lab(&programs)? {
-        return Ok(code);
-    }
+    let VmBench { guest, vmm, tool } = match VmBench::enter()? {
+        Entered::Here(bench) => bench,
+        Entered::RanInLab(code) => return Ok(code),
+    };
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("read-initrd.cpio");
     guest::build_script_initrd_with(&guest_script(), &[(TOOL, &tool)], &initrd)?;

@@ -62,13 +62,7 @@ echo "@@ disk mount $t0 $t1 find $t2 read $t3 paths $n"
 "#;
 
 fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("bench: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    frakti_bench::exit(run(&Args::parse()))
 }
 
 /// One disk made on the host.

@@ -49,13 +49,7 @@ const CONTENT: &str = "io.containerd.content.v1.content";
 const OVERLAYFS: &str = "io.containerd.snapshotter.v1.overlayfs";
 
 fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("bench: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    frakti_bench::exit(run(&Args::parse()))
 }
 
 fn run(args: &Args) -> anyhow::Result<ExitCode> {

@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use frakti_lab::guest::{self, GuestAssets};
 use frakti_lab::process::{ChildGuard, FileTail, read_log};
 use frakti_lab::rerun::{Placement, run_here_or_in_lab};
 
@@ -49,6 +50,47 @@ pub fn boot_until_line(
             bail!("no result within 300 s:\n{}", read_log(console));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A benchmark's exit: its code, or `bench: error: …` and failure.
+pub fn exit(result: anyhow::Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("bench: error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+/// What a VMM benchmark boots: the guest, frakti-vmm and the guest tool.
+pub struct VmBench {
+    pub guest: GuestAssets,
+    pub vmm: PathBuf,
+    pub tool: PathBuf,
+}
+
+/// Where [`VmBench::enter`] leaves the benchmark.
+pub enum Entered {
+    /// Go on here with these.
+    Here(VmBench),
+    /// The benchmark ran inside the lab; this is its exit code.
+    RanInLab(ExitCode),
+}
+
+impl VmBench {
+    /// Finds the guest, the VMM and the guest tool, then goes on here or
+    /// runs the benchmark again inside the lab with them copied in.
+    pub fn enter() -> anyhow::Result<Entered> {
+        let guest = GuestAssets::locate()?;
+        let vmm = guest::vmm_binary()?;
+        let tool = guest::guest_tool_binary()?;
+        let programs = [
+            (guest::VMM_ENV, vmm.clone()),
+            (guest::GUEST_TOOL_ENV, tool.clone()),
+        ];
+        Ok(match here_or_in_lab(&programs)? {
+            Some(code) => Entered::RanInLab(code),
+            None => Entered::Here(VmBench { guest, vmm, tool }),
+        })
     }
 }
 

@@ -13,8 +13,10 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
-use frakti_bench::{alternate_medians, boot_until_line, frakti_command, qemu_command};
-use frakti_lab::guest::{self, GuestAssets};
+use frakti_bench::{
+    Entered, VmBench, alternate_medians, boot_until_line, frakti_command, qemu_command,
+};
+use frakti_lab::guest;
 
 /// Guest → L1 TCP through a tap: frakti-vmm vs QEMU microvm (ratio).
 #[derive(Debug, Parser)]
@@ -46,13 +48,7 @@ fn guest_script(bytes: u64) -> String {
 }
 
 fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("bench: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    frakti_bench::exit(run(&Args::parse()))
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -93,16 +89,10 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         args.runs >= 1 && args.size >= 1,
         "--runs and --size must be at least 1"
     );
-    let guest = GuestAssets::locate()?;
-    let vmm = guest::vmm_binary()?;
-    let tool = guest::guest_tool_binary()?;
-    let programs = [
-        (guest::VMM_ENV, vmm.clone()),
-        (guest::GUEST_TOOL_ENV, tool.clone()),
-    ];
-    if let Some(code) = frakti_bench::here_or_in_lab(&programs)? {
-        return Ok(code);
-    }
+    let VmBench { guest, vmm, tool } = match VmBench::enter()? {
+        Entered::Here(bench) => bench,
+        Entered::RanInLab(code) => return Ok(code),
+    };
     let bytes = args.size << 20;
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("net-initrd.cpio");

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use frakti_bench::{alternate_medians, frakti_command, qemu_command};
-use frakti_lab::guest::{self, GuestAssets};
+use frakti_bench::{Entered, VmBench, alternate_medians, frakti_command, qemu_command};
+use frakti_lab::guest;
 use frakti_lab::process::{ChildGuard, read_log};
 use frakti_lab::vsock::{hybrid_connect, kernel_connect};
 
@@ -37,26 +37,14 @@ const TOOL: &str = "/bin/frakti-guest-tool";
 const CHUNK: usize = 256 * 1024;
 
 fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("bench: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    frakti_bench::exit(run(&Args::parse()))
 }
 
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let guest = GuestAssets::locate()?;
-    let vmm = guest::vmm_binary()?;
-    let tool = guest::guest_tool_binary()?;
-    let programs = [
-        (guest::VMM_ENV, vmm.clone()),
-        (guest::GUEST_TOOL_ENV, tool.clone()),
-    ];
-    if let Some(code) = frakti_bench::here_or_in_lab(&programs)? {
-        return Ok(code);
-    }
+    let VmBench { guest, vmm, tool } = match VmBench::enter()? {
+        Entered::Here(bench) => bench,
+        Entered::RanInLab(code) => return Ok(code),
+    };
     let dir = tempfile::tempdir()?;
     let initrd = dir.path().join("sink-initrd.cpio");
     let script = format!("{TOOL} vsock-sink {PORT} 1\n");

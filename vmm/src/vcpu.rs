@@ -435,6 +435,15 @@ impl VcpuRemote {
         self.control.requested()
     }
 
+    /// A transition that did not happen: the vCPUs are already where
+    /// asked, or they have exited.
+    fn not_moved(&self) -> Result<(), Error> {
+        match self.control.requested() {
+            VcpuState::Exited => Err(Error::Exited),
+            _ => Ok(()),
+        }
+    }
+
     pub fn pause(&self) -> Result<(), Error> {
         let n = {
             let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
@@ -446,10 +455,7 @@ impl VcpuRemote {
                 .control
                 .transition(VcpuState::Running, VcpuState::Paused)
             {
-                return match self.control.requested() {
-                    VcpuState::Exited => Err(Error::Exited),
-                    _ => Ok(()),
-                };
+                return self.not_moved();
             }
             for thread in threads.iter() {
                 // SAFETY: `Vcpus::join` empties this list under the same
@@ -469,10 +475,7 @@ impl VcpuRemote {
             .control
             .transition(VcpuState::Paused, VcpuState::Running)
         {
-            return match self.control.requested() {
-                VcpuState::Exited => Err(Error::Exited),
-                _ => Ok(()),
-            };
+            return self.not_moved();
         }
         self.control
             .wait_parked("resume", |p| p == 0, STATE_CHANGE_TIMEOUT)

@@ -250,11 +250,12 @@ async fn read_all(
     stream: pb::OutputStream,
 ) -> String {
     let mut out = client
-        .read_output(pb::ReadOutputRequest {
+        .read_output(tokio_stream::once(pb::ReadOutputRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
             stream: stream as i32,
-        })
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -385,6 +386,85 @@ async fn output_and_exit_code() {
     );
 }
 
+/// An acknowledging ReadOutput reader: its first request and a sender for
+/// its confirmations.
+async fn read_acknowledging(
+    client: &mut Client,
+    id: &str,
+    from_offset: u64,
+) -> Result<
+    (
+        tonic::Streaming<pb::OutputChunk>,
+        tokio::sync::mpsc::Sender<pb::ReadOutputRequest>,
+    ),
+    tonic::Status,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::ReadOutputRequest {
+        container_id: id.into(),
+        stream: pb::OutputStream::Stdout as i32,
+        from_offset,
+        acknowledge: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let out = client
+        .read_output(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((out, tx))
+}
+
+#[tokio::test]
+async fn a_resuming_reader_gets_what_was_not_confirmed_again() {
+    let mut agent = Agent::start().await;
+    let c = &mut agent.client;
+    run(
+        c,
+        "resume",
+        &spec(&["sh", "-c", "echo one; echo two; sleep 1000"]),
+    )
+    .await;
+    let (mut out, confirm) = read_acknowledging(c, "resume", 0).await.unwrap();
+    let first = out.message().await.unwrap().unwrap();
+    assert_eq!(first.offset, 0);
+    let mut text = String::from_utf8_lossy(&first.data).into_owned();
+    text.push_str(&read_until(&mut out, "two").await);
+    assert_eq!(text, "one\ntwo\n");
+    // The reader keeps "one\n" for good, then goes away.
+    confirm
+        .send(pb::ReadOutputRequest {
+            kept: 4,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    drop((out, confirm));
+
+    let (mut out, _confirm) = read_acknowledging(c, "resume", 4).await.unwrap();
+    let again = out.message().await.unwrap().unwrap();
+    assert_eq!((again.offset, again.data.as_slice()), (4, &b"two\n"[..]));
+    // Another acknowledging reader replaces it; a plain one may not, and
+    // nobody may claim more than the stream has made.
+    let err = c
+        .read_output(tokio_stream::once(pb::ReadOutputRequest {
+            container_id: "resume".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    let err = read_acknowledging(c, "resume", 9).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    let (mut out, _confirm) = read_acknowledging(c, "resume", 8).await.unwrap();
+    signal(c, "resume", "", 9).await.unwrap();
+    assert!(
+        out.message().await.unwrap().is_none(),
+        "nothing after 8 bytes"
+    );
+}
+
 #[tokio::test]
 async fn sigkill_gives_137() {
     let mut agent = Agent::start().await;
@@ -418,11 +498,12 @@ async fn sigterm_to_a_shell_with_a_trap() {
             ]),
         )
         .await;
-        c.read_output(pb::ReadOutputRequest {
+        c.read_output(tokio_stream::once(pb::ReadOutputRequest {
             container_id: "trap".into(),
             exec_id: String::new(),
             stream: pb::OutputStream::Stdout as i32,
-        })
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner()
@@ -507,11 +588,12 @@ async fn tty_exec_with_resize() {
     p["consoleSize"] = json!({"height": 24, "width": 80});
     exec(c, "tty", "sh", p).await.unwrap();
     let mut out = c
-        .read_output(pb::ReadOutputRequest {
+        .read_output(tokio_stream::once(pb::ReadOutputRequest {
             container_id: "tty".into(),
             exec_id: "sh".into(),
             stream: pb::OutputStream::Stdout as i32,
-        })
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -1813,11 +1895,12 @@ async fn seccomp_profiles_apply_to_init_and_exec() {
     );
     run(c, "filtered", &s).await;
     let mut out = c
-        .read_output(pb::ReadOutputRequest {
+        .read_output(tokio_stream::once(pb::ReadOutputRequest {
             container_id: "filtered".into(),
             exec_id: String::new(),
             stream: pb::OutputStream::Stdout as i32,
-        })
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner();

@@ -50,7 +50,7 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// The minor version of the v1 agent API this crate defines; bumped when an
 /// RPC or a field is added (reported by `GetVersion`).
-pub const AGENT_API_VERSION: u32 = 2;
+pub const AGENT_API_VERSION: u32 = 3;
 
 /// The agent writes [`BOOT_DONE_VALUE`] to this x86 I/O port once it is ready;
 /// the VMM records the time since its own start. Elsewhere (QEMU) the write

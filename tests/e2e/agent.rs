@@ -613,8 +613,9 @@ pub(crate) async fn read_all(
         container_id: id.into(),
         exec_id: exec_id.into(),
         stream: stream as i32,
+        ..Default::default()
     };
-    let mut out = step("ReadOutput", c.read_output(request))
+    let mut out = step("ReadOutput", c.read_output(tokio_stream::once(request)))
         .await?
         .into_inner();
     let mut data = Vec::new();

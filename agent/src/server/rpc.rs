@@ -1,7 +1,7 @@
 //! The Agent API, RPC by RPC.
 
 use super::*;
-use crate::output::Piece;
+use crate::output::{Attach, AttachError, Piece, Placed};
 
 pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -309,9 +309,13 @@ impl AgentApi for Service {
 
     async fn read_output(
         &self,
-        request: Request<pb::ReadOutputRequest>,
+        request: Request<tonic::Streaming<pb::ReadOutputRequest>>,
     ) -> Result<Response<Self::ReadOutputStream>, Status> {
-        let r = request.into_inner();
+        let mut requests = request.into_inner();
+        let r = requests
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("ReadOutput: no request message"))?;
         require_id("container_id", &r.container_id)?;
         let stream = match pb::OutputStream::try_from(r.stream) {
             Ok(pb::OutputStream::Stdout) => container::Stream::Stdout,
@@ -327,19 +331,33 @@ impl AgentApi for Service {
             .containers()
             .output(&r.container_id, &r.exec_id, stream)
             .await?;
-        let (tx, rx) = mpsc::channel::<Piece>(16);
-        output
-            .drain(tx)
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |piece| {
+        let (tx, rx) = mpsc::channel::<Placed>(16);
+        let how = Attach {
+            from: r.from_offset,
+            acknowledging: r.acknowledge,
+        };
+        let generation = output.drain(how, tx).map_err(|e| match e {
+            AttachError::AlreadyRead => Status::failed_precondition(e.to_string()),
+            AttachError::Beyond { .. } => Status::out_of_range(e.to_string()),
+        })?;
+        if r.acknowledge {
+            tokio::spawn(async move {
+                while let Ok(Some(message)) = requests.message().await {
+                    output.acknowledge(generation, message.kept);
+                }
+            });
+        }
+        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |(offset, piece)| {
             Ok(match piece {
                 Piece::Data(data) => pb::OutputChunk {
                     data,
                     lost_bytes: 0,
+                    offset,
                 },
                 Piece::Lost(lost_bytes) => pb::OutputChunk {
                     data: Vec::new(),
                     lost_bytes,
+                    offset,
                 },
             })
         });

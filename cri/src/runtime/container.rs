@@ -12,8 +12,9 @@ use frakti_proto::agent::v1 as pb;
 use futures_util::StreamExt;
 use k8s_cri::v1 as cri;
 use tokio::sync::{broadcast, watch};
+use tokio_stream::wrappers::WatchStream;
 
-use super::logs::{Chunk, ContainerLog, StreamKind};
+use super::logs::{Chunk, ContainerLog, Placed, StreamKind};
 use super::pod::Pod;
 use super::spec::{self, SpecInput};
 use super::state::{self, ContainerPhase, ContainerRecord};
@@ -90,6 +91,11 @@ impl Container {
 
     pub fn record(&self) -> ContainerRecord {
         lock(&self.record).clone()
+    }
+
+    /// Where the log pumps save how far the log has each stream.
+    pub(crate) fn log_progress_path(&self) -> PathBuf {
+        self.dir.join("log-progress")
     }
 
     pub(crate) fn save(&self) {
@@ -494,7 +500,10 @@ impl Runtime {
         let log = if log_path.is_empty() {
             None
         } else {
-            Some(ContainerLog::open(Path::new(&log_path))?)
+            Some(ContainerLog::open(
+                Path::new(&log_path),
+                &container.log_progress_path(),
+            )?)
         };
         let request = pb::StartContainerRequest {
             container_id: id.to_string(),
@@ -525,7 +534,10 @@ impl Runtime {
     }
 
     /// Copies the container's stdout and stderr into its log (or drains
-    /// them: a full pipe would block the container).
+    /// them: a full pipe would block the container). The pumps confirm to
+    /// the agent what the log has for good, so a daemon killed meanwhile
+    /// resumes where the log is (`ContainerLog::resume_offset`) and no
+    /// output in flight is lost.
     pub(crate) fn start_pumps(
         &self,
         container: &Container,
@@ -542,35 +554,64 @@ impl Runtime {
             let log = log.clone();
             let attached = container.output.clone();
             tokio::spawn(async move {
+                let from = log.as_ref().and_then(|log| log.resume_offset(kind));
                 let request = pb::ReadOutputRequest {
                     container_id: id.clone(),
                     exec_id: String::new(),
                     stream: stream as i32,
+                    from_offset: from.unwrap_or(0),
+                    acknowledge: true,
+                    kept: 0,
                 };
-                let output = match agent.read_output(request).await {
+                // Confirmations: only the latest matters.
+                let (kept_tx, kept_rx) = watch::channel(0u64);
+                let confirmations =
+                    WatchStream::from_changes(kept_rx).map(|kept| pb::ReadOutputRequest {
+                        kept,
+                        ..Default::default()
+                    });
+                let requests = tokio_stream::once(request).chain(confirmations);
+                let output = match agent.read_output(requests).await {
                     Ok(response) => response.into_inner(),
                     Err(status) => {
-                        tracing::debug!(container = %id, "ReadOutput: {}", status.message());
+                        tracing::warn!(container = %id, ?kind, "ReadOutput: {}", status.message());
                         return;
                     }
                 };
                 let chunks = output.map(move |r| {
                     r.map(|chunk| {
-                        if chunk.lost_bytes > 0 {
-                            return Chunk::Lost(chunk.lost_bytes);
+                        let chunk_data = if chunk.lost_bytes > 0 {
+                            Chunk::Lost(chunk.lost_bytes)
+                        } else {
+                            let data = Bytes::from(chunk.data);
+                            // No attach client: the error is "no receiver".
+                            let _ = attached.send((kind, data.clone()));
+                            Chunk::Data(data)
+                        };
+                        Placed {
+                            offset: chunk.offset,
+                            chunk: chunk_data,
                         }
-                        let data = Bytes::from(chunk.data);
-                        // No attach client: the error is "no receiver".
-                        let _ = attached.send((kind, data.clone()));
-                        Chunk::Data(data)
                     })
                 });
+                let confirm = |kept| {
+                    let _ = kept_tx.send(kept);
+                };
                 match log {
                     Some(log) => {
-                        let end = log.pump(kind, chunks).await;
+                        let end = log.pump(kind, chunks, from, confirm).await;
                         tracing::debug!(container = %id, ?kind, ?end, "log pump ended");
                     }
-                    None => chunks.for_each(|_| async {}).await,
+                    None => {
+                        chunks
+                            .for_each(|placed| {
+                                if let Ok(placed) = placed {
+                                    confirm(placed.end());
+                                }
+                                async {}
+                            })
+                            .await
+                    }
                 }
             });
         }

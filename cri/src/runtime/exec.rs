@@ -40,8 +40,9 @@ async fn read_stream(
         container_id,
         exec_id,
         stream: stream as i32,
+        ..Default::default()
     };
-    let Ok(response) = agent.read_output(request).await else {
+    let Ok(response) = agent.read_output(tokio_stream::once(request)).await else {
         return;
     };
     let mut chunks = response.into_inner();

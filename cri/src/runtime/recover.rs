@@ -199,9 +199,14 @@ async fn resume(
                 let log = if log_path.is_empty() {
                     None
                 } else {
-                    ContainerLog::open(std::path::Path::new(&log_path))
-                        .map_err(|e| tracing::warn!(container = %container.id, "{}", crate::error_chain(&e)))
-                        .ok()
+                    ContainerLog::open(
+                        std::path::Path::new(&log_path),
+                        &container.log_progress_path(),
+                    )
+                    .map_err(
+                        |e| tracing::warn!(container = %container.id, "{}", crate::error_chain(&e)),
+                    )
+                    .ok()
                 };
                 *lock(&container.log) = log.clone();
                 // Unknown snapshots: the first poll sends the host's content

@@ -243,10 +243,11 @@ fn spawn_output(
         container_id: target.container_id.clone(),
         exec_id: target.exec_id.clone(),
         stream: stream as i32,
+        ..Default::default()
     };
     let closed = sink.clone();
     let task = tokio::spawn(async move {
-        let mut chunks = match agent.read_output(request).await {
+        let mut chunks = match agent.read_output(tokio_stream::once(request)).await {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 tracing::debug!("ReadOutput: {}", status.message());

@@ -154,9 +154,24 @@ async fn restart(daemon: &mut Daemon) -> anyhow::Result<()> {
         "while true; do head -c 1048576 /dev/zero; echo; done",
     ];
     let flooder = run_container(&mut c, &pod, "flooder", &flood).await?;
+    // Numbered lines at up to ~20 KiB/s: far less than the agent keeps
+    // while the daemon is away, so every line must be in the log once.
+    let count = [
+        "sh",
+        "-c",
+        "i=0; while true; do echo \"count $i ....................................\"; \
+         i=$((i+1)); [ $((i % 50)) = 0 ] && sleep 0.1; done",
+    ];
+    run_container(&mut c, &pod, "counter", &count).await?;
     let log = daemon.log_dir().join("ticker.log");
+    let count_log = daemon.log_dir().join("counter.log");
     wait_for_text(&log, "tick 2\n", Duration::from_secs(30)).await?;
+    wait_for_text(&count_log, "count 100 ", Duration::from_secs(30)).await?;
 
+    // Stopped first, so that output is in flight (in the connection, read
+    // but not yet written) when the daemon dies.
+    signal_process(daemon.pid().context("no daemon")?, "STOP")?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     daemon.kill();
     // The quitter exits while nobody watches.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -201,6 +216,31 @@ async fn restart(daemon: &mut Daemon) -> anyhow::Result<()> {
         ticks.first() == Some(&0) && gaps.is_empty(),
         "ticks missing or repeated: {gaps:?}"
     );
+    // Nor was any output in flight when the daemon died, nor repeated.
+    let at_restart = count_lines(&count_log)?.len();
+    wait_for_text(
+        &count_log,
+        &format!("count {} ", at_restart + 200),
+        Duration::from_secs(60),
+    )
+    .await?;
+    let counts = count_lines(&count_log)?;
+    let wrong: Vec<(usize, &String)> = counts
+        .iter()
+        .enumerate()
+        .filter(|(i, line)| !line.starts_with(&format!("count {i} ")))
+        .take(3)
+        .collect();
+    ensure!(
+        wrong.is_empty(),
+        "the counter's log is not every line once, in order ({} lines): first wrong {wrong:?}",
+        counts.len()
+    );
+    eprintln!(
+        "cri: the counter's {} lines are all in its log once across the restart ({} then)",
+        counts.len(),
+        at_restart
+    );
     let out = exec(&mut c, &ticker, &["echo", "still here"], 10).await?;
     ensure!(out.stdout == b"still here\n", "{out:?}");
     // The flood's output flows again after the restart (its pumps took the
@@ -239,5 +279,31 @@ async fn restart(daemon: &mut Daemon) -> anyhow::Result<()> {
     );
 
     remove_pod_without_leaks(daemon, &mut c, &pod).await?;
+    Ok(())
+}
+
+/// The contents of the CRI records of a log (partial records joined).
+fn count_lines(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for record in text.lines() {
+        let mut fields = record.splitn(4, ' ');
+        let (tag, content) = (fields.nth(2), fields.next().unwrap_or(""));
+        line.push_str(content);
+        if tag != Some("P") {
+            lines.push(std::mem::take(&mut line));
+        }
+    }
+    Ok(lines)
+}
+
+/// Sends `kill -SIGNAL` to `pid`.
+fn signal_process(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()?;
+    ensure!(status.success(), "kill -{signal} {pid}: {status}");
     Ok(())
 }

@@ -28,17 +28,27 @@
 //! writes made from the pump's task: a record is at most `MAX_LINE` bytes plus
 //! a 50-byte header, which the page cache takes at once, so going through
 //! `spawn_blocking` would cost more than it saves.
+//!
+//! Nothing is lost or repeated when the daemon is killed: after each chunk
+//! the pump saves how far the log has its stream ([`progress`]) and only
+//! then confirms that offset to the agent, which keeps what it sent until
+//! confirmed; the restarted daemon cuts the file back to the saved size
+//! and resumes each stream from its saved offset.
 
 use std::fmt::{self, Display};
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+
+use progress::Progress;
+
+mod progress;
 
 /// The longest content of one record, in bytes.
 pub const MAX_LINE: usize = 16 * 1024;
@@ -59,6 +69,12 @@ pub enum Error {
     },
     #[error("opening the log file {path}")]
     Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the log's progress file {path}")]
+    Progress {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -289,17 +305,87 @@ pub enum PumpEnd {
     Failed(String),
 }
 
+/// A chunk of output and the stream offset of its first byte (a gap spans
+/// the offsets of the bytes it stands for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub offset: u64,
+    pub chunk: Chunk,
+}
+
+impl Placed {
+    /// The offset just past the chunk.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(self.chunk.span())
+    }
+}
+
+impl Chunk {
+    /// How many stream offsets the chunk spans.
+    pub fn span(&self) -> u64 {
+        match self {
+            Chunk::Data(data) => data.len() as u64,
+            Chunk::Lost(n) => *n,
+        }
+    }
+
+    /// Without its first `n` offsets (n < span).
+    fn skip(self, n: u64) -> Chunk {
+        match self {
+            // n < data.len(), a usize.
+            Chunk::Data(data) => Chunk::Data(data.slice(n as usize..)),
+            Chunk::Lost(lost) => Chunk::Lost(lost - n),
+        }
+    }
+}
+
+/// Fits a chunk to the stream position the log has reached (`expected`;
+/// `None`: wherever the source starts): what the log has already is
+/// skipped, what the source no longer has is a gap before the rest.
+fn align(expected: &mut Option<u64>, placed: Placed) -> Vec<Chunk> {
+    let Placed { offset, chunk } = placed;
+    let at = *expected.get_or_insert(offset);
+    let end = offset.saturating_add(chunk.span());
+    if end <= at {
+        return Vec::new();
+    }
+    *expected = Some(end);
+    if offset < at {
+        return vec![chunk.skip(at - offset)];
+    }
+    match offset - at {
+        0 => vec![chunk],
+        gap => vec![Chunk::Lost(gap), chunk],
+    }
+}
+
 /// One container's log file, shared by its output pumps.
 #[derive(Debug)]
 pub struct ContainerLog {
     path: PathBuf,
-    file: Mutex<File>,
+    inner: Mutex<LogFile>,
+    /// The progress found when the log was opened (a daemon restart).
+    resumed: Option<Progress>,
+}
+
+#[derive(Debug)]
+struct LogFile {
+    file: File,
+    progress: Progress,
+    progress_file: File,
+    /// Saving the progress failed (reported once).
+    progress_failing: bool,
 }
 
 impl ContainerLog {
-    /// Opens (creating, mode 0640, appending) the file at `path`. kubelet makes
-    /// its directory; missing parents are created with mode 0755 for the CLI.
-    pub fn open(path: &Path) -> Result<Arc<ContainerLog>, Error> {
+    /// Opens (creating, mode 0640, appending) the file at `path`, with its
+    /// progress file at `progress_path`. kubelet makes the log's directory;
+    /// missing parents are created with mode 0755 for the CLI.
+    ///
+    /// When the progress file says this log file was written past the last
+    /// saved progress (the daemon was killed between a write and its save),
+    /// the file is cut back: those records come again from the agent.
+    pub fn open(path: &Path, progress_path: &Path) -> Result<Arc<ContainerLog>, Error> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             DirBuilder::new()
                 .recursive(true)
@@ -310,10 +396,44 @@ impl ContainerLog {
                     source,
                 })?;
         }
+        let progress_error = |source| Error::Progress {
+            path: progress_path.to_path_buf(),
+            source,
+        };
+        let resumed = progress::load(progress_path).map_err(progress_error)?;
         let file = open_file(path)?;
+        let mut progress = resumed.unwrap_or_default();
+        let meta = file.metadata().map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if resumed.is_some() && meta.ino() == progress.ino && meta.len() > progress.size {
+            tracing::info!(
+                "{}: dropping the last {} bytes, written after the last saved progress: \
+                 the agent sends their output again",
+                path.display(),
+                meta.len() - progress.size
+            );
+            file.set_len(progress.size).map_err(|source| Error::Write {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        progress.set_file(&file).map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let progress_file = progress::open(progress_path).map_err(progress_error)?;
+        progress::save(&progress_file, &progress).map_err(progress_error)?;
         Ok(Arc::new(ContainerLog {
             path: path.to_path_buf(),
-            file: Mutex::new(file),
+            inner: Mutex::new(LogFile {
+                file,
+                progress,
+                progress_file,
+                progress_failing: false,
+            }),
+            resumed,
         }))
     }
 
@@ -321,28 +441,40 @@ impl ContainerLog {
         &self.path
     }
 
+    /// Where `stream` resumes: the saved offset when the log was opened
+    /// after a restart, `None` for a new log (the stream starts wherever
+    /// the agent has it).
+    pub fn resume_offset(&self, stream: StreamKind) -> Option<u64> {
+        self.resumed.map(|p| p.offset(stream))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogFile> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Reopens the path (kubelet renamed the file for rotation): later records
     /// go to a new file at the same path. Safe while pumps run: a record is
     /// written whole to either the old file or the new one.
     pub fn reopen(&self) -> Result<(), Error> {
         let file = open_file(&self.path)?;
-        *self.file.lock().unwrap_or_else(PoisonError::into_inner) = file;
+        let mut inner = self.lock();
+        inner.file = file;
+        self.save_progress(&mut inner);
         Ok(())
     }
 
     /// Writes one whole record. (A write that fails half-way, the disk being
     /// full, may leave part of it in the file, as with containerd.)
     pub fn write_record(&self, record: &[u8]) -> Result<(), Error> {
-        let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
-        file.write_all(record).map_err(|source| Error::Write {
-            path: self.path.clone(),
-            source,
-        })
+        write(&mut self.lock().file, &self.path, record)
     }
 
     /// Copies `source` (a stream of output chunks, e.g. the agent's
-    /// `ReadOutput` stream mapped to `Bytes`) into the log until it ends;
-    /// returns how it ended.
+    /// `ReadOutput` stream) into the log until it ends; returns how it
+    /// ended. `from` is where the log has the stream already ([`resume_offset`](Self::resume_offset)):
+    /// what comes again before it is skipped. After each chunk the records
+    /// are written, the progress saved, and `confirm` told the offset up to
+    /// which the stream is in the log for good (an unfinished line is not).
     ///
     /// A write error (disk full) is logged and the pump keeps draining,
     /// dropping records, so the container never blocks on its log. Once
@@ -350,54 +482,50 @@ impl ContainerLog {
     /// stream saying how much content was dropped:
     /// `[frakti] N bytes of stdout were lost: <error>` (N counts the contents
     /// of the dropped records, not their line ends).
-    pub async fn pump<S, T, E>(self: Arc<Self>, stream: StreamKind, mut source: S) -> PumpEnd
+    pub async fn pump<S, E>(
+        self: Arc<Self>,
+        stream: StreamKind,
+        mut source: S,
+        from: Option<u64>,
+        mut confirm: impl FnMut(u64),
+    ) -> PumpEnd
     where
-        S: Stream<Item = Result<T, E>> + Unpin,
-        T: Into<Chunk>,
+        S: Stream<Item = Result<Placed, E>> + Unpin,
         E: Display,
     {
         let mut encoder = LineEncoder::new(stream);
         let mut loss = None;
+        let mut expected = from;
         let end = loop {
-            match source.next().await.map(|item| item.map(Into::into)) {
-                Some(Ok(Chunk::Data(data))) => {
-                    encoder.push_each(&data, SystemTime::now(), |record, len| {
-                        self.deliver(stream, &record, len, &mut loss)
-                    })
-                }
-                Some(Ok(Chunk::Lost(bytes))) => {
-                    // The line the gap cut ends here; the notice follows.
-                    let now = SystemTime::now();
-                    if let Some((record, len)) = encoder.take_pending(Tag::Full, now) {
-                        self.deliver(stream, &record, len, &mut loss);
+            let mut batch = Vec::new();
+            let mut emit = |record, len| batch.push((record, len));
+            let end = match source.next().await {
+                Some(Ok(placed)) => {
+                    for chunk in align(&mut expected, placed) {
+                        encode(&mut encoder, stream, chunk, &mut emit);
                     }
-                    let notice = format!(
-                        "[frakti] {bytes} bytes of {stream} were lost: written while the daemon \
-                         was not reading, beyond what the agent keeps"
-                    );
-                    let record = encode_record(
-                        &format_timestamp(now),
-                        stream,
-                        Tag::Full,
-                        &[notice.as_bytes()],
-                    );
-                    self.deliver(stream, &record, notice.len(), &mut loss);
+                    None
                 }
                 Some(Err(err)) => {
-                    if let Some((record, len)) =
-                        encoder.take_pending(Tag::Partial, SystemTime::now())
-                    {
-                        self.deliver(stream, &record, len, &mut loss);
+                    if let Some(pending) = encoder.take_pending(Tag::Partial, SystemTime::now()) {
+                        emit(pending.0, pending.1);
                     }
-                    break PumpEnd::Failed(err.to_string());
+                    Some(PumpEnd::Failed(err.to_string()))
                 }
                 None => {
-                    if let Some((record, len)) = encoder.take_pending(Tag::Full, SystemTime::now())
-                    {
-                        self.deliver(stream, &record, len, &mut loss);
+                    if let Some(pending) = encoder.take_pending(Tag::Full, SystemTime::now()) {
+                        emit(pending.0, pending.1);
                     }
-                    break PumpEnd::Eof;
+                    Some(PumpEnd::Eof)
                 }
+            };
+            let kept = expected.map(|at| at.saturating_sub(encoder.pending.len() as u64));
+            self.deliver(stream, &batch, kept, &mut loss);
+            if let Some(end) = end {
+                break end;
+            }
+            if let Some(kept) = kept {
+                confirm(kept);
             }
         };
         if let Some(loss) = loss {
@@ -411,10 +539,32 @@ impl ContainerLog {
         end
     }
 
-    /// Writes a pump's record, or counts it in `loss` when writing fails;
-    /// writes the notice of an earlier loss first.
+    /// Writes a pump's records (or counts them in `loss` when writing
+    /// fails; the notice of an earlier loss goes first), then saves the
+    /// stream's progress: `kept`, with the file's new size. One lock for all
+    /// of it, so the saved size always matches the saved offsets.
     fn deliver(
         &self,
+        stream: StreamKind,
+        records: &[(Vec<u8>, usize)],
+        kept: Option<u64>,
+        loss: &mut Option<Loss>,
+    ) {
+        let mut inner = self.lock();
+        for (record, content_len) in records {
+            self.deliver_one(&mut inner.file, stream, record, *content_len, loss);
+        }
+        if let Some(kept) = kept.filter(|k| *k != inner.progress.offset(stream)) {
+            inner.progress.set_offset(stream, kept);
+            self.save_progress(&mut inner);
+        } else if !records.is_empty() {
+            self.save_progress(&mut inner);
+        }
+    }
+
+    fn deliver_one(
+        &self,
+        file: &mut File,
         stream: StreamKind,
         record: &[u8],
         content_len: usize,
@@ -431,7 +581,7 @@ impl ContainerLog {
                 Tag::Full,
                 &[notice.as_bytes()],
             );
-            if self.write_record(&notice).is_err() {
+            if write(file, &self.path, &notice).is_err() {
                 lost.bytes = lost.bytes.saturating_add(content_len as u64);
                 return;
             }
@@ -442,7 +592,7 @@ impl ContainerLog {
             );
             *loss = None;
         }
-        if let Err(err) = self.write_record(record) {
+        if let Err(err) = write(file, &self.path, record) {
             let error = crate::error_chain(&err);
             tracing::warn!("{error}: dropping {stream} records until writing works again");
             *loss = Some(Loss {
@@ -451,6 +601,68 @@ impl ContainerLog {
             });
         }
     }
+
+    /// Saves the progress with the file's current size; a failure is
+    /// reported once (the log itself goes on).
+    fn save_progress(&self, inner: &mut LogFile) {
+        let LogFile {
+            file,
+            progress,
+            progress_file,
+            progress_failing,
+        } = inner;
+        let saved = progress
+            .set_file(file)
+            .and_then(|()| progress::save(progress_file, progress));
+        match saved {
+            Ok(()) => *progress_failing = false,
+            Err(e) if !*progress_failing => {
+                *progress_failing = true;
+                tracing::warn!(
+                    "{}: saving how far the log is: {e} (a restart may repeat some output)",
+                    self.path.display()
+                );
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Turns one aligned chunk into records for `emit`.
+fn encode(
+    encoder: &mut LineEncoder,
+    stream: StreamKind,
+    chunk: Chunk,
+    emit: &mut impl FnMut(Vec<u8>, usize),
+) {
+    match chunk {
+        Chunk::Data(data) => encoder.push_each(&data, SystemTime::now(), emit),
+        Chunk::Lost(bytes) => {
+            // The line the gap cut ends here; the notice follows.
+            let now = SystemTime::now();
+            if let Some((record, len)) = encoder.take_pending(Tag::Full, now) {
+                emit(record, len);
+            }
+            let notice = format!(
+                "[frakti] {bytes} bytes of {stream} were lost: written while the daemon \
+                 was not reading, beyond what the agent keeps"
+            );
+            let record = encode_record(
+                &format_timestamp(now),
+                stream,
+                Tag::Full,
+                &[notice.as_bytes()],
+            );
+            emit(record, notice.len());
+        }
+    }
+}
+
+fn write(file: &mut File, path: &Path, record: &[u8]) -> Result<(), Error> {
+    file.write_all(record).map_err(|source| Error::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn open_file(path: &Path) -> Result<File, Error> {

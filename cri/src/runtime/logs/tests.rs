@@ -278,24 +278,57 @@ fn chunk_boundaries_do_not_change_records() {
     assert_eq!(rebuilt, input);
 }
 
-fn chunks(parts: &[&[u8]]) -> Vec<Result<Bytes, Infallible>> {
-    parts
-        .iter()
-        .map(|p| Ok(Bytes::copy_from_slice(p)))
+fn chunks(parts: &[&[u8]]) -> Vec<Result<Placed, Infallible>> {
+    placed(
+        parts
+            .iter()
+            .map(|p| Ok(Bytes::copy_from_slice(p)))
+            .collect(),
+    )
+}
+
+/// The items one after another in the stream, from offset 0.
+fn placed<T: Into<Chunk>, E>(items: Vec<Result<T, E>>) -> Vec<Result<Placed, E>> {
+    let mut offset = 0;
+    items
+        .into_iter()
+        .map(|item| {
+            item.map(|chunk| {
+                let chunk = chunk.into();
+                let placed = Placed { offset, chunk };
+                offset = placed.end();
+                placed
+            })
+        })
         .collect()
+}
+
+/// The log at `path`, its progress beside it.
+fn open_log(path: &Path) -> Arc<ContainerLog> {
+    ContainerLog::open(path, &progress_path(path)).unwrap()
+}
+
+fn progress_path(path: &Path) -> PathBuf {
+    path.with_extension("progress")
+}
+
+fn is_data_starting_with(placed: &Result<Placed, impl Sized>, prefix: &[u8]) -> bool {
+    matches!(placed, Ok(Placed { chunk: Chunk::Data(data), .. }) if data.starts_with(prefix))
 }
 
 #[tokio::test]
 async fn open_creates_parents_and_appends() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pod/ctr/0.log");
-    let log = ContainerLog::open(&path).unwrap();
+    let log = open_log(&path);
     assert_eq!(log.path(), path);
     let end = log
         .clone()
         .pump(
             StreamKind::Stdout,
             stream::iter(chunks(&[b"a\nb", b"c\n", b"end"])),
+            None,
+            |_| {},
         )
         .await;
     assert_eq!(end, PumpEnd::Eof);
@@ -306,7 +339,7 @@ async fn open_creates_parents_and_appends() {
     assert_eq!(mode(&path), 0o640 & !umask());
     assert_eq!(mode(&dir.path().join("pod")), 0o755 & !umask());
 
-    let log = ContainerLog::open(&path).unwrap();
+    let log = open_log(&path);
     log.write_record(&record("stderr", 'F', b"again")).unwrap();
     let text = std::fs::read(&path).unwrap();
     let lines: Vec<_> = text.split(|&b| b == b'\n').collect();
@@ -332,7 +365,7 @@ fn umask() -> u32 {
 async fn concurrent_pumps_write_whole_records() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("0.log");
-    let log = ContainerLog::open(&path).unwrap();
+    let log = open_log(&path);
 
     // Each pump writes numbered lines of varied lengths (some over MAX_LINE)
     // in chunks that cut them anywhere.
@@ -359,13 +392,19 @@ async fn concurrent_pumps_write_whole_records() {
     let (err, err_parts) = output(StreamKind::Stderr, 2);
     // Yield between chunks so the two pumps really interleave.
     let slow = |parts: Vec<Result<Bytes, Infallible>>| {
-        Box::pin(stream::iter(parts).then(|p| async move {
+        Box::pin(stream::iter(placed(parts)).then(|p| async move {
             tokio::task::yield_now().await;
             p
         }))
     };
-    let a = tokio::spawn(log.clone().pump(StreamKind::Stdout, slow(out_parts)));
-    let b = tokio::spawn(log.clone().pump(StreamKind::Stderr, slow(err_parts)));
+    let a = tokio::spawn(
+        log.clone()
+            .pump(StreamKind::Stdout, slow(out_parts), None, |_| {}),
+    );
+    let b = tokio::spawn(
+        log.clone()
+            .pump(StreamKind::Stderr, slow(err_parts), None, |_| {}),
+    );
     assert_eq!(a.await.unwrap(), PumpEnd::Eof);
     assert_eq!(b.await.unwrap(), PumpEnd::Eof);
 
@@ -405,17 +444,20 @@ async fn reopen_after_rename_writes_to_the_new_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("0.log");
     let rotated = dir.path().join("0.log.20231114-221320");
-    let log = ContainerLog::open(&path).unwrap();
+    let log = open_log(&path);
     let (log2, path2, rotated2) = (log.clone(), path.clone(), rotated.clone());
     // kubelet rotates between the second and the third chunk.
     let source = stream::iter(chunks(&[b"one\n", b"two\nthr", b"ee\nfour\n"])).map(move |chunk| {
-        if chunk.as_ref().is_ok_and(|c| c.starts_with(b"ee")) {
+        if is_data_starting_with(&chunk, b"ee") {
             std::fs::rename(&path2, &rotated2).unwrap();
             log2.reopen().unwrap();
         }
         chunk
     });
-    assert_eq!(log.pump(StreamKind::Stdout, source).await, PumpEnd::Eof);
+    assert_eq!(
+        log.pump(StreamKind::Stdout, source, None, |_| {}).await,
+        PumpEnd::Eof
+    );
 
     let contents = |p: &Path| -> Vec<Vec<u8>> {
         parse(&std::fs::read(p).unwrap(), "stdout")
@@ -431,18 +473,26 @@ async fn reopen_after_rename_writes_to_the_new_file() {
 async fn failed_source_flushes_pending_as_partial() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("0.log");
-    let log = ContainerLog::open(&path).unwrap();
-    let source = stream::iter(vec![
+    let log = open_log(&path);
+    let source = stream::iter(placed(vec![
         Ok(Bytes::from_static(b"whole\nhal")),
         Err("connection reset"),
         Ok(Bytes::from_static(b"never read\n")),
-    ]);
-    let end = log.clone().pump(StreamKind::Stderr, source).await;
+    ]));
+    let end = log
+        .clone()
+        .pump(StreamKind::Stderr, source, None, |_| {})
+        .await;
     assert_eq!(end, PumpEnd::Failed("connection reset".to_string()));
     // A resumed pump continues the line.
     let end = log
         .clone()
-        .pump(StreamKind::Stderr, stream::iter(chunks(&[b"f\n"])))
+        .pump(
+            StreamKind::Stderr,
+            stream::iter(chunks(&[b"f\n"])),
+            None,
+            |_| {},
+        )
         .await;
     assert_eq!(end, PumpEnd::Eof);
     assert_eq!(
@@ -465,19 +515,22 @@ async fn write_errors_drop_records_and_are_reported_once_writing_works() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("0.log");
     std::os::unix::fs::symlink(full, &path).unwrap();
-    let log = ContainerLog::open(&path).unwrap();
+    let log = open_log(&path);
     let (log2, path2) = (log.clone(), path.clone());
     // The disk is "full" for the first two chunks; then the path becomes a
     // regular file.
     let source =
         stream::iter(chunks(&[b"lost one\nlost", b" two\n", b"kept\n"])).map(move |chunk| {
-            if chunk.as_ref().is_ok_and(|c| c.starts_with(b"kept")) {
+            if is_data_starting_with(&chunk, b"kept") {
                 std::fs::remove_file(&path2).unwrap();
                 log2.reopen().unwrap();
             }
             chunk
         });
-    assert_eq!(log.pump(StreamKind::Stdout, source).await, PumpEnd::Eof);
+    assert_eq!(
+        log.pump(StreamKind::Stdout, source, None, |_| {}).await,
+        PumpEnd::Eof
+    );
 
     let records = parse(&std::fs::read(&path).unwrap(), "stdout");
     assert_eq!(records.len(), 2);
@@ -497,13 +550,16 @@ async fn write_errors_drop_records_and_are_reported_once_writing_works() {
 async fn a_gap_in_the_output_is_marked_where_it_happened() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("0.log");
-    let log = ContainerLog::open(&path).unwrap();
-    let source = stream::iter(vec![
+    let log = open_log(&path);
+    let source = stream::iter(placed(vec![
         Ok::<_, Infallible>(Chunk::Data(Bytes::from_static(b"a\nbc"))),
         Ok(Chunk::Lost(100)),
         Ok(Chunk::Data(Bytes::from_static(b"d\n"))),
-    ]);
-    assert_eq!(log.pump(StreamKind::Stdout, source).await, PumpEnd::Eof);
+    ]));
+    assert_eq!(
+        log.pump(StreamKind::Stdout, source, None, |_| {}).await,
+        PumpEnd::Eof
+    );
     let contents: Vec<String> = parse(&std::fs::read(&path).unwrap(), "stdout")
         .into_iter()
         .map(|(_, c)| String::from_utf8(c).unwrap())
@@ -516,4 +572,116 @@ async fn a_gap_in_the_output_is_marked_where_it_happened() {
         "{contents:?}"
     );
     assert_eq!(contents[3], "d");
+}
+
+fn contents(path: &Path, stream: &str) -> Vec<String> {
+    parse(&std::fs::read(path).unwrap(), stream)
+        .into_iter()
+        .map(|(_, c)| String::from_utf8(c).unwrap())
+        .collect()
+}
+
+fn at_offset(offset: u64, data: &'static [u8]) -> Result<Placed, Infallible> {
+    Ok(Placed {
+        offset,
+        chunk: Chunk::Data(Bytes::from_static(data)),
+    })
+}
+
+#[tokio::test]
+async fn a_resumed_pump_skips_what_the_log_has_and_marks_what_the_source_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("0.log");
+    let log = open_log(&path);
+    let source = stream::iter(vec![
+        at_offset(0, b"abcde"),
+        at_offset(3, b"defgh\n"),
+        at_offset(20, b"x\n"),
+    ]);
+    let end = log.pump(StreamKind::Stdout, source, Some(5), |_| {}).await;
+    assert_eq!(end, PumpEnd::Eof);
+    let lines = contents(&path, "stdout");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0], "fgh");
+    assert!(
+        lines[1].starts_with("[frakti] 11 bytes of stdout were lost"),
+        "{lines:?}"
+    );
+    assert_eq!(lines[2], "x");
+}
+
+#[tokio::test]
+async fn confirmations_and_saved_progress_leave_out_an_unfinished_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("0.log");
+    let log = open_log(&path);
+    let mut confirmed = Vec::new();
+    let source = stream::iter(chunks(&[b"a\nbc", b"d\nef"]));
+    let end = log
+        .clone()
+        .pump(StreamKind::Stderr, source, None, |kept| {
+            confirmed.push(kept)
+        })
+        .await;
+    assert_eq!(end, PumpEnd::Eof);
+    assert_eq!(confirmed, [2, 6]);
+    // At the end of the stream the unfinished line is written too.
+    let saved = progress::load(&progress_path(&path)).unwrap().unwrap();
+    assert_eq!((saved.stdout, saved.stderr), (0, 8));
+    assert_eq!(saved.size, std::fs::metadata(&path).unwrap().len());
+}
+
+#[tokio::test]
+async fn a_log_written_past_its_saved_progress_is_cut_back_when_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("0.log");
+    let log = open_log(&path);
+    let end = log
+        .clone()
+        .pump(
+            StreamKind::Stdout,
+            stream::iter(chunks(&[b"one\n"])),
+            None,
+            |_| {},
+        )
+        .await;
+    assert_eq!(end, PumpEnd::Eof);
+    drop(log);
+    // A daemon killed between writing a record and saving its progress.
+    let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+    file.write_all(&record("stdout", 'F', b"two")).unwrap();
+
+    let log = open_log(&path);
+    assert_eq!(log.resume_offset(StreamKind::Stdout), Some(4));
+    assert_eq!(log.resume_offset(StreamKind::Stderr), Some(0));
+    assert_eq!(contents(&path, "stdout"), ["one"]);
+    // The agent sends what was not confirmed again (and some that was).
+    let source = stream::iter(vec![at_offset(0, b"one\ntwo\n")]);
+    let end = log.pump(StreamKind::Stdout, source, Some(4), |_| {}).await;
+    assert_eq!(end, PumpEnd::Eof);
+    assert_eq!(contents(&path, "stdout"), ["one", "two"]);
+}
+
+#[tokio::test]
+async fn a_rotated_log_is_not_cut_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("0.log");
+    let log = open_log(&path);
+    let end = log
+        .clone()
+        .pump(
+            StreamKind::Stdout,
+            stream::iter(chunks(&[b"one\n"])),
+            None,
+            |_| {},
+        )
+        .await;
+    assert_eq!(end, PumpEnd::Eof);
+    drop(log);
+    // Rotated while the daemon was away: another file at the path.
+    std::fs::rename(&path, dir.path().join("0.log.1")).unwrap();
+    std::fs::write(&path, record("stdout", 'F', b"somebody's")).unwrap();
+    let log = open_log(&path);
+    assert_eq!(log.resume_offset(StreamKind::Stdout), Some(4));
+    assert_eq!(contents(&path, "stdout"), ["somebody's"]);
 }

@@ -5,6 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use frakti_proto::containers::v1::containers_server::ContainersServer;
 use frakti_proto::images::v1::images_server::ImagesServer;
 use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
@@ -13,6 +14,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::image::{ImageStore, StoreConfig};
 use crate::runtime::{Runtime, RuntimeConfig};
+use crate::server::containers_admin::ContainersAdmin;
 use crate::server::image_service::ImageService;
 use crate::server::images_admin::ImagesAdmin;
 use crate::server::runtime_service::RuntimeService;
@@ -141,6 +143,7 @@ pub async fn run(options: Options) -> Result<(), Error> {
     let listener = bind(&options.listen, options.socket_group.as_deref())?;
     tracing::info!(socket = %options.listen.display(), state = %options.state_dir.display(), "serving CRI");
     let result = tonic::transport::Server::builder()
+        .add_service(ContainersServer::new(ContainersAdmin::new(runtime.clone())))
         .add_service(RuntimeServiceServer::new(RuntimeService::new(
             runtime, streaming,
         )))

@@ -26,6 +26,15 @@ pub mod images {
     }
 }
 
+/// The daemon's own container API (`proto/containers.proto`, package
+/// `frakti.containers.v1`): what the CLI needs beyond CRI (signals).
+pub mod containers {
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        tonic::include_proto!("frakti.containers.v1");
+    }
+}
+
 /// An error with its sources, `: `-separated: what went wrong down to the
 /// root cause, in one line (tonic's transport error, for one, says only
 /// "transport error" by itself). A source whose text the line already ends

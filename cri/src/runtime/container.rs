@@ -9,12 +9,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use frakti_proto::agent::v1 as pb;
-use futures_util::StreamExt;
 use k8s_cri::v1 as cri;
 use tokio::sync::{broadcast, watch};
-use tokio_stream::wrappers::WatchStream;
 
-use super::logs::{Chunk, ContainerLog, Placed, StreamKind};
+use super::logs::{ContainerLog, StreamKind};
 use super::pod::Pod;
 use super::spec::{self, SpecInput};
 use super::state::{self, ContainerPhase, ContainerRecord};
@@ -46,7 +44,14 @@ pub struct Container {
     /// The init process's output as the log pumps read it, for attach
     /// clients; one that lags loses chunks rather than stalling the logs.
     pub(crate) output: broadcast::Sender<(StreamKind, Bytes)>,
+    /// The log pumps, awaited (briefly) before the exit is recorded so that
+    /// whoever sees the exit finds all of the output in the log.
+    pub(crate) pumps: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
+
+/// How long the exit waits for the log pumps: a process that left a child
+/// holding its stdout open would keep them going.
+const PUMP_DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 /// Output chunks an attach client may lag behind before it loses some.
 const ATTACH_BACKLOG: usize = 64;
@@ -82,6 +87,7 @@ impl Container {
             sync: Mutex::new(None),
             exited: watch::channel(exited).0,
             output: broadcast::channel(ATTACH_BACKLOG).0,
+            pumps: Mutex::new(Vec::new()),
         }
     }
 
@@ -136,6 +142,15 @@ impl Container {
         self.save();
         self.exited.send_replace(true);
         true
+    }
+
+    /// Lets the log pumps write the last output (for a while).
+    async fn drain_pumps(&self) {
+        let pumps = std::mem::take(&mut *lock(&self.pumps));
+        let all = futures_util::future::join_all(pumps);
+        if tokio::time::timeout(PUMP_DRAIN_WAIT, all).await.is_err() {
+            tracing::debug!(container = %self.id, "output still open {PUMP_DRAIN_WAIT:?} after the exit");
+        }
     }
 
     async fn wait_exited(&self, timeout: Duration) -> bool {
@@ -533,90 +548,6 @@ impl Runtime {
         Ok(())
     }
 
-    /// Copies the container's stdout and stderr into its log (or drains
-    /// them: a full pipe would block the container). The pumps confirm to
-    /// the agent what the log has for good, so a daemon killed meanwhile
-    /// resumes where the log is (`ContainerLog::resume_offset`) and no
-    /// output in flight is lost.
-    pub(crate) fn start_pumps(
-        &self,
-        container: &Container,
-        agent: &AgentClient,
-        log: Option<Arc<ContainerLog>>,
-    ) {
-        let mut streams = vec![(pb::OutputStream::Stdout, StreamKind::Stdout)];
-        if !container.config.tty {
-            streams.push((pb::OutputStream::Stderr, StreamKind::Stderr));
-        }
-        for (stream, kind) in streams {
-            let mut agent = agent.clone();
-            let id = container.id.clone();
-            let log = log.clone();
-            let attached = container.output.clone();
-            tokio::spawn(async move {
-                let from = log.as_ref().and_then(|log| log.resume_offset(kind));
-                let request = pb::ReadOutputRequest {
-                    container_id: id.clone(),
-                    exec_id: String::new(),
-                    stream: stream as i32,
-                    from_offset: from.unwrap_or(0),
-                    acknowledge: true,
-                    kept: 0,
-                };
-                // Confirmations: only the latest matters.
-                let (kept_tx, kept_rx) = watch::channel(0u64);
-                let confirmations =
-                    WatchStream::from_changes(kept_rx).map(|kept| pb::ReadOutputRequest {
-                        kept,
-                        ..Default::default()
-                    });
-                let requests = tokio_stream::once(request).chain(confirmations);
-                let output = match agent.read_output(requests).await {
-                    Ok(response) => response.into_inner(),
-                    Err(status) => {
-                        tracing::warn!(container = %id, ?kind, "ReadOutput: {}", status.message());
-                        return;
-                    }
-                };
-                let chunks = output.map(move |r| {
-                    r.map(|chunk| {
-                        let chunk_data = if chunk.lost_bytes > 0 {
-                            Chunk::Lost(chunk.lost_bytes)
-                        } else {
-                            let data = Bytes::from(chunk.data);
-                            // No attach client: the error is "no receiver".
-                            let _ = attached.send((kind, data.clone()));
-                            Chunk::Data(data)
-                        };
-                        Placed {
-                            offset: chunk.offset,
-                            chunk: chunk_data,
-                        }
-                    })
-                });
-                let confirm = |kept| {
-                    let _ = kept_tx.send(kept);
-                };
-                match log {
-                    Some(log) => {
-                        let end = log.pump(kind, chunks, from, confirm).await;
-                        tracing::debug!(container = %id, ?kind, ?end, "log pump ended");
-                    }
-                    None => {
-                        chunks
-                            .for_each(|placed| {
-                                if let Ok(placed) = placed {
-                                    confirm(placed.end());
-                                }
-                                async {}
-                            })
-                            .await
-                    }
-                }
-            });
-        }
-    }
-
     /// Waits (in the agent) for the container's exit and records it.
     pub(crate) fn watch_exit(&self, container: Arc<Container>, mut agent: AgentClient) {
         let runtime = self.clone();
@@ -633,6 +564,7 @@ impl Runtime {
                     if !copy_back.is_empty() {
                         sync::copy_back(&mut agent, &copy_back).await;
                     }
+                    container.drain_pumps().await;
                     if container.record_exit(&status) {
                         tracing::info!(container = %container.id, code = status.exit_code, "container exited");
                         runtime.emit(&container, cri::ContainerEventType::ContainerStoppedEvent);
@@ -731,6 +663,25 @@ impl Runtime {
         state::write_proto(&container.dir.join("resources.pb"), &resources)?;
         *lock(&container.resources) = Some(resources);
         Ok(())
+    }
+
+    /// Sends `signal` to a running container's main process (the CLI's
+    /// signal forwarding; CRI has no such RPC).
+    pub async fn signal_container(&self, id: &str, signal: i32) -> Result<()> {
+        if !(1..=64).contains(&signal) {
+            return Err(Error::InvalidArgument(format!(
+                "signal {signal} is not a signal number (1-64)"
+            )));
+        }
+        let container = self.container(id)?;
+        if container.phase() != ContainerPhase::Running {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running",
+                container.id
+            )));
+        }
+        let mut agent = self.pod(&container.pod_id)?.agent()?;
+        container.signal(&mut agent, signal, false).await
     }
 
     /// ReopenContainerLog: kubelet rotated the file.

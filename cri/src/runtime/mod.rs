@@ -20,6 +20,7 @@ mod guest_network;
 pub mod metrics;
 mod mounts;
 mod pod;
+mod pumps;
 mod recover;
 mod scratch;
 mod stats;

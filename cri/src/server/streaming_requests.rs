@@ -29,6 +29,24 @@ fn running_container(
     Ok((container.id.clone(), container.config.clone()))
 }
 
+/// The full id and the config of a created or running container.
+fn attachable_container(
+    runtime: &Runtime,
+    id: &str,
+) -> Result<(String, cri::ContainerConfig), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("container_id is required"));
+    }
+    let container = runtime.container(id).map_err(runtime_status)?;
+    if container.phase() == ContainerPhase::Exited {
+        return Err(Status::failed_precondition(format!(
+            "container {} has exited",
+            container.id
+        )));
+    }
+    Ok((container.id.clone(), container.config.clone()))
+}
+
 fn streams_requested(stdin: bool, stdout: bool, stderr: bool) -> Result<(), Status> {
     if !(stdin || stdout || stderr) {
         return Err(Status::invalid_argument(
@@ -62,8 +80,11 @@ pub fn exec(runtime: &Runtime, request: cri::ExecRequest) -> Result<StreamReques
     }))
 }
 
+/// Attach also takes a container that is created but not started yet (as
+/// `docker run` attaches before it starts): its client then gets all of its
+/// output. containerd refuses that; kubelet only attaches to running ones.
 pub fn attach(runtime: &Runtime, request: cri::AttachRequest) -> Result<StreamRequest, Status> {
-    let (container_id, config) = running_container(runtime, &request.container_id)?;
+    let (container_id, config) = attachable_container(runtime, &request.container_id)?;
     streams_requested(request.stdin, request.stdout, request.stderr)?;
     if request.stdin && !config.stdin {
         return Err(Status::invalid_argument(

@@ -146,9 +146,10 @@ async fn attach(
     io: ProcessIo,
 ) -> crate::runtime::Result<Outcome> {
     let container = runtime.container(&request.container_id)?;
-    if container.phase() != ContainerPhase::Running {
+    // A created container is attached to before it starts (`frakti run`).
+    if container.phase() == ContainerPhase::Exited {
         return Ok(Outcome::Failed(format!(
-            "container {} is not running",
+            "container {} has exited",
             container.id
         )));
     }

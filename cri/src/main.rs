@@ -27,7 +27,7 @@ const DEFAULT_MEMORY_MIB: u64 = 128;
 const DEFAULT_EMPTY_DIR_MIB: u64 = 10 << 10;
 /// What the guest kernel and agent take besides the containers: measured
 /// in the lab (MemTotal - MemAvailable of an idle 128 MiB guest, rounded
-/// up; see the README).
+/// up; see docs/runtime.md).
 const GUEST_RESERVE_MIB: u64 = 64;
 
 #[derive(Parser)]
@@ -124,7 +124,7 @@ struct DaemonArgs {
     /// The image disks' filesystem: erofs or ext4 [default: erofs].
     #[arg(long)]
     image_disk_format: Option<DiskFormat>,
-    /// EROFS data compression: none, lz4 or lz4hc [default: none; see the README's measurements].
+    /// EROFS data compression: none, lz4 or lz4hc [default: none; see docs/performance.md].
     #[arg(long)]
     erofs_compression: Option<ErofsCompression>,
     /// Image pulls running at once [default: 3].

@@ -1,6 +1,6 @@
 //! An image's unpacked tree becomes one read-only filesystem image that
 //! pod VMs attach as a virtio-blk disk: EROFS by default (read-only by
-//! design, compressed, sized by itself; see the README's measurements), or
+//! design, compressed, sized by itself; see docs/performance.md), or
 //! ext4 (`mkfs.ext4 -d`, sized from the tree).
 
 use std::fs;

@@ -17,7 +17,7 @@ use libtest_mimic::Trial;
 use super::harness::*;
 use crate::support::loopdev::LoopDevice;
 
-/// examples/csi-loop-volume.sh, the README's CSI driver example: the
+/// examples/csi-loop-volume.sh, docs/volumes.md's CSI driver example: the
 /// direct volume test publishes, measures and unpublishes through it.
 pub const CSI_EXAMPLE_ENV: &str = "FRAKTI_CSI_EXAMPLE";
 
@@ -290,7 +290,7 @@ async fn direct_volume(daemon: &mut Daemon) -> anyhow::Result<()> {
         !ok && text.contains("--fstype \"nfs\" is not one of"),
         "bad fstype: {text}"
     );
-    // NodePublishVolume, as the README's example driver does it.
+    // NodePublishVolume, as docs/volumes.md's example driver does it.
     let (ok, out, err) = csi_example(daemon, &["publish", &device_arg, &volume_arg])?;
     ensure!(ok, "csi-loop-volume.sh publish: {out}{err}");
 
@@ -424,7 +424,7 @@ async fn check_volume_usage(
     const MIB: u64 = 1024 * 1024;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let usage = loop {
-        // NodeGetVolumeStats, as the README's example driver answers it.
+        // NodeGetVolumeStats, as docs/volumes.md's example driver answers it.
         let (ok, text, err) = csi_example(daemon, &["stats", volume])?;
         ensure!(ok, "csi-loop-volume.sh stats: {text}{err}");
         let usage: serde_json::Value = serde_json::from_str(&text).context(text.clone())?;

@@ -43,7 +43,7 @@ async fn lifecycle(daemon: &mut Daemon) -> anyhow::Result<()> {
         "verbose info missing: {pod_st:?}"
     );
 
-    // The guest reserve (kernel + agent, README): what an idle 128 MiB
+    // The guest reserve (kernel + agent, docs/runtime.md): what an idle 128 MiB
     // guest does not leave available must fit in the 64 MiB the sizing
     // rule adds.
     let stats = c

@@ -67,7 +67,7 @@ pub async fn run(endpoint: &Path, command: ImageCommand) -> anyhow::Result<()> {
     let mut images = ImageServiceClient::new(channel.clone());
     let mut admin = ImagesClient::new(channel);
     match command {
-        ImageCommand::Pull { image } => pull(&mut admin, &image).await,
+        ImageCommand::Pull { image } => pull(&mut admin, &image, true).await,
         ImageCommand::List { quiet, format } => {
             let list = images
                 .list_images(cri::ListImagesRequest::default())
@@ -140,9 +140,12 @@ pub async fn run(endpoint: &Path, command: ImageCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn pull(
+/// Pulls with a progress bar per blob on stderr (drawn only on a
+/// terminal); the image's id goes to stdout when `announce`, else to stderr.
+pub(crate) async fn pull(
     admin: &mut ImagesClient<tonic::transport::Channel>,
     image: &str,
+    announce: bool,
 ) -> anyhow::Result<()> {
     let mut events = admin
         .pull(pb::PullRequest {
@@ -176,7 +179,11 @@ async fn pull(
                 for bar in by_blob.values() {
                     bar.finish();
                 }
-                println!("{image}: {id}");
+                if announce {
+                    println!("{image}: {id}");
+                } else {
+                    eprintln!("{image}: {id}");
+                }
                 return Ok(());
             }
             None => {}
@@ -185,7 +192,7 @@ async fn pull(
     anyhow::bail!("the daemon ended the pull without a result")
 }
 
-fn print_images(list: &[cri::Image], quiet: bool, format: &str) -> anyhow::Result<()> {
+pub(crate) fn print_images(list: &[cri::Image], quiet: bool, format: &str) -> anyhow::Result<()> {
     if quiet {
         for image in list {
             println!("{}", image.id);

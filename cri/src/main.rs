@@ -13,6 +13,7 @@ use frakti_cri::runtime::RuntimeConfig;
 use frakti_cri::runtime::sizing::SizingDefaults;
 use frakti_cri::sandbox::vmm::VmAssets;
 
+mod cli;
 mod cli_image;
 mod cli_volume;
 mod cli_volume_stats;
@@ -64,6 +65,102 @@ enum Command {
         #[command(subcommand)]
         command: cli_volume::VolumeCommand,
     },
+    /// Run a command in a new container, in a VM of its own.
+    Run(Box<cli::run::RunArgs>),
+    /// List containers (running ones; -a for all), or pods with --pods.
+    ///
+    /// Example: frakti ps -a --format json
+    Ps {
+        /// All containers, not only running ones.
+        #[arg(short, long)]
+        all: bool,
+        /// Only ids.
+        #[arg(short, long)]
+        quiet: bool,
+        /// List pods (VMs) instead of containers.
+        #[arg(long)]
+        pods: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        format: cli::Format,
+    },
+    /// Show a container's output (stdout to stdout, stderr to stderr).
+    ///
+    /// Example: frakti logs -f --tail 20 web
+    Logs {
+        /// Keep following the output until the container exits.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// Start each line with its timestamp (RFC 3339, nanoseconds).
+        #[arg(short, long)]
+        timestamps: bool,
+        /// Container id, unique id prefix or name.
+        container: String,
+    },
+    /// Run a command in a running container.
+    ///
+    /// Example: frakti exec -it web sh
+    Exec {
+        /// Keep stdin open and send it to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Give the command a terminal (Ctrl-P Ctrl-Q detaches).
+        #[arg(short, long)]
+        tty: bool,
+        /// Container id, unique id prefix or name.
+        container: String,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Stop containers: their stop signal, then SIGKILL after the timeout (a container of
+    /// `frakti run` has its VM stopped too).
+    Stop {
+        /// Seconds to wait before SIGKILL.
+        #[arg(short = 't', long, default_value_t = cli::containers::DEFAULT_STOP_TIMEOUT)]
+        time: i64,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Remove containers (a container of `frakti run` with its VM).
+    Rm {
+        /// Also running ones (killed first).
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Show a container and its pod as JSON.
+    Inspect { container: String },
+    /// Live CPU and memory use of running containers.
+    Stats {
+        /// One sample, then exit.
+        #[arg(long)]
+        no_stream: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        format: cli::Format,
+    },
+    /// Pull an image, with progress per layer (same as `frakti image pull`).
+    Pull { image: String },
+    /// List images (same as `frakti image ls`).
+    Images {
+        /// Only image ids.
+        #[arg(short, long)]
+        quiet: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        format: cli::Format,
+    },
+    /// Remove images (same as `frakti image rm`).
+    Rmi {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Print a shell completion script.
+    ///
+    /// Example: frakti completion bash > /etc/bash_completion.d/frakti
+    Completion { shell: clap_complete::Shell },
 }
 
 #[derive(Args)]
@@ -308,21 +405,122 @@ fn daemon_options(args: DaemonArgs) -> anyhow::Result<(daemon::Options, String)>
     ))
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let endpoint = cli.endpoint;
+    let ok = |()| ExitCode::SUCCESS;
     match cli.command {
         Command::Daemon(args) => {
             let (options, log) = daemon_options(*args)?;
             init_logs(&log)?;
             daemon::run(options).await?;
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Image(command) => cli_image::run(&cli.endpoint, command).await,
-        Command::Volume { root, command } => cli_volume::run(&root, &cli.endpoint, command).await,
+        Command::Image(command) => cli_image::run(&endpoint, command).await.map(ok),
+        Command::Volume { root, command } => {
+            cli_volume::run(&root, &endpoint, command).await.map(ok)
+        }
+        Command::Pull { image } => {
+            let mut clients = cli::Clients::connect(&endpoint).await?;
+            cli_image::pull(&mut clients.images_admin, &image, true)
+                .await
+                .map(ok)
+        }
+        Command::Images { quiet, format } => {
+            let command = cli_image::ImageCommand::List {
+                quiet,
+                format: format!("{format:?}").to_lowercase(),
+            };
+            cli_image::run(&endpoint, command).await.map(ok)
+        }
+        Command::Rmi { images } => {
+            let command = cli_image::ImageCommand::Rm { images };
+            cli_image::run(&endpoint, command).await.map(ok)
+        }
+        Command::Completion { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "frakti", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        command => {
+            let mut clients = cli::Clients::connect(&endpoint).await?;
+            container_command(&mut clients, command).await
+        }
     }
 }
 
+/// The container commands; `run` and `exec` exit with the container's code.
+async fn container_command(
+    clients: &mut cli::Clients,
+    command: Command,
+) -> anyhow::Result<ExitCode> {
+    use cli::containers;
+    let code = match command {
+        Command::Run(args) => cli::run::run(clients, *args).await?,
+        Command::Exec {
+            interactive,
+            tty,
+            container,
+            command,
+        } => cli::exec::exec(clients, &container, command, interactive, tty).await?,
+        Command::Ps {
+            all,
+            quiet,
+            pods,
+            format,
+        } => containers::ps(clients, all, quiet, pods, format)
+            .await
+            .map(|()| 0)?,
+        Command::Logs {
+            follow,
+            tail,
+            timestamps,
+            container,
+        } => {
+            let options = cli::logs::Options {
+                follow,
+                tail,
+                timestamps,
+            };
+            cli::logs::show(clients, &container, &options)
+                .await
+                .map(|()| 0)?
+        }
+        Command::Stop { time, containers } => containers::stop(clients, &containers, time)
+            .await
+            .map(|()| 0)?,
+        Command::Rm { force, containers } => containers::rm(clients, &containers, force)
+            .await
+            .map(|()| 0)?,
+        Command::Inspect { container } => {
+            containers::inspect(clients, &container).await.map(|()| 0)?
+        }
+        Command::Stats { no_stream, format } => containers::stats(clients, no_stream, format)
+            .await
+            .map(|()| 0)?,
+        _ => anyhow::bail!("not a container command"),
+    };
+    // Exit codes are 0-255; a signal's 128+n fits.
+    Ok(ExitCode::from((code & 0xff) as u8))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line, as every other error: clap's first, without its prefix.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("frakti: error: {first} (see frakti --help)");
+            return ExitCode::from(2);
+        }
+    };
+    // `run` and `exec` fail with 125, as docker's do, so their own codes stay theirs.
+    let failure = match cli.command {
+        Command::Run(_) | Command::Exec { .. } => ExitCode::from(125),
+        _ => ExitCode::FAILURE,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -333,13 +531,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match runtime.block_on(run(cli)) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("frakti: error: {}", frakti_cri::error_chain(e.as_ref()));
-            ExitCode::FAILURE
+            failure
         }
-    }
+    };
+    // A read of stdin may still block a thread: do not wait for it.
+    runtime.shutdown_background();
+    code
 }
 
 /// Paths sent to the daemon are absolute: it resolves them on the node.

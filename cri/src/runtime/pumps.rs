@@ -100,5 +100,4 @@ impl Runtime {
             lock(&container.pumps).push(pump);
         }
     }
-
 }

@@ -83,7 +83,10 @@ pub async fn run(ws: Ws, options: Options) -> anyhow::Result<Ended> {
                 return;
             }
         }
-        let _ = sink.close().await;
+        // Nothing more to send (stdin ended): the connection stays open
+        // until the server ends the session with the process's outcome.
+        std::future::pending::<()>().await;
+        drop(sink);
     });
     let mut tasks = Vec::new();
     if options.stdin {
@@ -99,7 +102,8 @@ pub async fn run(ws: Ws, options: Options) -> anyhow::Result<Ended> {
     let ended = loop {
         let message = tokio::select! {
             message = source.next() => message,
-            _ = detached.recv() => break Ended::Detached,
+            // Without a terminal the sender is gone at once: not a detach.
+            Some(()) = detached.recv() => break Ended::Detached,
         };
         let data = match message {
             None | Some(Ok(Message::Close(_))) => break Ended::Closed,

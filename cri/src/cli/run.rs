@@ -427,7 +427,7 @@ fn configs(
         }),
         hostname: name.to_string(),
         log_directory: format!("{LOG_ROOT}/{name}_{uid}"),
-        dns_config: Some(host_dns()),
+        dns_config: host_dns(),
         port_mappings,
         labels: labels.clone(),
         linux: Some(cri::LinuxPodSandboxConfig {
@@ -465,11 +465,11 @@ fn configs(
     Ok((pod, container))
 }
 
-/// The host's DNS settings for the VM (without loopback resolvers).
-fn host_dns() -> cri::DnsConfig {
-    std::fs::read_to_string("/etc/resolv.conf")
-        .map(|text| run_spec::dns_from_resolv_conf(&text))
-        .unwrap_or_default()
+/// The host's DNS settings for the VM (without loopback resolvers); none
+/// when that leaves no nameserver (the image's resolv.conf stays).
+fn host_dns() -> Option<cri::DnsConfig> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    Some(run_spec::dns_from_resolv_conf(&text)).filter(|dns| !dns.servers.is_empty())
 }
 
 /// 32 random hex digits (the pod's uid; names take the first 6).

@@ -197,8 +197,14 @@ impl Pod {
 }
 
 /// The pod's DNS config as resolv.conf.
+/// The resolv.conf of a pod's `dns_config`; one with nothing in it is a
+/// comment, so that the file exists (containers bind-mount it) and says
+/// why it is empty, as containerd writes one for any dns_config.
 fn resolv_conf(dns: &cri::DnsConfig) -> Vec<u8> {
     let mut text = String::new();
+    if dns.servers.is_empty() && dns.searches.is_empty() && dns.options.is_empty() {
+        text.push_str("# the pod's dns_config has no servers, searches or options\n");
+    }
     for server in &dns.servers {
         text.push_str(&format!("nameserver {server}\n"));
     }
@@ -710,7 +716,9 @@ mod tests {
             "nameserver 10.0.0.10\nnameserver 10.0.0.11\n\
              search default.svc.cluster.local svc.cluster.local\noptions ndots:5\n"
         );
-        assert!(resolv_conf(&cri::DnsConfig::default()).is_empty());
+        // An empty dns_config still makes the file containers mount.
+        let empty = resolv_conf(&cri::DnsConfig::default());
+        assert!(empty.starts_with(b"# ") && empty.ends_with(b"\n"));
     }
 
     fn config(name: &str) -> cri::PodSandboxConfig {

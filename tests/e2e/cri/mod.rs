@@ -3,6 +3,7 @@
 //! drives it as kubelet would. The image store is filled on the host (mkfs
 //! runs there) and unpacked into each daemon's root.
 
+mod cli;
 pub mod devices;
 mod features;
 pub mod harness;
@@ -20,5 +21,6 @@ pub fn tests() -> Vec<Trial> {
     tests.extend(recovery::tests());
     tests.extend(network::tests());
     tests.extend(devices::tests());
+    tests.extend(cli::tests());
     tests
 }

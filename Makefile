@@ -1,4 +1,4 @@
-# Frakti: `make demo` boots a pod VM's guest; `make test` runs every check.
+# Frakti: `make demo` runs a container in a VM with the frakti CLI; `make test` runs every check.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 .DEFAULT_GOAL := build
@@ -21,7 +21,7 @@ export FRAKTI_GUEST_TOOL := $(abspath $(GUEST_TOOL))
 .PHONY: build deps kernel agent vmm guest-tool assets demo bench fuzz lint unit e2e test clean help
 
 help:
-	@echo "make demo   boot the guest (directly or in the lab) and print its ready line and boot time"
+	@echo "make demo   start the daemon (directly or in the lab), import a small image, frakti run it"
 	@echo "make test   fmt check, clippy, unit tests, end-to-end tests (in the lab where needed)"
 	@echo "make assets build the guest kernel (cached), the initrd with the static agent, frakti-vmm"
 	@echo "make bench  benchmarks as ratios: boot/disk/vsock vs qemu -M microvm, image pulls vs containerd, EROFS vs ext4, CRI pods, streaming, networks and block volumes vs containerd + runc"
@@ -54,6 +54,7 @@ assets: kernel agent vmm guest-tool
 	$(LAB) initrd --agent $(AGENT) --out $(GUEST_DIR)/initrd.cpio
 
 demo: assets
+	$(CARGO) build --release -p frakti-cri --bin frakti
 	$(LAB) demo
 
 # frakti-vmm vs QEMU microvm, as ratios (not tests): boot time and memory,

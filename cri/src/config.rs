@@ -28,6 +28,7 @@ pub struct FileConfig {
     pub root: Option<PathBuf>,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
+    pub kernels_dir: Option<PathBuf>,
     pub vmm: Option<PathBuf>,
     pub default_cpus: Option<u32>,
     pub default_memory: Option<u64>,

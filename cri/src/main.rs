@@ -129,6 +129,9 @@ enum Command {
         /// Also running ones (killed first).
         #[arg(short, long)]
         force: bool,
+        /// The daemon's state dir (its --root), where `run --volume-device` registered devices.
+        #[arg(long, default_value = DEFAULT_STATE)]
+        root: PathBuf,
         #[arg(required = true)]
         containers: Vec<String>,
     },
@@ -182,6 +185,10 @@ struct DaemonArgs {
     /// The guest's initrd, holding frakti-agent [default: /usr/lib/frakti/initrd.cpio].
     #[arg(long)]
     initrd: Option<PathBuf>,
+    /// Other guest kernels a pod may choose by file name (annotation io.frakti.vm.kernel,
+    /// `frakti run --kernel NAME`) [default: /usr/lib/frakti/kernels].
+    #[arg(long)]
+    kernels_dir: Option<PathBuf>,
     /// The VMM binary [default: /usr/lib/frakti/frakti-vmm].
     #[arg(long)]
     vmm: Option<PathBuf>,
@@ -301,6 +308,10 @@ fn daemon_options(args: DaemonArgs) -> anyhow::Result<(daemon::Options, String)>
                 .initrd
                 .or(file.initrd)
                 .unwrap_or_else(|| assets.join("initrd.cpio")),
+            kernels_dir: args
+                .kernels_dir
+                .or(file.kernels_dir)
+                .unwrap_or_else(|| assets.join("kernels")),
         },
         sizing: SizingDefaults {
             cpus: args
@@ -488,7 +499,11 @@ async fn container_command(
         Command::Stop { time, containers } => containers::stop(clients, &containers, time)
             .await
             .map(|()| 0)?,
-        Command::Rm { force, containers } => containers::rm(clients, &containers, force)
+        Command::Rm {
+            force,
+            root,
+            containers,
+        } => containers::rm(clients, &containers, force, &root)
             .await
             .map(|()| 0)?,
         Command::Inspect { container } => {

@@ -1166,3 +1166,68 @@ async fn different_images_pull_in_parallel_up_to_the_bound() {
         );
     }
 }
+
+/// `frakti pull`: the image's id on stdout; the per-layer progress on
+/// stderr only where stderr is a terminal (a pipe or a log gets nothing).
+#[tokio::test]
+async fn the_cli_pull_shows_progress_only_on_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = plain_registry(&tmp.path().join("reg"));
+    let image = images::layered_image(&tmp.path().join("img"));
+    images::push(&image, &registry, "layered:1", &PushOptions::default());
+    // Another image for the terminal: blobs the store has are not fetched.
+    let other = images::busybox_image(&tmp.path().join("bb"));
+    images::push(&other, &registry, "busybox:2", &PushOptions::default());
+    let daemon = Daemon::start(&tmp.path().join("d"));
+    daemon.plain_http(&registry);
+    let pull = |name: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_frakti"));
+        command
+            .arg("--endpoint")
+            .arg(daemon.socket())
+            .arg("pull")
+            .arg(format!("{}/{name}", registry.host()));
+        command
+    };
+    let out = pull("layered:1").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}/layered:1: {}\n", registry.host(), image.config_digest())
+    );
+    assert!(out.stderr.is_empty(), "progress on a pipe: {out:?}");
+
+    // Through a terminal: a bar per layer, named by its digest.
+    let size = nix::pty::Winsize {
+        ws_row: 24,
+        ws_col: 100,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size), None).unwrap();
+    let mut command = pull("busybox:2");
+    command.stdout(Stdio::null()).stderr(Stdio::from(pty.slave));
+    let status = command.status().unwrap();
+    drop(command);
+    assert!(status.success());
+    let mut shown = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&pty.master),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16)).unwrap() == 0 {
+            break;
+        }
+        match nix::unistd::read(&pty.master, &mut buf) {
+            Ok(n) if n > 0 => shown.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let shown = String::from_utf8_lossy(&shown);
+    for layer in &other.host_image().layers {
+        let short = &layer.digest.trim_start_matches("sha256:")[..12];
+        assert!(shown.contains(short), "no bar for {short}: {shown:?}");
+    }
+}

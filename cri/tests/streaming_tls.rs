@@ -25,6 +25,7 @@ fn config(root: &Path) -> RuntimeConfig {
             vmm: "/nonexistent/frakti-vmm".into(),
             kernel: "/nonexistent/vmlinux".into(),
             initrd: "/nonexistent/initrd".into(),
+            kernels_dir: "/nonexistent/kernels".into(),
         },
         sizing: SizingDefaults {
             cpus: 1,

@@ -103,7 +103,7 @@ fn main() -> ExitCode {
     match placement {
         Ok(Placement::Here(mode)) => {
             eprintln!("e2e: running here ({mode})");
-            libtest_mimic::run(&args, tests()).exit_code()
+            libtest_mimic::run(&args, not_yet_passed(tests())).exit_code()
         }
         Ok(Placement::RanInLab(0)) => ExitCode::SUCCESS,
         Ok(Placement::RanInLab(status)) => {
@@ -115,6 +115,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The tests minus those that passed in an earlier boot of L1 for this
+/// batch (L1 froze meanwhile: see frakti_lab::runner::PASSED_FILE).
+fn not_yet_passed(tests: Vec<Trial>) -> Vec<Trial> {
+    let Ok(list) = std::fs::read_to_string(frakti_lab::runner::PASSED_FILE) else {
+        return tests;
+    };
+    let passed: std::collections::HashSet<&str> = list.lines().collect();
+    let left: Vec<Trial> = tests
+        .into_iter()
+        .filter(|t| !passed.contains(t.name()))
+        .collect();
+    eprintln!(
+        "e2e: {} test(s) passed in an earlier boot of L1 and are not run again",
+        passed.len()
+    );
+    left
 }
 
 fn tests() -> Vec<Trial> {

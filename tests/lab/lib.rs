@@ -5,6 +5,7 @@
 //! QEMU TCG with an emulated AMD CPU with SVM+NPT, where `/dev/kvm` is real
 //! SVM KVM: see [`mode`] for the choice and [`runner`] for the L1 VM.
 
+pub mod demo;
 pub mod guest;
 pub mod initramfs;
 pub mod l1;

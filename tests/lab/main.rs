@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use frakti_lab::guest::{self, GuestAssets, MicrovmConfig};
+use frakti_lab::demo;
+use frakti_lab::guest::{self, GuestAssets};
 use frakti_lab::initramfs::Initramfs;
 use frakti_lab::mode::Mode;
 use frakti_lab::rerun::run_self_in_lab;
@@ -53,14 +54,9 @@ enum Cmd {
         #[arg(required = true, last = true)]
         commands: Vec<String>,
     },
-    /// Boot the guest to the agent's ready line and print the boot time.
+    /// Frakti as a user meets it: start the daemon, import a small image built here, run a
+    /// container in a VM of its own with `frakti run`, print its output and start time.
     Demo {
-        /// Guest vCPUs.
-        #[arg(long, default_value_t = 1)]
-        cpus: u32,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 256)]
-        memory: u32,
         #[command(flatten)]
         lab: LabArgs,
     },
@@ -143,39 +139,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(exit_code(first_failure))
         }
-        Cmd::Demo { cpus, memory, lab } => demo(cpus, memory, &lab),
+        Cmd::Demo { lab } => demo(&lab),
     }
 }
 
-fn demo(cpus: u32, memory: u32, lab: &LabArgs) -> anyhow::Result<ExitCode> {
+fn demo(lab: &LabArgs) -> anyhow::Result<ExitCode> {
     let guest = GuestAssets::locate()?;
     let mode = Mode::detect()?;
     eprintln!("frakti-lab: mode {mode}");
+    let scratch = tempfile::tempdir()?;
+    let image = match std::env::var_os(demo::IMAGE_ENV) {
+        Some(image) => PathBuf::from(image),
+        None => demo::build_image(scratch.path())?,
+    };
     if mode.is_nested() {
-        let args = [
-            "demo".to_string(),
-            format!("--cpus={cpus}"),
-            format!("--memory={memory}"),
+        let programs = [
+            (demo::FRAKTI_ENV, demo::frakti_binary()?),
+            (guest::VMM_ENV, guest::vmm_binary()?),
+            (demo::MKFS_EROFS_ENV, demo::mkfs_erofs_binary()?),
+            (demo::IMAGE_ENV, image),
         ];
-        let status = run_self_in_lab(&args, &guest, &[], &lab.config(true))?;
+        let status = run_self_in_lab(&["demo".to_string()], &guest, &programs, &lab.config(true))?;
         return Ok(exit_code(status));
     }
-    let config = MicrovmConfig {
-        cpus,
-        memory_mib: memory,
-        timeout: Duration::from_secs(120),
-    };
-    let report = guest::boot_qemu_microvm(&guest, &config)?;
-    println!("guest: {}", report.ready);
-    println!(
-        "boot time: {:.3} s from starting QEMU microvm ({cpus} vCPU, {memory} MiB) to the \
-         agent's ready line; guest kernel uptime {:.3} s",
-        report.time_to_ready.as_secs_f64(),
-        report.ready.uptime_secs
-    );
-    if !report.exited_after_ready {
-        bail!("the guest did not reset itself after its ready line");
-    }
+    demo::run_here(&demo::Programs {
+        frakti: demo::frakti_binary()?,
+        vmm: guest::vmm_binary()?,
+        kernel: guest.kernel,
+        initrd: guest.initrd,
+        mkfs_erofs: demo::mkfs_erofs_binary()?,
+        image,
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -21,8 +21,12 @@ use crate::tail_lines;
 pub const TIMEOUT_ENV: &str = "FRAKTI_LAB_TIMEOUT";
 /// Overrides L1's number of vCPUs.
 pub const CPUS_ENV: &str = "FRAKTI_LAB_CPUS";
-/// Boots of L1 for one batch when L1's own kernel crashes or stalls.
-const MAX_BOOTS: u32 = 3;
+/// Boots of L1 for one batch when L1's own kernel crashes or stalls. Six:
+/// L1 froze three times in one e2e batch on 2026-12-05 (once in the VMM
+/// tests, once in a devices test, once in the agent tests), and each boot
+/// runs only what had not passed yet, so a freeze costs the heartbeat's
+/// 120 s and the interrupted test.
+const MAX_BOOTS: u32 = 6;
 
 #[derive(Debug, Clone)]
 pub struct LabConfig {
@@ -156,12 +160,23 @@ pub fn run(
     payload.write(&initrd, false)?;
 
     let mut boots = 0;
+    let mut passed = std::collections::BTreeSet::new();
     loop {
         boots += 1;
         let mut qemu = start_l1(config, &kernel, &work)?;
         let outcome = collect(config, &mut qemu, &work, commands.len());
         // Whatever happened, L1 is finished: do not wait for its poweroff.
         let _ = qemu.kill();
+        if matches!(
+            outcome,
+            Err(Error::L1Frozen { .. } | Error::QemuExited { .. } | Error::L1Stalled { .. })
+        ) {
+            // The next boot need not run again the tests that passed.
+            passed.extend(passed_tests(&read_log(&work.join("results.log"))));
+            let list: Vec<&str> = passed.iter().map(String::as_str).collect();
+            payload.bytes(PASSED_FILE, list.join("\n"), 0o644);
+            payload.write(&initrd, false)?;
+        }
         match outcome {
             Err(Error::L1Frozen { console_tail, .. }) if boots < MAX_BOOTS => {
                 // Seen once in CI: L1 stopped (no output, no heartbeat, no
@@ -191,6 +206,34 @@ pub fn run(
             other => return other,
         }
     }
+}
+
+/// Where L1 finds the names of the tests that passed in its earlier boots
+/// of the same batch (one per line; absent in the first boot).
+pub const PASSED_FILE: &str = "/lab/passed";
+
+/// The tests a libtest-style output says passed: `test NAME ... ok`, the
+/// `ok` on the same line or alone on a later one (after the test's own
+/// output).
+pub fn passed_tests(output: &str) -> Vec<String> {
+    let mut passed = Vec::new();
+    let mut current: Option<&str> = None;
+    for line in output.lines() {
+        let line = line.trim_end();
+        if let Some(rest) = line.strip_prefix("test ") {
+            current = rest.split_whitespace().next();
+        }
+        let done = line == "ok"
+            || (current.is_some() && line.starts_with("test ") && line.ends_with(" ok"));
+        if done {
+            if let Some(name) = current.take() {
+                passed.push(name.to_string());
+            }
+        } else if line.ends_with("FAILED") || line.ends_with("ignored") {
+            current = None;
+        }
+    }
+    passed
 }
 
 /// Whether L1's console shows its own kernel dying or stuck.
@@ -437,6 +480,21 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passed_tests_are_read_from_libtest_output() {
+        let output = "running 4 tests\n\
+            test a::one ... ok\n\
+            test b::two ...   some output\n\
+            more output\n\
+            ok\n\
+            test c::three ... FAILED\n\
+            ok\n\
+            test d::four ... froze here\n";
+        assert_eq!(passed_tests(output), ["a::one", "b::two"]);
+        assert!(passed_tests("").is_empty());
+        assert!(passed_tests("test\nok\n").is_empty());
+    }
 
     #[test]
     fn heartbeat_silence_counts_only_once_beats_began() {

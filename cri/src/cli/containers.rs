@@ -1,6 +1,7 @@
 //! `frakti ps`, `stop`, `rm`, `inspect` and `stats`.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -205,10 +206,22 @@ pub async fn stop_one(clients: &mut Clients, found: &Found, timeout: i64) -> any
 }
 
 /// Removes a container (after stopping it); one of `frakti run` goes with
-/// its pod.
-pub async fn remove_one(clients: &mut Clients, found: &Found) -> anyhow::Result<()> {
+/// its pod, and its `--volume-device`s are unregistered from `root`.
+pub async fn remove_one(clients: &mut Clients, found: &Found, root: &Path) -> anyhow::Result<()> {
     if found.own_pod {
         let pod_sandbox_id = found.container.pod_sandbox_id.clone();
+        let uid = clients
+            .runtime
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod_sandbox_id.clone(),
+                verbose: false,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .status
+            .and_then(|s| s.metadata)
+            .map(|m| m.uid);
         clients
             .runtime
             .stop_pod_sandbox(cri::StopPodSandboxRequest {
@@ -221,6 +234,9 @@ pub async fn remove_one(clients: &mut Clients, found: &Found) -> anyhow::Result<
             .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id })
             .await
             .map_err(status_error)?;
+        if let Some(uid) = uid.filter(|u| !u.is_empty()) {
+            super::volumes::unregister(root, &uid);
+        }
         return Ok(());
     }
     clients
@@ -269,7 +285,12 @@ pub async fn stop(
     .await
 }
 
-pub async fn rm(clients: &mut Clients, references: &[String], force: bool) -> anyhow::Result<()> {
+pub async fn rm(
+    clients: &mut Clients,
+    references: &[String],
+    force: bool,
+    root: &Path,
+) -> anyhow::Result<()> {
     for_each(clients, references, async |clients, found| {
         let running = found.container.state == cri::ContainerState::ContainerRunning as i32;
         anyhow::ensure!(
@@ -277,7 +298,7 @@ pub async fn rm(clients: &mut Clients, references: &[String], force: bool) -> an
             "container {} is running: stop it first, or rm -f",
             short_id(found.id())
         );
-        remove_one(clients, &found).await
+        remove_one(clients, &found, root).await
     })
     .await
 }

@@ -18,6 +18,7 @@ pub mod run;
 pub mod run_spec;
 pub mod table;
 pub mod terminal;
+pub mod volumes;
 
 use std::path::Path;
 
@@ -29,6 +30,8 @@ use tonic::transport::Channel;
 
 /// Label of the pods `frakti run` makes.
 pub const CLI_LABEL: &str = "io.frakti.cli";
+/// The daemon's default state dir (its --root).
+pub const DEFAULT_ROOT: &str = "/var/lib/frakti";
 /// Namespace of the pods `frakti run` makes.
 pub const CLI_NAMESPACE: &str = "frakti";
 

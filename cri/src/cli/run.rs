@@ -4,10 +4,12 @@
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use frakti_cri::sandbox::vmm::ANNOTATION_KERNEL;
 use frakti_proto::containers::v1 as admin;
 use k8s_cri::v1 as cri;
 use tokio::signal::unix::{SignalKind, signal};
@@ -62,6 +64,16 @@ pub struct RunArgs {
     /// Give a host device to the container: DEVICE[:CONTAINER[:rwm]]; repeatable.
     #[arg(long = "device", value_name = "DEVICE[:CONTAINER[:rwm]]")]
     pub device: Vec<String>,
+    /// Give a block device (or filesystem image) to the VM and mount its filesystem in the
+    /// container: DEVICE:CONTAINER[:ext4|ext3|ext2|xfs]; repeatable. The host never mounts it.
+    #[arg(long = "volume-device", value_name = "DEVICE:CONTAINER[:FSTYPE]")]
+    pub volume_device: Vec<String>,
+    /// Boot the VM with this kernel: a file name in the daemon's --kernels-dir.
+    #[arg(long, value_name = "NAME")]
+    pub kernel: Option<String>,
+    /// The daemon's state dir (its --root), where --volume-device registers the devices.
+    #[arg(long, default_value = super::DEFAULT_ROOT)]
+    pub root: PathBuf,
     /// Publish a port: [IP:]HOSTPORT:PORT[/tcp|udp|sctp]; repeatable (needs the CNI portmap plugin).
     #[arg(short, long = "publish", value_name = "[IP:]HOSTPORT:PORT")]
     pub publish: Vec<String>,
@@ -91,8 +103,11 @@ pub async fn run(clients: &mut Clients, args: RunArgs) -> anyhow::Result<i32> {
         run_spec::valid_name(&name),
         "--name {name:?}: 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
     );
-    let (pod_config, container_config) = configs(&args, &name, &random)?;
+    let (pod_config, mut container_config) = configs(&args, &name, &random)?;
     ensure_image(clients, &args.image).await?;
+    // Registered under the pod's uid; unregistered with the pod.
+    let volumes = super::volumes::register(&args.root, &random, &args.volume_device)?;
+    container_config.mounts.extend(volumes);
 
     let pod_id = clients
         .runtime
@@ -102,15 +117,21 @@ pub async fn run(clients: &mut Clients, args: RunArgs) -> anyhow::Result<i32> {
         })
         .await
         .map_err(status_error)
-        .context("starting the container's VM")?
-        .into_inner()
-        .pod_sandbox_id;
+        .context("starting the container's VM");
+    let pod_id = match pod_id {
+        Ok(response) => response.into_inner().pod_sandbox_id,
+        Err(e) => {
+            super::volumes::unregister(&args.root, &random);
+            return Err(e);
+        }
+    };
     let result = create_and_run(clients, &args, &pod_id, pod_config, container_config).await;
     let remove = args.rm || result.is_err();
     if remove && !matches!(result, Ok(Outcome::Detached)) {
         if let Err(e) = remove_pod(clients, &pod_id).await {
             eprintln!("frakti: error: removing the container's VM: {e:#}");
         }
+        super::volumes::unregister(&args.root, &random);
     }
     match result? {
         Outcome::Exited(code) => Ok(code),
@@ -418,6 +439,11 @@ fn configs(
     }
     let uid = random.to_string();
     let labels = HashMap::from([(CLI_LABEL.to_string(), "1".to_string())]);
+    let annotations = args
+        .kernel
+        .iter()
+        .map(|k| (ANNOTATION_KERNEL.to_string(), k.clone()))
+        .collect();
     let pod = cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
             name: name.to_string(),
@@ -430,6 +456,7 @@ fn configs(
         dns_config: host_dns(),
         port_mappings,
         labels: labels.clone(),
+        annotations,
         linux: Some(cri::LinuxPodSandboxConfig {
             resources: Some(resources.clone()),
             ..Default::default()

@@ -18,6 +18,8 @@ pub enum SpecError {
     Device(String, &'static str),
     #[error("-p {0}: {1}")]
     Port(String, &'static str),
+    #[error("--volume-device {0}: {1}")]
+    VolumeDevice(String, &'static str),
     #[error("-u {0}: a user is UID[:GID] or NAME[:GID] (GID numeric)")]
     User(String),
 }
@@ -169,6 +171,27 @@ pub fn port(text: &str) -> Result<cri::PortMapping, SpecError> {
     })
 }
 
+/// `DEVICE:CONTAINER[:FSTYPE]` of `--volume-device`: a block device (or
+/// filesystem image) whose filesystem is mounted in the VM (ext4 unless
+/// said).
+pub fn volume_device(text: &str) -> Result<(PathBuf, String, String), SpecError> {
+    let error = |why| SpecError::VolumeDevice(text.to_string(), why);
+    let parts: Vec<&str> = text.split(':').collect();
+    let (device, container, fs_type) = match parts.as_slice() {
+        [device, container] => (*device, *container, "ext4"),
+        [device, container, fs_type] => (*device, *container, *fs_type),
+        _ => return Err(error("expected DEVICE:CONTAINER[:FSTYPE]")),
+    };
+    if !device.starts_with('/') || !container.starts_with('/') {
+        return Err(error("paths must be absolute"));
+    }
+    Ok((
+        PathBuf::from(device),
+        container.to_string(),
+        fs_type.to_string(),
+    ))
+}
+
 /// `-u`: the user and group settings of the container's security context.
 pub fn user(text: &str, context: &mut cri::LinuxContainerSecurityContext) -> Result<(), SpecError> {
     let error = || SpecError::User(text.to_string());
@@ -314,6 +337,16 @@ mod tests {
         assert_eq!(device("/dev/sdb:/dev/xvda:r").unwrap().permissions, "r");
         assert!(device("/dev/sdb:/dev/x:rwx").is_err());
         assert!(device("sdb").is_err());
+
+        let (dev, ctr, fs) = volume_device("/dev/loop3:/data").unwrap();
+        assert_eq!(
+            (dev, ctr.as_str(), fs.as_str()),
+            (PathBuf::from("/dev/loop3"), "/data", "ext4")
+        );
+        assert_eq!(volume_device("/img:/d:xfs").unwrap().2, "xfs");
+        for bad in ["/dev/x", "dev:/d", "/dev/x:d", "/a:/b:c:d"] {
+            assert!(volume_device(bad).is_err(), "{bad}");
+        }
 
         let p = port("8080:80").unwrap();
         assert_eq!((p.host_port, p.container_port, p.protocol), (8080, 80, 0));

@@ -297,6 +297,11 @@ impl Runtime {
         runtime_handler: String,
     ) -> Result<String> {
         validate(&config, &self.inner.config.allowed_unsafe_sysctls)?;
+        self.inner
+            .config
+            .assets
+            .for_pod(&config.annotations)
+            .map_err(Error::InvalidArgument)?;
         let (size, source) = sizing::size_pod(&config, &self.inner.config.sizing)?;
         let id = state::new_id()?;
         let dir = self.inner.layout.pod_dir(&id);
@@ -350,8 +355,12 @@ impl Runtime {
             }
             None => (None, None),
         };
+        let assets = (self.inner.config.assets)
+            .for_pod(&pod.config.annotations)
+            .map_err(Error::InvalidArgument)?;
+        tracing::debug!(pod = %pod.id, kernel = %assets.kernel.display(), "VM kernel");
         let pid = vmm::spawn(
-            &self.inner.config.assets,
+            &assets,
             &pod.files,
             size,
             nic.as_ref().map(|tap| vmm::Nic {

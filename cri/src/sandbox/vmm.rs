@@ -63,6 +63,48 @@ pub struct VmAssets {
     pub vmm: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// Other kernels a pod may choose by name (annotation
+    /// `io.frakti.vm.kernel`): only files in this directory.
+    pub kernels_dir: PathBuf,
+}
+
+/// The pod annotation naming the kernel of its VM in `kernels_dir`.
+pub const ANNOTATION_KERNEL: &str = "io.frakti.vm.kernel";
+
+impl VmAssets {
+    /// The assets of a pod whose annotations may name another kernel: a
+    /// plain file name in `kernels_dir` (no path: a pod's annotations come
+    /// from whoever writes the pod, and must not pick any file of the node).
+    pub fn for_pod(
+        &self,
+        annotations: &std::collections::HashMap<String, String>,
+    ) -> Result<VmAssets, String> {
+        let Some(name) = annotations.get(ANNOTATION_KERNEL) else {
+            return Ok(self.clone());
+        };
+        let plain = !name.is_empty()
+            && name.len() <= 255
+            && name != "."
+            && name != ".."
+            && !name.contains(['/', '\0']);
+        if !plain {
+            return Err(format!(
+                "annotation {ANNOTATION_KERNEL}={name:?}: a kernel's file name in {} (no path)",
+                self.kernels_dir.display()
+            ));
+        }
+        let kernel = self.kernels_dir.join(name);
+        if !kernel.is_file() {
+            return Err(format!(
+                "annotation {ANNOTATION_KERNEL}={name:?}: no such kernel in {}",
+                self.kernels_dir.display()
+            ));
+        }
+        Ok(VmAssets {
+            kernel,
+            ..self.clone()
+        })
+    }
 }
 
 /// Where a pod VM keeps its sockets and logs (the pod's directory).
@@ -336,6 +378,41 @@ pub fn image_slot(index: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_pod_chooses_a_kernel_by_file_name_in_the_kernels_dir_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("alt"), b"kernel").unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let assets = VmAssets {
+            vmm: "/vmm".into(),
+            kernel: "/default".into(),
+            initrd: "/initrd".into(),
+            kernels_dir: dir.path().to_path_buf(),
+        };
+        let pick = |name: &str| {
+            let annotations = [(ANNOTATION_KERNEL.to_string(), name.to_string())].into();
+            assets.for_pod(&annotations)
+        };
+        assert_eq!(
+            assets.for_pod(&Default::default()).unwrap().kernel,
+            Path::new("/default")
+        );
+        assert_eq!(pick("alt").unwrap().kernel, dir.path().join("alt"));
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../alt",
+            "/etc/passwd",
+            "sub",
+            "missing",
+            "a\0b",
+        ] {
+            let err = pick(bad).unwrap_err();
+            assert!(err.contains(ANNOTATION_KERNEL), "{bad:?}: {err}");
+        }
+    }
     use super::*;
 
     #[test]

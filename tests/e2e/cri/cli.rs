@@ -19,7 +19,7 @@ use super::harness::*;
 pub fn tests() -> Vec<Trial> {
     vec![Trial::test(
         "cri::the_cli_runs_containers_like_docker",
-        || with_daemon(&[], cli),
+        || with_daemon(&["--kernels-dir", "{dir}/kernels"], cli),
     )]
 }
 
@@ -29,6 +29,7 @@ async fn cli(daemon: &mut Daemon) -> anyhow::Result<()> {
     detached_lifecycle(daemon).await?;
     signals_and_errors(daemon).await?;
     terminal(daemon).await?;
+    kernel_and_volume_device(daemon).await?;
     ensure!(
         frakti(daemon, &["ps", "-a", "-q"]).await?.stdout.is_empty(),
         "containers left"
@@ -444,5 +445,70 @@ async fn terminal(daemon: &Daemon) -> anyhow::Result<()> {
         "--rm after -it left pods: {}",
         describe(&pods)
     );
+    Ok(())
+}
+
+/// `--kernel NAME` boots a kernel of the daemon's --kernels-dir (and only
+/// one of those); `--volume-device` puts a block device's filesystem into
+/// the container through the VM, and `--rm` unregisters it.
+async fn kernel_and_volume_device(daemon: &Daemon) -> anyhow::Result<()> {
+    let kernels = daemon.dir.path().join("kernels");
+    std::fs::create_dir_all(&kernels)?;
+    let kernel = std::env::var_os(frakti_lab::guest::KERNEL_ENV).context("no guest kernel")?;
+    std::fs::copy(&kernel, kernels.join("alt"))?;
+    let disk = super::devices::loop_device(daemon.dir.path(), "vol.img", 32)?;
+    super::devices::mkfs_ext4(&disk)?;
+    let root = daemon.root();
+    let root = root.to_string_lossy();
+    let volume = format!("{}:/data", disk.device.display());
+    let script = "echo kept > /data/f && cat /data/f && grep ' /data ' /proc/mounts";
+    let out = frakti(
+        daemon,
+        &[
+            "run",
+            "--rm",
+            "--kernel",
+            "alt",
+            "--root",
+            &root,
+            "--volume-device",
+            &volume,
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ],
+    )
+    .await?;
+    let stdout = text(&out.stdout);
+    ensure!(
+        out.status.success() && stdout.starts_with("kept\n") && stdout.contains(" /data ext4 "),
+        "run --kernel --volume-device: {}",
+        describe(&out)
+    );
+    let log = std::fs::read_to_string(daemon.dir.path().join("daemon.log"))?;
+    ensure!(
+        log.contains(&format!("kernel={}", kernels.join("alt").display())),
+        "the VM did not boot the chosen kernel:\n{}",
+        daemon.log()
+    );
+    let registered = frakti(
+        daemon,
+        &["volume", "--root", &root, "ls", "--format", "json"],
+    )
+    .await?;
+    ensure!(
+        text(&registered.stdout).trim() == "[]",
+        "--rm left the device registered: {}",
+        describe(&registered)
+    );
+    for (kernel, why) in [("../alt", "no path"), ("missing", "no such kernel")] {
+        let out = frakti(daemon, &["run", "--rm", "--kernel", kernel, IMAGE, "true"]).await?;
+        ensure!(
+            out.status.code() == Some(125) && text(&out.stderr).contains(why),
+            "--kernel {kernel}: {}",
+            describe(&out)
+        );
+    }
     Ok(())
 }

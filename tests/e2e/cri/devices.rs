@@ -41,12 +41,12 @@ pub fn tests() -> Vec<Trial> {
 }
 
 /// A loop device over a sparse `mib` MiB file `dir/name`.
-fn loop_device(dir: &Path, name: &str, mib: u64) -> anyhow::Result<LoopDevice> {
+pub fn loop_device(dir: &Path, name: &str, mib: u64) -> anyhow::Result<LoopDevice> {
     Ok(LoopDevice::new(&dir.join(name), mib)?)
 }
 
 /// An empty ext4 filesystem on `disk` (the lab's mke2fs).
-fn mkfs_ext4(disk: &LoopDevice) -> anyhow::Result<()> {
+pub fn mkfs_ext4(disk: &LoopDevice) -> anyhow::Result<()> {
     let mke2fs = std::env::var_os(frakti_lab::guest::MKE2FS_ENV).unwrap_or_else(|| "mke2fs".into());
     Ok(disk.mkfs_ext4(&mke2fs)?)
 }

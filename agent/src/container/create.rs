@@ -271,10 +271,10 @@ pub(super) fn check_process(process: &OciProcess) -> Result<(), Error> {
 
 pub(super) fn open_stdio(process: &OciProcess) -> Result<(Stdio, stdio::ChildStdio), Error> {
     Ok(if process.terminal() == Some(true) {
-        let (rows, cols) = process
-            .console_size()
-            .map(|s| (s.height() as u16, s.width() as u16))
-            .unwrap_or((0, 0));
+        let (rows, cols) = match process.console_size() {
+            Some(size) => console_size(size.height(), size.width())?,
+            None => (0, 0),
+        };
         stdio::pty(rows, cols)?
     } else {
         stdio::pipes()?
@@ -323,4 +323,33 @@ pub(super) fn open_namespaces(pid: i32, _own_pid: bool) -> Result<Namespaces, Er
             (open("cgroup")?, CloneFlags::CLONE_NEWCGROUP),
         ],
     })
+}
+
+/// A terminal's size as the kernel's winsize holds it (16 bits each).
+pub(super) fn console_size(height: u64, width: u64) -> Result<(u16, u16), Error> {
+    let check = |value: u64, field: &str| {
+        u16::try_from(value).map_err(|_| {
+            Error::Invalid(format!(
+                "process.consoleSize.{field} {value} is beyond a terminal's 65535"
+            ))
+        })
+    };
+    Ok((check(height, "height")?, check(width, "width")?))
+}
+
+#[cfg(test)]
+mod console_size_tests {
+    use super::*;
+
+    #[test]
+    fn console_sizes_are_checked_not_truncated() {
+        assert_eq!(console_size(24, 80).unwrap(), (24, 80));
+        assert_eq!(console_size(65535, 0).unwrap(), (65535, 0));
+        for (h, w) in [(65536, 80), (24, 1 << 40), (u64::MAX, u64::MAX)] {
+            assert!(
+                matches!(console_size(h, w), Err(Error::Invalid(_))),
+                "{h}x{w}"
+            );
+        }
+    }
 }

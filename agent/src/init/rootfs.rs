@@ -405,16 +405,10 @@ pub(super) fn create_device(rootfs: &Path, device: &LinuxDevice) -> Result<(), E
             return Err(Error::Invalid("device type 'a' is not a node".into()));
         }
     };
+    let (major, minor) = device_numbers(device.major(), device.minor())?;
     let path = resolve_in_root(rootfs, device.path())?;
     let mode = device.file_mode().unwrap_or(0o666) & 0o7777;
-    make_node(
-        &path,
-        kind,
-        device.major() as u64,
-        device.minor() as u64,
-        mode,
-        device.path().clone(),
-    )?;
+    make_node(&path, kind, major, minor, mode, device.path().clone())?;
     let uid = device.uid().map(nix::unistd::Uid::from_raw);
     let gid = device.gid().map(nix::unistd::Gid::from_raw);
     nix::unistd::chown(&path, uid, gid).map_err(Error::sys(format!("chown {}", path.display())))
@@ -482,3 +476,45 @@ pub(super) fn readonly_path(path: &str) -> Result<(), Error> {
 }
 
 // --- The process ------------------------------------------------------------
+
+/// A device's numbers as Linux takes them: a major below 2^12 and a minor
+/// below 2^20 (dev_t's encoding); anything else (negative, too large) is
+/// refused, not wrapped into another device's numbers.
+pub(super) fn device_numbers(major: i64, minor: i64) -> Result<(u64, u64), Error> {
+    let check = |value: i64, bits: u32, field: &str| {
+        u64::try_from(value)
+            .ok()
+            .filter(|v| *v < 1 << bits)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "linux.devices[].{field} {value} is not a device {field} (0 to {})",
+                    (1u64 << bits) - 1
+                ))
+            })
+    };
+    Ok((check(major, 12, "major")?, check(minor, 20, "minor")?))
+}
+
+#[cfg(test)]
+mod device_number_tests {
+    use super::*;
+
+    #[test]
+    fn device_numbers_are_checked_not_wrapped() {
+        assert_eq!(device_numbers(1, 3).unwrap(), (1, 3));
+        assert_eq!(
+            device_numbers(4095, (1 << 20) - 1).unwrap(),
+            (4095, (1 << 20) - 1)
+        );
+        for (major, minor) in [
+            (-1, 0),
+            (0, -1),
+            (4096, 0),
+            (0, 1 << 20),
+            (i64::MIN, i64::MAX),
+        ] {
+            let err = device_numbers(major, minor).unwrap_err();
+            assert!(matches!(err, Error::Invalid(_)), "{major}:{minor}: {err}");
+        }
+    }
+}

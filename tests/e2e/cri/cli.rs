@@ -176,8 +176,27 @@ async fn detached_lifecycle(daemon: &Daemon) -> anyhow::Result<()> {
         "rm of a running container: {}",
         describe(&out)
     );
+    let stats = frakti(daemon, &["stats", "--no-stream", "--format", "json"]).await?;
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout)
+        .with_context(|| format!("stats: {}", describe(&stats)))?;
+    ensure!(
+        stats[0]["name"] == "web" && stats[0]["memoryWorkingSetBytes"].as_u64() > Some(0),
+        "stats --no-stream: {stats}"
+    );
+    // `logs -f` follows until the container exits.
+    let follower = command(daemon, &["logs", "-f", "web"])?
+        .stdout(Stdio::piped())
+        .spawn()?;
     let out = frakti(daemon, &["stop", "web"]).await?;
     ensure!(out.status.success(), "stop: {}", describe(&out));
+    let followed = tokio::time::timeout(Duration::from_secs(60), follower.wait_with_output())
+        .await
+        .context("logs -f did not end with the container")??;
+    ensure!(
+        followed.status.success() && text(&followed.stdout) == "started\nbye\n",
+        "logs -f: {}",
+        describe(&followed)
+    );
     let logs = frakti(daemon, &["logs", "--timestamps", "--tail", "1", "web"]).await?;
     let last = text(&logs.stdout);
     ensure!(
@@ -191,6 +210,28 @@ async fn detached_lifecycle(daemon: &Daemon) -> anyhow::Result<()> {
     ensure!(out.status.success(), "rm: {}", describe(&out));
     let pods = frakti(daemon, &["ps", "--pods", "-q"]).await?;
     ensure!(pods.stdout.is_empty(), "pods left: {}", describe(&pods));
+
+    // rm -f takes a running container (and its VM) at once.
+    let out = frakti(
+        daemon,
+        &["run", "-d", "--name", "victim", IMAGE, "sleep", "1000"],
+    )
+    .await?;
+    ensure!(out.status.success(), "run -d: {}", describe(&out));
+    let out = frakti(daemon, &["rm", "-f", "victim"]).await?;
+    ensure!(out.status.success(), "rm -f: {}", describe(&out));
+    let pods = frakti(daemon, &["ps", "--pods", "-q"]).await?;
+    ensure!(
+        pods.stdout.is_empty(),
+        "rm -f left pods: {}",
+        describe(&pods)
+    );
+    let out = frakti(daemon, &["completion", "bash"]).await?;
+    ensure!(
+        out.status.success() && text(&out.stdout).contains("_frakti()"),
+        "completion bash: {}",
+        describe(&out)
+    );
     Ok(())
 }
 

@@ -47,7 +47,7 @@ pub enum Ended {
     Closed,
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+pub type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
 
 /// Opens the session at the URL Exec or Attach answered.
 pub async fn connect(url: &str) -> anyhow::Result<Ws> {

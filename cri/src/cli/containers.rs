@@ -222,18 +222,7 @@ pub async fn remove_one(clients: &mut Clients, found: &Found, root: &Path) -> an
             .status
             .and_then(|s| s.metadata)
             .map(|m| m.uid);
-        clients
-            .runtime
-            .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: pod_sandbox_id.clone(),
-            })
-            .await
-            .map_err(status_error)?;
-        clients
-            .runtime
-            .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id })
-            .await
-            .map_err(status_error)?;
+        remove_pod(clients, &pod_sandbox_id).await?;
         if let Some(uid) = uid.filter(|u| !u.is_empty()) {
             super::volumes::unregister(root, &uid);
         }
@@ -243,6 +232,25 @@ pub async fn remove_one(clients: &mut Clients, found: &Found, root: &Path) -> an
         .runtime
         .remove_container(cri::RemoveContainerRequest {
             container_id: found.id().to_string(),
+        })
+        .await
+        .map_err(status_error)?;
+    Ok(())
+}
+
+/// Stops and removes a pod (its VM and its containers).
+pub async fn remove_pod(clients: &mut Clients, pod_id: &str) -> anyhow::Result<()> {
+    clients
+        .runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.to_string(),
+        })
+        .await
+        .map_err(status_error)?;
+    clients
+        .runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.to_string(),
         })
         .await
         .map_err(status_error)?;

@@ -128,7 +128,7 @@ pub async fn run(clients: &mut Clients, args: RunArgs) -> anyhow::Result<i32> {
     let result = create_and_run(clients, &args, &pod_id, pod_config, container_config).await;
     let remove = args.rm || result.is_err();
     if remove && !matches!(result, Ok(Outcome::Detached)) {
-        if let Err(e) = remove_pod(clients, &pod_id).await {
+        if let Err(e) = super::containers::remove_pod(clients, &pod_id).await {
             eprintln!("frakti: error: removing the container's VM: {e:#}");
         }
         super::volumes::unregister(&args.root, &random);
@@ -195,20 +195,14 @@ async fn run_with_terminal(
     args: &RunArgs,
     id: &str,
 ) -> anyhow::Result<Outcome> {
-    let url = clients
-        .runtime
-        .attach(cri::AttachRequest {
-            container_id: id.to_string(),
-            stdin: args.interactive,
-            tty: true,
-            stdout: true,
-            stderr: false,
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .url;
-    let ws = attach::connect(&url).await?;
+    let request = cri::AttachRequest {
+        container_id: id.to_string(),
+        stdin: args.interactive,
+        tty: true,
+        stdout: true,
+        stderr: false,
+    };
+    let ws = attach_to(clients, request).await?;
     start(clients, id).await?;
     // Raw mode makes no SIGINT of Ctrl-C; SIGTERM and SIGHUP still come.
     let signals = tokio::spawn(forward_signals(clients.clone(), id.to_string()));
@@ -231,26 +225,33 @@ async fn run_with_terminal(
     Ok(Outcome::Exited(wait_exit(clients, id).await?))
 }
 
+/// Attach, then its session's WebSocket.
+async fn attach_to(
+    clients: &mut Clients,
+    request: cri::AttachRequest,
+) -> anyhow::Result<attach::Ws> {
+    let url = clients
+        .runtime
+        .attach(request)
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .url;
+    attach::connect(&url).await
+}
+
 /// Without a terminal: its stdout and stderr from its log (complete and
 /// separate), our stdin attached with `-i`, our signals forwarded (a
 /// second Ctrl-C kills it).
 async fn run_piped(clients: &mut Clients, args: &RunArgs, id: &str) -> anyhow::Result<Outcome> {
     let status = container_status(clients, id).await?;
     let stdin_task = if args.interactive {
-        let url = clients
-            .runtime
-            .attach(cri::AttachRequest {
-                container_id: id.to_string(),
-                stdin: true,
-                tty: false,
-                stdout: false,
-                stderr: false,
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .url;
-        let ws = attach::connect(&url).await?;
+        let request = cri::AttachRequest {
+            container_id: id.to_string(),
+            stdin: true,
+            ..Default::default()
+        };
+        let ws = attach_to(clients, request).await?;
         let options = attach::Options {
             stdin: true,
             tty: false,
@@ -355,24 +356,6 @@ async fn wait_exit(clients: &mut Clients, id: &str) -> anyhow::Result<i32> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn remove_pod(clients: &mut Clients, pod_id: &str) -> anyhow::Result<()> {
-    clients
-        .runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.to_string(),
-        })
-        .await
-        .map_err(status_error)?;
-    clients
-        .runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id.to_string(),
-        })
-        .await
-        .map_err(status_error)?;
-    Ok(())
 }
 
 /// Pulls the image (progress on stderr) unless the store has it.

@@ -16,17 +16,7 @@ fn running_container(
     runtime: &Runtime,
     id: &str,
 ) -> Result<(String, cri::ContainerConfig), Status> {
-    if id.is_empty() {
-        return Err(Status::invalid_argument("container_id is required"));
-    }
-    let container = runtime.container(id).map_err(runtime_status)?;
-    if container.phase() != ContainerPhase::Running {
-        return Err(Status::failed_precondition(format!(
-            "container {} is not running",
-            container.id
-        )));
-    }
-    Ok((container.id.clone(), container.config.clone()))
+    container_in(runtime, id, &[ContainerPhase::Running], "is not running")
 }
 
 /// The full id and the config of a created or running container.
@@ -34,13 +24,25 @@ fn attachable_container(
     runtime: &Runtime,
     id: &str,
 ) -> Result<(String, cri::ContainerConfig), Status> {
+    let phases = [ContainerPhase::Created, ContainerPhase::Running];
+    container_in(runtime, id, &phases, "has exited")
+}
+
+/// The container `id` if it is in one of `phases`, else FailedPrecondition
+/// saying it `otherwise`.
+fn container_in(
+    runtime: &Runtime,
+    id: &str,
+    phases: &[ContainerPhase],
+    otherwise: &str,
+) -> Result<(String, cri::ContainerConfig), Status> {
     if id.is_empty() {
         return Err(Status::invalid_argument("container_id is required"));
     }
     let container = runtime.container(id).map_err(runtime_status)?;
-    if container.phase() == ContainerPhase::Exited {
+    if !phases.contains(&container.phase()) {
         return Err(Status::failed_precondition(format!(
-            "container {} has exited",
+            "container {} {otherwise}",
             container.id
         )));
     }

@@ -631,13 +631,9 @@ async fn confirmations_and_saved_progress_leave_out_an_unfinished_line() {
     assert_eq!(saved.size, std::fs::metadata(&path).unwrap().len());
 }
 
-#[tokio::test]
-async fn a_log_written_past_its_saved_progress_is_cut_back_when_reopened() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("0.log");
-    let log = open_log(&path);
-    let end = log
-        .clone()
+/// A log at `path` whose stdout was "one\n", written and saved.
+async fn write_one_line(path: &Path) {
+    let end = open_log(path)
         .pump(
             StreamKind::Stdout,
             stream::iter(chunks(&[b"one\n"])),
@@ -646,7 +642,13 @@ async fn a_log_written_past_its_saved_progress_is_cut_back_when_reopened() {
         )
         .await;
     assert_eq!(end, PumpEnd::Eof);
-    drop(log);
+}
+
+#[tokio::test]
+async fn a_log_written_past_its_saved_progress_is_cut_back_when_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("0.log");
+    write_one_line(&path).await;
     // A daemon killed between writing a record and saving its progress.
     let mut file = OpenOptions::new().append(true).open(&path).unwrap();
     file.write_all(&record("stdout", 'F', b"two")).unwrap();
@@ -666,18 +668,7 @@ async fn a_log_written_past_its_saved_progress_is_cut_back_when_reopened() {
 async fn a_rotated_log_is_not_cut_back() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("0.log");
-    let log = open_log(&path);
-    let end = log
-        .clone()
-        .pump(
-            StreamKind::Stdout,
-            stream::iter(chunks(&[b"one\n"])),
-            None,
-            |_| {},
-        )
-        .await;
-    assert_eq!(end, PumpEnd::Eof);
-    drop(log);
+    write_one_line(&path).await;
     // Rotated while the daemon was away: another file at the path.
     std::fs::rename(&path, dir.path().join("0.log.1")).unwrap();
     std::fs::write(&path, record("stdout", 'F', b"somebody's")).unwrap();

@@ -747,7 +747,28 @@ async fn bad_requests_are_refused_with_reasons() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 
+    // What the VM cannot honour is refused by name, not dropped.
+    let mut s = spec(&["true"]);
+    s["hooks"] = json!({"createRuntime": [{"path": "/bin/true"}]});
+    let err = create(c, "hooked", &s).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("hooks: "), "{err:?}");
+    let mut s = spec(&["true"]);
+    s["linux"]["resources"] = json!({"hugepageLimits": [{"pageSize": "2MB", "limit": 4194304}]});
+    let err = create(c, "huge", &s).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("hugepageLimits[0] (2MB)"), "{err:?}");
+
     run(c, "once", &spec(&["sleep", "1000"])).await;
+    let err = c
+        .update_container(pb::UpdateContainerRequest {
+            container_id: "once".into(),
+            resources_json: br#"{"blockIO": {"weight": 100}}"#.to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("resources.blockIO: "), "{err:?}");
     let err = start(c, "once").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("already started"), "{err:?}");

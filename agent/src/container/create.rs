@@ -20,6 +20,7 @@ impl Containers {
             .as_ref()
             .ok_or_else(|| Error::Invalid("the OCI spec has no process".into()))?;
         check_process(process)?;
+        unsupported::check_spec(&spec)?;
         let plan = self.namespace_plan(&spec)?;
         let _creating = self.create_lock.lock().await;
         if self.map().contains_key(&id) {

@@ -19,7 +19,8 @@
 //! Here: the registry of containers and their types; `create.rs` (create,
 //! start: namespaces, cgroup, setup helper), `exec.rs` (exec, exit and OOM
 //! watchers), `signal.rs` (signals, /proc listing), `streams.rs` (stdio),
-//! `stats.rs` (update, stats), `remove.rs` (stop, remove).
+//! `stats.rs` (update, stats), `remove.rs` (stop, remove), `unsupported.rs`
+//! (what a spec may ask for that the VM cannot honour: refused).
 
 use std::collections::HashMap;
 use std::fs;
@@ -50,6 +51,7 @@ mod remove;
 mod signal;
 mod stats;
 mod streams;
+mod unsupported;
 
 pub use signal::ProcessInfo;
 pub use stats::Stats;

@@ -7,6 +7,7 @@ impl Containers {
         let container = self.get(id)?;
         let resources: LinuxResources = serde_json::from_slice(resources_json)
             .map_err(|e| Error::Invalid(format!("malformed OCI LinuxResources JSON: {e}")))?;
+        super::unsupported::check_resources(&resources, "resources")?;
         Ok(container.cgroup.apply(&resources)?)
     }
 

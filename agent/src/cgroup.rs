@@ -202,21 +202,43 @@ impl Cgroup {
         fs::read_to_string(self.path.as_ref()?.join(file)).ok()
     }
 
-    /// SIGKILLs every process in the cgroup: `cgroup.kill` (Linux 5.14+),
-    /// else each pid of `cgroup.procs`. What a container started outlives
-    /// its process tree when orphaned (an exec's background child is
-    /// reparented away from the container's init), never its cgroup.
+    /// SIGKILLs every process in the cgroup at once: `cgroup.kill` (Linux
+    /// 5.14+; the kernel also catches the processes forked meanwhile, so a
+    /// fork bomb goes in one write), else each process of `cgroup.procs`
+    /// through a pidfd. What a container started outlives its process tree
+    /// when orphaned (an exec's background child is reparented away from the
+    /// container's init), never its cgroup.
     pub fn kill_all(&self) {
         let Some(dir) = &self.path else { return };
         if fs::write(dir.join("cgroup.kill"), "1").is_ok() {
             return;
         }
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        self.signal_all(libc::SIGKILL);
+    }
+
+    /// The processes in the cgroup now; `None` without a cgroup.
+    pub fn pids(&self) -> Option<Vec<i32>> {
+        let procs = self.read("cgroup.procs")?;
+        Some(
+            procs
+                .lines()
+                .filter_map(|l| l.trim().parse::<i32>().ok())
+                .collect(),
+        )
+    }
+
+    /// Sends `signal` to every process in the cgroup, each through a pidfd
+    /// opened first and then checked to still be in this cgroup: a pid that
+    /// was reused by another process (of another container) is never hit.
+    pub fn signal_all(&self, signal: i32) {
+        let Some(dir) = &self.path else { return };
+        for pid in self.pids().unwrap_or_default() {
+            let Ok(pidfd) = crate::process::pidfd_open(pid) else {
+                continue; // Gone.
+            };
+            if in_cgroup(pid, dir) {
+                let _ = crate::process::signal_pidfd(&pidfd, pid, signal);
+            }
         }
     }
 
@@ -246,6 +268,18 @@ impl Cgroup {
             source: io::Error::from_raw_os_error(libc::EBUSY),
         })
     }
+}
+
+/// Whether process `pid` is in the cgroup at `dir` (its
+/// `/proc/<pid>/cgroup` line `0::<path below the cgroup2 root>`).
+fn in_cgroup(pid: i32, dir: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    text.lines()
+        .filter_map(|l| l.strip_prefix("0::"))
+        .map(|relative| relative.trim_start_matches('/'))
+        .any(|relative| !relative.is_empty() && dir.ends_with(relative))
 }
 
 fn create_dir(path: &Path) -> Result<(), Error> {

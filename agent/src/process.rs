@@ -290,6 +290,20 @@ unsafe fn exec_helper_in_child(
 
 /// Sends `signal` through a pidfd (never reaches a recycled pid). A process
 /// that has already exited is not an error.
+/// A pidfd for `pid`: from then on it names that process only, even once
+/// the pid is reused.
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1;
+    // no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).map_err(|_| Errno::EINVAL)?;
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this new descriptor; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 pub fn signal_pidfd(pidfd: &OwnedFd, pid: i32, signal: i32) -> Result<(), Error> {
     // SAFETY: pidfd_send_signal with a valid pidfd and no siginfo.
     let ret = unsafe {

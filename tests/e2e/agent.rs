@@ -244,8 +244,9 @@ async fn drive(vm: &mut Vm) -> anyhow::Result<()> {
     memory_max_oom_kills(c, &mut events).await?;
     cpu_max_throttles(c).await?;
     seccomp_profile_applies(c).await?;
+    fork_bomb_goes_at_once(c).await?;
 
-    for id in ["hello", "box", "hog", "spin", "filtered"] {
+    for id in ["hello", "box", "hog", "spin", "filtered", "bystander"] {
         step(
             "RemoveContainer",
             c.remove_container(pb::RemoveContainerRequest {
@@ -422,6 +423,59 @@ async fn memory_max_oom_kills(c: &mut AgentClient, events: &mut Events) -> anyho
         "  memory.max {} MiB: dd {DD_BLOCK} killed by SIGKILL (137), oom_killed in wait and exit event, oom_kills={}",
         MEMORY_LIMIT / MIB,
         memory.oom_kills
+    );
+    Ok(())
+}
+
+/// The processes a fork bomb under pids.max 64 made go with one
+/// RemoveContainer (cgroup.kill), in under a second; another container's
+/// process is not hit.
+async fn fork_bomb_goes_at_once(c: &mut AgentClient) -> anyhow::Result<()> {
+    const PIDS: i64 = 64;
+    create(c, "bystander", &spec(&["sleep", "1000"])).await?;
+    start(c, "bystander").await?;
+    let mut s = spec(&["sh", "-c", "while :; do sleep 1000 & done 2>/dev/null"]);
+    s["linux"]["resources"] = json!({"pids": {"limit": PIDS}});
+    create(c, "bomb", &s).await?;
+    start(c, "bomb").await?;
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let pids = stats(c, "bomb").await?.pids.unwrap_or_default();
+        if pids.current >= PIDS as u64 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the bomb reached only {pids:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let asked = Instant::now();
+    step(
+        "RemoveContainer",
+        c.remove_container(pb::RemoveContainerRequest {
+            container_id: "bomb".into(),
+            grace_period_secs: 0,
+        }),
+    )
+    .await?;
+    let took = asked.elapsed();
+    ensure!(
+        took < Duration::from_secs(1),
+        "removing the bomb's {PIDS} processes took {took:?}"
+    );
+    let bystander = step(
+        "ListProcesses",
+        c.list_processes(pb::ListProcessesRequest {
+            container_id: "bystander".into(),
+        }),
+    )
+    .await?
+    .into_inner();
+    ensure!(
+        bystander.processes.len() == 1,
+        "the bystander's processes: {bystander:?}"
+    );
+    eprintln!(
+        "  pids.max {PIDS}: a fork bomb at its limit removed in {:.0} ms (cgroup removed), the bystander untouched",
+        took.as_secs_f64() * 1000.0
     );
     Ok(())
 }

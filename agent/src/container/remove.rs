@@ -31,16 +31,13 @@ impl Containers {
             let _ = init.signal(libc::SIGTERM);
             let _ = tokio::time::timeout(grace, init.wait()).await;
         }
-        // Killing the init of a PID namespace kills everything in it; in a
-        // shared namespace, kill the container's processes one by one.
-        for info in self.processes(container).await {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(info.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        // Everything in its cgroup at once (cgroup.kill: a fork bomb too);
+        // the init and the execs through their pidfds.
+        container.cgroup.kill_all();
+        if container.cgroup.path().is_none() {
+            self.signal_descendants(container, libc::SIGKILL).await;
         }
         let _ = init.signal(libc::SIGKILL);
-        container.cgroup.kill_all();
         let execs: Vec<_> = container.execs.lock().await.values().cloned().collect();
         for p in &execs {
             let _ = p.signal(libc::SIGKILL);

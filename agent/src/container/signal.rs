@@ -15,24 +15,49 @@ impl Containers {
             return Err(Error::Invalid(format!("{signal} is not a signal number")));
         }
         let (container, process) = self.process(id, exec_id).await?;
-        if all && signal == libc::SIGKILL {
-            // Everything in its cgroup, orphans included.
-            container.cgroup.kill_all();
-        }
         if all {
-            for info in self.processes(&container).await {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(info.pid),
-                    nix::sys::signal::Signal::try_from(signal).ok(),
-                );
+            // Everything in its cgroup, orphans included; by cgroup.kill or
+            // pidfds, never by a pid that may have been reused.
+            if signal == libc::SIGKILL {
+                container.cgroup.kill_all();
+            } else {
+                container.cgroup.signal_all(signal);
+            }
+            if container.cgroup.path().is_none() {
+                self.signal_descendants(&container, signal).await;
             }
         }
         process.signal(signal)
     }
 
-    /// The processes of a container: its init, its execs and everything
-    /// they started (descendants, read from /proc).
+    /// Without a cgroup (host mode only: the guest always has cgroup v2),
+    /// the container's processes are found as descendants in /proc.
+    pub(super) async fn signal_descendants(&self, container: &Container, signal: i32) {
+        for info in self.processes(container).await {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(info.pid),
+                nix::sys::signal::Signal::try_from(signal).ok(),
+            );
+        }
+    }
+
+    /// The processes of a container: those of its cgroup, or without one
+    /// (host mode) its init, its execs and everything they started
+    /// (descendants, read from /proc).
     pub async fn processes(&self, container: &Container) -> Vec<ProcessInfo> {
+        if let Some(pids) = container.cgroup.pids() {
+            return tokio::task::spawn_blocking(move || {
+                let mut list: Vec<ProcessInfo> = pids
+                    .into_iter()
+                    .filter_map(read_process)
+                    .filter(|p| p.state != "Z")
+                    .collect();
+                list.sort_by_key(|p| p.pid);
+                list
+            })
+            .await
+            .unwrap_or_default();
+        }
         let mut roots = vec![container.init.pid];
         if container.init.exited().is_some() {
             roots.clear();

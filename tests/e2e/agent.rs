@@ -434,14 +434,18 @@ async fn fork_bomb_goes_at_once(c: &mut AgentClient) -> anyhow::Result<()> {
     const PIDS: i64 = 64;
     create(c, "bystander", &spec(&["sleep", "1000"])).await?;
     start(c, "bystander").await?;
-    let mut s = spec(&["sh", "-c", "while :; do sleep 1000 & done 2>/dev/null"]);
+    // The bomb is a child shell: busybox sh exits when a fork fails, and
+    // the init of a PID namespace must stay (its exit would kill the rest).
+    let bomb = "sh -c 'while :; do sleep 1000 & done' 2>/dev/null; exec sleep 1000";
+    let mut s = spec(&["sh", "-c", bomb]);
     s["linux"]["resources"] = json!({"pids": {"limit": PIDS}});
     create(c, "bomb", &s).await?;
     start(c, "bomb").await?;
     let deadline = Instant::now() + STEP_TIMEOUT;
     loop {
         let pids = stats(c, "bomb").await?.pids.unwrap_or_default();
-        if pids.current >= PIDS as u64 {
+        // Full: the init and the sleeps (the bomb shell is gone).
+        if pids.current >= PIDS as u64 - 1 {
             break;
         }
         ensure!(Instant::now() < deadline, "the bomb reached only {pids:?}");

@@ -163,6 +163,9 @@ pub fn run(
     let mut passed = std::collections::BTreeSet::new();
     loop {
         boots += 1;
+        if boots > 1 {
+            set_aside_logs(&work, boots - 1);
+        }
         let mut qemu = start_l1(config, &kernel, &work)?;
         let outcome = collect(config, &mut qemu, &work, commands.len());
         // Whatever happened, L1 is finished: do not wait for its poweroff.
@@ -205,6 +208,16 @@ pub fn run(
             }
             other => return other,
         }
+    }
+}
+
+/// Renames the logs of boot `boot` (`results.log` → `results.log.<boot>`,
+/// and the console and heartbeat): the next boot's QEMU truncates them
+/// only once it opens them, and reading the old lines then would follow
+/// the wrong file (lost markers: "0 of 1 commands ran").
+fn set_aside_logs(work: &Path, boot: u32) {
+    for name in ["results.log", "console.log", "heartbeat.log"] {
+        let _ = std::fs::rename(work.join(name), work.join(format!("{name}.{boot}")));
     }
 }
 

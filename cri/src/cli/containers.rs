@@ -9,7 +9,7 @@ use k8s_cri::v1 as cri;
 
 use super::resolve::{self, Found};
 use super::table::{command_cell, render};
-use super::{CLI_LABEL, Clients, Format, ago, short_id, status_error};
+use super::{CLI_LABEL, Clients, Format, ago, container_status, short_id, status_error};
 
 /// Default seconds between the stop signal and SIGKILL, as docker's.
 pub const DEFAULT_STOP_TIMEOUT: i64 = 10;
@@ -21,18 +21,6 @@ fn state_name(state: i32) -> &'static str {
         Ok(cri::ContainerState::ContainerExited) => "exited",
         _ => "unknown",
     }
-}
-
-async fn status(clients: &mut Clients, id: &str) -> anyhow::Result<cri::ContainerStatusResponse> {
-    Ok(clients
-        .runtime
-        .container_status(cri::ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: true,
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner())
 }
 
 /// The process's arguments, from the OCI spec in the verbose status.
@@ -72,7 +60,7 @@ pub async fn ps(
     let mut rows = Vec::new();
     let mut json = Vec::new();
     for f in &found {
-        let response = status(clients, f.id()).await?;
+        let response = container_status(clients, f.id(), true).await?;
         let command = command_of(&response);
         let st = response.status.unwrap_or_default();
         let shown_state = match cri::ContainerState::try_from(st.state) {
@@ -314,7 +302,7 @@ pub async fn rm(
 /// `frakti inspect`: the container's status (verbose) and its pod's, as JSON.
 pub async fn inspect(clients: &mut Clients, reference: &str) -> anyhow::Result<()> {
     let found = resolve::container(clients, reference).await?;
-    let st = status(clients, found.id()).await?;
+    let st = container_status(clients, found.id(), true).await?;
     let pod = clients
         .runtime
         .pod_sandbox_status(cri::PodSandboxStatusRequest {

@@ -214,7 +214,7 @@ pub async fn show(
 ) -> anyhow::Result<()> {
     let found = super::resolve::container(clients, reference).await?;
     let id = found.id().to_string();
-    let path = exited_and_log(clients, &id).await?.1;
+    let path = super::status_of(clients, &id).await?.log_path;
     anyhow::ensure!(
         !path.is_empty(),
         "container {} has no log (it was created without a log path)",
@@ -222,28 +222,11 @@ pub async fn show(
     );
     let mut poller = clients.clone();
     copy(Path::new(&path), options, async || {
-        exited_and_log(&mut poller, &id)
+        super::status_of(&mut poller, &id)
             .await
-            .map_or(true, |(exited, _)| exited)
+            .map_or(true, |s| super::has_exited(&s))
     })
     .await
-}
-
-/// Whether the container has exited, and its log's path.
-async fn exited_and_log(clients: &mut super::Clients, id: &str) -> anyhow::Result<(bool, String)> {
-    let status = clients
-        .runtime
-        .container_status(k8s_cri::v1::ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: false,
-        })
-        .await
-        .map_err(super::status_error)?
-        .into_inner()
-        .status
-        .unwrap_or_default();
-    let exited = status.state == k8s_cri::v1::ContainerState::ContainerExited as i32;
-    Ok((exited, status.log_path))
 }
 
 /// Whether the reader is at the end of its file.

@@ -61,6 +61,40 @@ pub fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", e.message(), e.code())
 }
 
+/// ContainerStatus of `id`, with its verbose info when `verbose`.
+pub async fn container_status(
+    clients: &mut Clients,
+    id: &str,
+    verbose: bool,
+) -> anyhow::Result<k8s_cri::v1::ContainerStatusResponse> {
+    Ok(clients
+        .runtime
+        .container_status(k8s_cri::v1::ContainerStatusRequest {
+            container_id: id.to_string(),
+            verbose,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner())
+}
+
+/// The status proper of container `id`.
+pub async fn status_of(
+    clients: &mut Clients,
+    id: &str,
+) -> anyhow::Result<k8s_cri::v1::ContainerStatus> {
+    use anyhow::Context;
+    container_status(clients, id, false)
+        .await?
+        .status
+        .context("the daemon sent no container status")
+}
+
+/// Whether a status says the container has exited.
+pub fn has_exited(status: &k8s_cri::v1::ContainerStatus) -> bool {
+    status.state == k8s_cri::v1::ContainerState::ContainerExited as i32
+}
+
 /// Output formats of the listing commands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

@@ -16,7 +16,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::attach::{self, Ended};
 use super::terminal::{self, RawMode};
-use super::{CLI_LABEL, CLI_NAMESPACE, Clients, logs, run_spec, status_error};
+use super::{
+    CLI_LABEL, CLI_NAMESPACE, Clients, has_exited, logs, run_spec, status_error, status_of,
+};
 
 /// Where the pods of `frakti run` keep their logs.
 const LOG_ROOT: &str = "/var/log/frakti";
@@ -244,7 +246,7 @@ async fn attach_to(
 /// separate), our stdin attached with `-i`, our signals forwarded (a
 /// second Ctrl-C kills it).
 async fn run_piped(clients: &mut Clients, args: &RunArgs, id: &str) -> anyhow::Result<Outcome> {
-    let status = container_status(clients, id).await?;
+    let status = status_of(clients, id).await?;
     let stdin_task = if args.interactive {
         let request = cri::AttachRequest {
             container_id: id.to_string(),
@@ -270,9 +272,9 @@ async fn run_piped(clients: &mut Clients, args: &RunArgs, id: &str) -> anyhow::R
         std::path::Path::new(&status.log_path),
         &options,
         async || {
-            container_status(&mut poller, id).await.map_or(true, |s| {
-                s.state == cri::ContainerState::ContainerExited as i32
-            })
+            status_of(&mut poller, id)
+                .await
+                .map_or(true, |s| has_exited(&s))
         },
     )
     .await;
@@ -333,25 +335,11 @@ async fn forward_signals(mut clients: Clients, id: String) {
     }
 }
 
-async fn container_status(clients: &mut Clients, id: &str) -> anyhow::Result<cri::ContainerStatus> {
-    clients
-        .runtime
-        .container_status(cri::ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: false,
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .status
-        .context("the daemon sent no container status")
-}
-
 /// The exit code, once the daemon has recorded the exit.
 async fn wait_exit(clients: &mut Clients, id: &str) -> anyhow::Result<i32> {
     loop {
-        let status = container_status(clients, id).await?;
-        if status.state == cri::ContainerState::ContainerExited as i32 {
+        let status = status_of(clients, id).await?;
+        if has_exited(&status) {
             return Ok(status.exit_code);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -104,8 +104,19 @@ impl Containers {
             let _ = tokio::time::timeout(KILL_TIMEOUT, init.wait()).await;
         };
         let setup = async {
+            let linux = spec.linux().as_ref();
+            let resources = linux.and_then(|l| l.resources().as_ref());
+            // Devices first: the init's set-up already opens some.
+            cgroup.restrict_devices(
+                linux
+                    .and_then(|l| l.devices().as_deref())
+                    .unwrap_or_default(),
+                resources
+                    .and_then(|r| r.devices().as_deref())
+                    .unwrap_or_default(),
+            )?;
             cgroup.add_process(init.pid)?;
-            if let Some(resources) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+            if let Some(resources) = resources {
                 cgroup.apply(resources)?;
             }
             let config = ToHelper::Init(Box::new(InitConfig {

@@ -28,7 +28,7 @@ use frakti_proto::error_chain;
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::CloneFlags;
-use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use nix::sys::stat::{Mode, SFlag, makedev};
 use oci_spec::runtime::{
     LinuxDevice, LinuxDeviceType, LinuxSeccomp, Mount, PosixRlimitType, Process, Spec,
 };
@@ -36,12 +36,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::seccomp;
 
+mod in_root;
 mod process;
 mod rootfs;
 
+use in_root::{Create, Found, Root};
 use process::*;
 use rootfs::*;
-pub use rootfs::{MountOptions, parse_mount_options, resolve_in_root};
+pub use rootfs::{MountOptions, parse_mount_options};
 
 /// Descriptor of the socket to the agent in the helper.
 pub const SYNC_FD: RawFd = 3;

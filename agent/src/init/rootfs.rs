@@ -33,20 +33,23 @@ pub(super) fn setup_rootfs(rootfs: &Path, spec: &Spec) -> Result<(), Error> {
     )
     .map_err(Error::sys(format!("cannot bind {}", rootfs.display())))?;
 
+    // Opened after the bind: mounts go onto the new mount's tree.
+    let root = Root::open(rootfs)?;
     let mounts = spec.mounts().clone().unwrap_or_default();
     let mut dev_is_tmpfs = false;
     for m in &mounts {
         if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("tmpfs") {
             dev_is_tmpfs = true;
         }
-        mount_one(rootfs, m)?;
+        mount_one(&root, m)?;
     }
     if dev_is_tmpfs {
-        create_default_devices(rootfs)?;
+        create_default_devices(&root)?;
     }
     for device in linux.devices().iter().flatten() {
-        create_device(rootfs, device)?;
+        create_device(&root, device)?;
     }
+    drop(root);
     pivot_root(rootfs)?;
 
     for path in linux.masked_paths().iter().flatten() {
@@ -70,59 +73,6 @@ pub(super) fn setup_rootfs(rootfs: &Path, spec: &Spec) -> Result<(), Error> {
         .map_err(Error::sys("cannot make the root read-only"))?;
     }
     Ok(())
-}
-
-/// `path` (absolute, as the container sees it) below `root`, resolving
-/// symlinks as if `root` were `/`, so a link in the image cannot point a
-/// mount outside the container's root.
-pub fn resolve_in_root(root: &Path, path: &Path) -> Result<PathBuf, Error> {
-    let mut resolved = PathBuf::new();
-    let mut pending: Vec<PathBuf> = vec![path.to_path_buf()];
-    let mut links = 0;
-    let mut parts: Vec<std::ffi::OsString> = Vec::new();
-    // Expand into a stack of components to walk.
-    while let Some(p) = pending.pop() {
-        for c in p.components().rev() {
-            match c {
-                Component::Normal(name) => parts.push(name.to_os_string()),
-                Component::ParentDir => parts.push("..".into()),
-                Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-            }
-        }
-    }
-    while let Some(name) = parts.pop() {
-        if name == ".." {
-            resolved.pop();
-            continue;
-        }
-        let candidate = resolved.join(&name);
-        let on_disk = root.join(&candidate);
-        match fs::symlink_metadata(&on_disk) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                links += 1;
-                if links > 40 {
-                    return Err(Error::Invalid(format!(
-                        "too many symlinks in {}",
-                        path.display()
-                    )));
-                }
-                let target = fs::read_link(&on_disk)
-                    .map_err(Error::io(format!("readlink {}", on_disk.display())))?;
-                if target.is_absolute() {
-                    resolved = PathBuf::new();
-                }
-                for c in target.components().rev() {
-                    match c {
-                        Component::Normal(n) => parts.push(n.to_os_string()),
-                        Component::ParentDir => parts.push("..".into()),
-                        _ => {}
-                    }
-                }
-            }
-            _ => resolved = candidate,
-        }
-    }
-    Ok(root.join(resolved))
 }
 
 /// mount(8)-style options: flags, propagation flags and the data string.
@@ -207,7 +157,7 @@ pub(super) fn is_cgroup2(path: &str) -> bool {
         .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
 }
 
-pub(super) fn mount_one(rootfs: &Path, m: &Mount) -> Result<(), Error> {
+pub(super) fn mount_one(root: &Root, m: &Mount) -> Result<(), Error> {
     let destination = m.destination();
     if !destination.is_absolute() {
         return Err(Error::Invalid(format!(
@@ -215,7 +165,6 @@ pub(super) fn mount_one(rootfs: &Path, m: &Mount) -> Result<(), Error> {
             destination.display()
         )));
     }
-    let target = resolve_in_root(rootfs, destination)?;
     let options = parse_mount_options(m.options().as_deref().unwrap_or_default());
     let mut typ = m.typ().clone().unwrap_or_default();
     let is_bind = options.flags.contains(MsFlags::MS_BIND) || typ == "bind";
@@ -228,20 +177,19 @@ pub(super) fn mount_one(rootfs: &Path, m: &Mount) -> Result<(), Error> {
         typ = "cgroup2".into();
     }
     let source = m.source().clone().unwrap_or_else(|| PathBuf::from(&typ));
-    // The mount point: a file for a bind of a file, else a directory.
-    if is_bind && fs::metadata(&source).is_ok_and(|meta| !meta.is_dir()) {
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent)
-                .map_err(Error::io(format!("cannot create {}", parent.display())))?;
-        }
-        if !target.exists() {
-            fs::File::create(&target)
-                .map_err(Error::io(format!("cannot create {}", target.display())))?;
-        }
-    } else {
-        fs::create_dir_all(&target)
-            .map_err(Error::io(format!("cannot create {}", target.display())))?;
+    if is_bind && !source.exists() {
+        return Err(Error::Invalid(format!(
+            "bind mount source {} does not exist",
+            source.display()
+        )));
     }
+    // The mount point: a file for a bind of a file, else a directory.
+    let create = if is_bind && fs::metadata(&source).is_ok_and(|meta| !meta.is_dir()) {
+        Create::File
+    } else {
+        Create::Dir
+    };
+    let target = root.resolve(destination, create)?;
     let data = options.data.join(",");
     let data = (!data.is_empty()).then_some(data.as_str());
     let what = || {
@@ -251,17 +199,23 @@ pub(super) fn mount_one(rootfs: &Path, m: &Mount) -> Result<(), Error> {
             destination.display()
         )
     };
+    // Remounts act on the new mount: found again, now that it is there.
+    let remount = |flags: MsFlags| -> Result<(), Error> {
+        let mounted = root.resolve(destination, Create::Nothing)?;
+        mount(
+            None::<&str>,
+            &mounted.proc_path(),
+            None::<&str>,
+            flags,
+            None::<&str>,
+        )
+        .map_err(Error::sys(what()))
+    };
     if is_bind {
         let rec = options.flags & MsFlags::MS_REC;
-        if !source.exists() {
-            return Err(Error::Invalid(format!(
-                "bind mount source {} does not exist",
-                source.display()
-            )));
-        }
         mount(
             Some(&source),
-            &target,
+            &target.proc_path(),
             None::<&str>,
             MsFlags::MS_BIND | rec,
             None::<&str>,
@@ -269,57 +223,42 @@ pub(super) fn mount_one(rootfs: &Path, m: &Mount) -> Result<(), Error> {
         .map_err(Error::sys(what()))?;
         let extra = options.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
         if !extra.is_empty() {
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
-                None::<&str>,
-            )
-            .map_err(Error::sys(what()))?;
+            remount(MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra)?;
         }
     } else {
         let flags = options.flags;
-        match mount(Some(&source), &target, Some(typ.as_str()), flags, data) {
+        match mount(
+            Some(&source),
+            &target.proc_path(),
+            Some(typ.as_str()),
+            flags,
+            data,
+        ) {
             Ok(()) => {}
             // sysfs without a network namespace of our own may be refused;
             // fall back to a read-only bind of the agent's.
             Err(Errno::EPERM | Errno::EBUSY) if typ == "sysfs" => {
                 mount(
                     Some("/sys"),
-                    &target,
+                    &target.proc_path(),
                     None::<&str>,
                     MsFlags::MS_BIND | MsFlags::MS_REC,
                     None::<&str>,
                 )
                 .map_err(Error::sys(what()))?;
-                mount(
-                    None::<&str>,
-                    &target,
-                    None::<&str>,
-                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | flags,
-                    None::<&str>,
-                )
-                .map_err(Error::sys(what()))?;
+                remount(MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | flags)?;
             }
             Err(e) => return Err(Error::sys(what())(e)),
         }
     }
     if !options.propagation.is_empty() {
-        mount(
-            None::<&str>,
-            &target,
-            None::<&str>,
-            options.propagation,
-            None::<&str>,
-        )
-        .map_err(Error::sys(what()))?;
+        remount(options.propagation)?;
     }
     Ok(())
 }
 
 /// The devices every container gets on a tmpfs /dev (as runc does).
-pub(super) fn create_default_devices(rootfs: &Path) -> Result<(), Error> {
+pub(super) fn create_default_devices(root: &Root) -> Result<(), Error> {
     for (name, major, minor) in [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -328,16 +267,10 @@ pub(super) fn create_default_devices(rootfs: &Path) -> Result<(), Error> {
         ("urandom", 1, 9),
         ("tty", 5, 0),
     ] {
-        let path = rootfs.join("dev").join(name);
-        make_node(
-            &path,
-            SFlag::S_IFCHR,
-            major,
-            minor,
-            0o666,
-            Path::new("/dev").join(name),
-        )?;
+        let path = Path::new("/dev").join(name);
+        make_node(root, &path, SFlag::S_IFCHR, makedev(major, minor), 0o666)?;
     }
+    let dev = root.resolve(Path::new("/dev"), Create::Dir)?;
     for (link, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -345,58 +278,66 @@ pub(super) fn create_default_devices(rootfs: &Path) -> Result<(), Error> {
         ("stderr", "/proc/self/fd/2"),
         ("ptmx", "pts/ptmx"),
     ] {
-        let path = rootfs.join("dev").join(link);
-        match std::os::unix::fs::symlink(target, &path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io(format!("cannot create {}", path.display()))(e)),
+        match nix::unistd::symlinkat(target, &dev, link) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(Error::sys(format!("cannot create /dev/{link}"))(e)),
         }
     }
     Ok(())
 }
 
-/// mknod, or a bind of the agent's node where mknod is not allowed.
+/// The node at `path` in the root: mknod, or a bind of the agent's node
+/// where mknod is not allowed. Whatever was at `path` goes first.
 pub(super) fn make_node(
+    root: &Root,
     path: &Path,
     kind: SFlag,
-    major: u64,
-    minor: u64,
+    dev: libc::dev_t,
     mode: u32,
-    fallback: PathBuf,
-) -> Result<(), Error> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent)
-            .map_err(Error::io(format!("cannot create {}", parent.display())))?;
-    }
-    let _ = fs::remove_file(path);
-    match mknod(
-        path,
-        kind,
-        Mode::from_bits_truncate(mode),
-        makedev(major, minor),
-    ) {
+) -> Result<Found, Error> {
+    let (parent, name) = parent_and_name(root, path)?;
+    let _ = nix::unistd::unlinkat(&parent, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+    match nix::sys::stat::mknodat(&parent, name, kind, Mode::from_bits_truncate(mode), dev) {
         Ok(()) => {
-            // mknod is subject to the umask.
-            fs::set_permissions(path, fs::Permissions::from_mode(mode))
-                .map_err(Error::io(format!("chmod {}", path.display())))
+            let node = root.resolve(path, Create::Nothing)?;
+            if node.is_symlink() {
+                return Err(Error::Invalid(format!(
+                    "{} was replaced by a symlink",
+                    path.display()
+                )));
+            }
+            // mknod is subject to the umask; the magic link reaches the
+            // node itself (no symlink, checked above).
+            fs::set_permissions(node.proc_path(), fs::Permissions::from_mode(mode))
+                .map_err(Error::io(format!("chmod {}", path.display())))?;
+            Ok(node)
         }
         Err(Errno::EPERM) => {
-            fs::File::create(path)
-                .map_err(Error::io(format!("cannot create {}", path.display())))?;
+            let node = root.resolve(path, Create::File)?;
             mount(
-                Some(&fallback),
-                path,
+                Some(path),
+                &node.proc_path(),
                 None::<&str>,
                 MsFlags::MS_BIND,
                 None::<&str>,
             )
-            .map_err(Error::sys(format!("cannot bind {}", fallback.display())))
+            .map_err(Error::sys(format!("cannot bind {}", path.display())))?;
+            Ok(node)
         }
         Err(e) => Err(Error::sys(format!("mknod {}", path.display()))(e)),
     }
 }
 
-pub(super) fn create_device(rootfs: &Path, device: &LinuxDevice) -> Result<(), Error> {
+/// The directory holding `path` (created) and the last component's name.
+fn parent_and_name<'p>(root: &Root, path: &'p Path) -> Result<(Found, &'p std::ffi::OsStr), Error> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{} names no file", path.display())))?;
+    let parent = root.resolve(path.parent().unwrap_or(Path::new("/")), Create::Dir)?;
+    Ok((parent, name))
+}
+
+pub(super) fn create_device(root: &Root, device: &LinuxDevice) -> Result<(), Error> {
     let kind = match device.typ() {
         LinuxDeviceType::C | LinuxDeviceType::U => SFlag::S_IFCHR,
         LinuxDeviceType::B => SFlag::S_IFBLK,
@@ -406,12 +347,19 @@ pub(super) fn create_device(rootfs: &Path, device: &LinuxDevice) -> Result<(), E
         }
     };
     let (major, minor) = device_numbers(device.major(), device.minor())?;
-    let path = resolve_in_root(rootfs, device.path())?;
+    let path = device.path();
+    if !path.is_absolute() {
+        return Err(Error::Invalid(format!(
+            "device path {} is not absolute",
+            path.display()
+        )));
+    }
     let mode = device.file_mode().unwrap_or(0o666) & 0o7777;
-    make_node(&path, kind, major, minor, mode, device.path().clone())?;
+    let node = make_node(root, path, kind, makedev(major, minor), mode)?;
     let uid = device.uid().map(nix::unistd::Uid::from_raw);
     let gid = device.gid().map(nix::unistd::Gid::from_raw);
-    nix::unistd::chown(&path, uid, gid).map_err(Error::sys(format!("chown {}", path.display())))
+    nix::unistd::fchownat(&node, "", uid, gid, nix::fcntl::AtFlags::AT_EMPTY_PATH)
+        .map_err(Error::sys(format!("chown {}", path.display())))
 }
 
 pub(super) fn pivot_root(rootfs: &Path) -> Result<(), Error> {

@@ -185,7 +185,8 @@ impl Service {
     }
 
     /// Adds the block devices of disks registered with MountDisk to the
-    /// spec's linux.devices.
+    /// spec's linux.devices, and device rules that give the container
+    /// exactly the access its permissions name.
     fn with_devices(
         &self,
         spec_json: &[u8],
@@ -195,6 +196,7 @@ impl Service {
         let mut spec: serde_json::Value = serde_json::from_slice(spec_json)
             .map_err(|e| Status::invalid_argument(format!("malformed OCI spec JSON: {e}")))?;
         let mut nodes = Vec::new();
+        let mut rules = Vec::new();
         for device in devices {
             let path = device.container_path.as_str();
             if !path.starts_with("/dev/") || path.contains("..") {
@@ -202,6 +204,7 @@ impl Service {
                     "device path '{path}' must be below /dev"
                 )));
             }
+            let access = block_access(&device.permissions)?;
             let node = self.agent.storage.device(&device.disk_id)?;
             let meta = std::fs::metadata(&node)
                 .map_err(|e| Status::internal(format!("cannot stat {}: {e}", node.display())))?;
@@ -212,32 +215,68 @@ impl Service {
                 )));
             }
             let rdev = meta.rdev();
+            let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
             nodes.push(serde_json::json!({
                 "path": path,
                 "type": "b",
-                "major": nix::sys::stat::major(rdev),
-                "minor": nix::sys::stat::minor(rdev),
+                "major": major,
+                "minor": minor,
                 "fileMode": 0o660,
                 "uid": 0,
                 "gid": 0,
             }));
+            // The last rule that matches decides (cgroup::devices).
+            rules.push(serde_json::json!(
+                {"allow": false, "type": "b", "major": major, "minor": minor, "access": "rwm"}
+            ));
+            rules.push(serde_json::json!(
+                {"allow": true, "type": "b", "major": major, "minor": minor, "access": access}
+            ));
         }
         let Some(root) = spec.as_object_mut() else {
             return Err(Status::invalid_argument(
                 "the OCI spec is not a JSON object",
             ));
         };
-        let linux = root.entry("linux").or_insert_with(|| serde_json::json!({}));
-        let Some(linux) = linux.as_object_mut() else {
-            return Err(Status::invalid_argument("linux is not an object"));
-        };
-        let list = linux
-            .entry("devices")
-            .or_insert_with(|| serde_json::json!([]));
-        let Some(list) = list.as_array_mut() else {
-            return Err(Status::invalid_argument("linux.devices is not a list"));
-        };
-        list.extend(nodes);
+        let linux = object_entry(root, "linux")?;
+        list_entry(linux, "devices")?.extend(nodes);
+        let resources = object_entry(linux, "resources")?;
+        list_entry(resources, "devices")?.extend(rules);
         serde_json::to_vec(&spec).map_err(|e| Status::internal(e.to_string()))
     }
+}
+
+/// A CRI device's permissions ("r", "rw", "rwm"; empty: "rw") as OCI access.
+fn block_access(permissions: &str) -> Result<&str, Status> {
+    if permissions.is_empty() {
+        return Ok("rw");
+    }
+    if !permissions.chars().all(|c| "rwm".contains(c)) {
+        return Err(Status::invalid_argument(format!(
+            "device permissions {permissions:?} must be letters of \"rwm\""
+        )));
+    }
+    Ok(permissions)
+}
+
+/// `map[key]` as an object, created empty when absent.
+fn object_entry<'a>(
+    map: &'a mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Result<&'a mut serde_json::Map<String, serde_json::Value>, Status> {
+    map.entry(key)
+        .or_insert_with(|| serde_json::json!({}))
+        .as_object_mut()
+        .ok_or_else(|| Status::invalid_argument(format!("{key} in the OCI spec is not an object")))
+}
+
+/// `map[key]` as a list, created empty when absent.
+fn list_entry<'a>(
+    map: &'a mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Result<&'a mut Vec<serde_json::Value>, Status> {
+    map.entry(key)
+        .or_insert_with(|| serde_json::json!([]))
+        .as_array_mut()
+        .ok_or_else(|| Status::invalid_argument(format!("{key} in the OCI spec is not a list")))
 }

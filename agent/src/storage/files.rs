@@ -4,20 +4,23 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{OFlag, openat};
-use nix::sys::stat::Mode;
+use nix::fcntl::{AtFlags, OFlag, openat, renameat};
+use nix::sys::stat::{Mode, fchmod, fstatat, mkdirat};
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, symlinkat, unlinkat};
 
 use super::{Error, Storage, io_error, relative_path};
 
 impl Storage {
     /// Writes a file, directory or symlink below the files directory
     /// unless a newer version is there; returns (guest path, written).
+    /// Every step goes through a descriptor of the directory above, opened
+    /// without following symlinks: a container that writes into a copied
+    /// directory cannot redirect a later copy out of it.
     pub fn copy_file(&self, file: &CopyFile) -> Result<(PathBuf, bool), Error> {
         let relative = relative_path(&file.path)?;
         let target = self.files_dir().join(&relative);
@@ -28,46 +31,69 @@ impl Storage {
         if file.mode & !0o7777 != 0 {
             return Err(Error::Invalid(format!("bad mode {:o}", file.mode)));
         }
-        let parent = target.parent().unwrap_or(&target).to_path_buf();
-        fs::create_dir_all(&parent).map_err(io_error("cannot create", &parent))?;
-        let owner = |path: &Path| {
-            std::os::unix::fs::lchown(path, Some(file.uid), Some(file.gid))
-                .map_err(io_error("cannot chown", path))
-        };
-        let chmod = |path: &Path| {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(path, fs::Permissions::from_mode(file.mode))
-                .map_err(io_error("cannot chmod", path))
+        let files_dir = self.files_dir();
+        fs::create_dir_all(&files_dir).map_err(io_error("cannot create", &files_dir))?;
+        let (dir, last) = dir_beneath(&files_dir, &relative, &file.path, true)?;
+        let mode = Mode::from_bits_truncate(file.mode);
+        let owner = |fd: &OwnedFd| {
+            fchownat(
+                fd,
+                "",
+                Some(Uid::from_raw(file.uid)),
+                Some(Gid::from_raw(file.gid)),
+                AtFlags::AT_EMPTY_PATH,
+            )
+            .map_err(sys_error("cannot chown", &target))
         };
         match file.kind {
             FileKind::Directory => {
-                fs::create_dir_all(&target).map_err(io_error("cannot create", &target))?;
-                chmod(&target)?;
-                owner(&target)?;
+                match mkdirat(&dir, last, mode) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(sys_error("cannot create", &target)(e)),
+                }
+                let made = openat(&dir, last, DIR_FLAGS, Mode::empty())
+                    .map_err(|errno| open_error(errno, &target, &file.path))?;
+                fchmod(&made, mode).map_err(sys_error("cannot chmod", &target))?;
+                owner(&made)?;
             }
             // Binds of the file see the change (a rename would not).
-            FileKind::File if file.in_place && write_in_place(&target, file)? => {}
+            FileKind::File if file.in_place && write_in_place(&dir, last, &target, file)? => {}
             FileKind::File | FileKind::Symlink => {
                 // Written beside the target and renamed over it: a reader
                 // sees the old or the new content, never a mix.
-                let name = relative
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned());
-                let temp = parent.join(format!(".{}.frakti-tmp", name.unwrap_or_default()));
-                let _ = fs::remove_file(&temp);
+                let temp = format!(".{}.frakti-tmp", last.to_string_lossy());
+                let _ = unlinkat(&dir, temp.as_str(), UnlinkatFlags::NoRemoveDir);
                 if file.kind == FileKind::File {
-                    fs::write(&temp, &file.data).map_err(io_error("cannot write", &temp))?;
-                    chmod(&temp)?;
+                    let flags = OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_WRONLY
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC;
+                    let out = openat(&dir, temp.as_str(), flags, mode)
+                        .map_err(sys_error("cannot create", &target))?;
+                    fchmod(&out, mode).map_err(sys_error("cannot chmod", &target))?;
+                    owner(&out)?;
+                    fs::File::from(out)
+                        .write_all(&file.data)
+                        .map_err(io_error("cannot write", &target))?;
                 } else {
-                    let link = std::ffi::OsStr::from_bytes(&file.data);
-                    std::os::unix::fs::symlink(link, &temp)
-                        .map_err(io_error("cannot create symlink", &temp))?;
+                    symlinkat(OsStr::from_bytes(&file.data), &dir, temp.as_str())
+                        .map_err(sys_error("cannot create symlink", &target))?;
+                    fchownat(
+                        &dir,
+                        temp.as_str(),
+                        Some(Uid::from_raw(file.uid)),
+                        Some(Gid::from_raw(file.gid)),
+                        AtFlags::AT_SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(sys_error("cannot chown", &target))?;
                 }
-                owner(&temp)?;
-                if target.is_dir() && !target.is_symlink() {
+                if is_dir_at(&dir, last) {
+                    let _ = unlinkat(&dir, temp.as_str(), UnlinkatFlags::NoRemoveDir);
                     return Err(Error::Precondition(format!("{} is a directory", file.path)));
                 }
-                fs::rename(&temp, &target).map_err(io_error("cannot rename to", &target))?;
+                renameat(&dir, temp.as_str(), &dir, last)
+                    .map_err(sys_error("cannot rename to", &target))?;
             }
         }
         versions.insert(relative, file.version);
@@ -77,12 +103,17 @@ impl Storage {
     pub fn remove_file(&self, path: &str) -> Result<(), Error> {
         let relative = relative_path(path)?;
         let target = self.files_dir().join(&relative);
-        let meta =
-            fs::symlink_metadata(&target).map_err(|_| Error::NotFound(format!("file {path}")))?;
-        if meta.is_dir() {
-            fs::remove_dir_all(&target).map_err(io_error("cannot remove", &target))?;
+        let (dir, last) = dir_beneath(&self.files_dir(), &relative, path, false)?;
+        if is_dir_at(&dir, last) {
+            // Reached through the directory's descriptor; remove_dir_all
+            // follows no symlink inside.
+            let below = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(last);
+            fs::remove_dir_all(&below).map_err(io_error("cannot remove", &target))?;
         } else {
-            fs::remove_file(&target).map_err(io_error("cannot remove", &target))?;
+            unlinkat(&dir, last, UnlinkatFlags::NoRemoveDir).map_err(|errno| match errno {
+                Errno::ENOENT => Error::NotFound(format!("file {path}")),
+                _ => sys_error("cannot remove", &target)(errno),
+            })?;
         }
         let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
         versions.retain(|p, _| !p.starts_with(&relative));
@@ -111,11 +142,21 @@ impl Storage {
     }
 }
 
-/// Opens `relative` (checked with [`relative_path`]) below `root` one
-/// component at a time, refusing symlinks: what a container put in a
-/// copied directory cannot lead the agent elsewhere. `shown` names the
-/// path in errors.
-fn open_beneath(root: &Path, relative: &Path, shown: &str) -> Result<fs::File, Error> {
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_CLOEXEC)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_DIRECTORY);
+
+/// The directory holding `relative` (checked with [`relative_path`]) below
+/// `root`, opened one component at a time, refusing symlinks (`create`:
+/// missing directories are made), and the last component's name. `shown`
+/// names the path in errors.
+fn dir_beneath<'p>(
+    root: &Path,
+    relative: &'p Path,
+    shown: &str,
+    create: bool,
+) -> Result<(OwnedFd, &'p OsStr), Error> {
     let names: Vec<&OsStr> = relative
         .components()
         .filter_map(|c| match c {
@@ -126,7 +167,6 @@ fn open_beneath(root: &Path, relative: &Path, shown: &str) -> Result<fs::File, E
     let Some((last, parents)) = names.split_last() else {
         return Err(Error::Invalid(format!("path '{shown}' names no file")));
     };
-    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
     let mut dir: OwnedFd = fs::File::open(root)
         .map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => Error::NotFound(format!("file {shown}")),
@@ -140,14 +180,41 @@ fn open_beneath(root: &Path, relative: &Path, shown: &str) -> Result<fs::File, E
     let mut walked = root.to_path_buf();
     for name in parents {
         walked.push(name);
-        dir = openat(&dir, *name, flags | OFlag::O_DIRECTORY, Mode::empty())
+        if create {
+            match mkdirat(&dir, *name, Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(sys_error("cannot create", &walked)(e)),
+            }
+        }
+        dir = openat(&dir, *name, DIR_FLAGS, Mode::empty())
             .map_err(|errno| open_error(errno, &walked, shown))?;
     }
-    walked.push(last);
+    Ok((dir, last))
+}
+
+/// Opens `relative` below `root` without following any symlink.
+fn open_beneath(root: &Path, relative: &Path, shown: &str) -> Result<fs::File, Error> {
+    let (dir, last) = dir_beneath(root, relative, shown, false)?;
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
     // Non-blocking: a FIFO put there must not hang the call.
-    let fd = openat(&dir, *last, flags | OFlag::O_NONBLOCK, Mode::empty())
-        .map_err(|errno| open_error(errno, &walked, shown))?;
+    let fd = openat(&dir, last, flags | OFlag::O_NONBLOCK, Mode::empty())
+        .map_err(|errno| open_error(errno, &root.join(relative), shown))?;
     Ok(fs::File::from(fd))
+}
+
+/// Whether `name` in `dir` is a directory (not a symlink to one).
+fn is_dir_at(dir: &OwnedFd, name: &OsStr) -> bool {
+    fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+}
+
+fn sys_error(what: &'static str, path: &Path) -> impl FnOnce(Errno) -> Error {
+    let path = path.to_path_buf();
+    move |errno| Error::Io {
+        what,
+        path,
+        source: errno.into(),
+    }
 }
 
 fn open_error(errno: Errno, path: &Path, shown: &str) -> Error {
@@ -165,19 +232,22 @@ fn open_error(errno: Errno, path: &Path, shown: &str) -> Error {
     }
 }
 
-/// Writes `file` into the regular file already at `target` (same inode,
-/// so binds of it see the change); false when there is none to write
-/// into (absent, a symlink or not a regular file).
-fn write_in_place(target: &Path, file: &CopyFile) -> Result<bool, Error> {
+/// Writes `file` into the regular file `name` already in `dir` (same
+/// inode, so binds of it see the change); false when there is none to
+/// write into (absent, a symlink or not a regular file).
+fn write_in_place(
+    dir: &OwnedFd,
+    name: &OsStr,
+    target: &Path,
+    file: &CopyFile,
+) -> Result<bool, Error> {
     // Absent, a symlink (O_NOFOLLOW), a directory, a FIFO without a
     // reader: nothing to write into; the replacing path decides.
-    let Ok(mut out) = fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(target)
-    else {
+    let flags = OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let Ok(fd) = openat(dir, name, flags, Mode::empty()) else {
         return Ok(false);
     };
+    let mut out = fs::File::from(fd);
     if !out
         .metadata()
         .map_err(io_error("cannot stat", target))?
@@ -314,6 +384,71 @@ mod tests {
             fs::read_to_string(&path).unwrap(),
             "2nd",
             "not written through the link"
+        );
+    }
+
+    /// What a container can do to a copied directory it sees (a configMap
+    /// volume): swap a directory for a symlink out of it. Copies and
+    /// removals through it are refused; nothing outside is touched.
+    #[test]
+    fn copies_never_go_through_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let state = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), "precious").unwrap();
+        let storage = Storage::new(state.path().to_path_buf());
+        storage.copy_file(&copy("cm/sub/a", "1", 0)).unwrap();
+        let files = state.path().join("files");
+        fs::remove_dir_all(files.join("cm/sub")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), files.join("cm/sub")).unwrap();
+        for (what, result) in [
+            (
+                "a file",
+                storage
+                    .copy_file(&copy("cm/sub/keep", "overwritten", 0))
+                    .map(drop),
+            ),
+            (
+                "in place",
+                storage
+                    .copy_file(&in_place_at("cm/sub/keep", "overwritten"))
+                    .map(drop),
+            ),
+            (
+                "a directory",
+                storage
+                    .copy_file(&CopyFile {
+                        kind: FileKind::Directory,
+                        ..copy("cm/sub/new", "", 0)
+                    })
+                    .map(drop),
+            ),
+            ("a removal", storage.remove_file("cm/sub/keep")),
+        ] {
+            assert!(
+                matches!(result, Err(Error::Invalid(_))),
+                "{what}: {result:?}"
+            );
+        }
+        assert_eq!(
+            fs::read_to_string(outside.path().join("keep")).unwrap(),
+            "precious"
+        );
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 1);
+        // Removing the link removes the link, not what it points to.
+        storage.remove_file("cm/sub").unwrap();
+        assert!(outside.path().join("keep").exists());
+        // A directory copied over a symlink is refused too.
+        std::os::unix::fs::symlink(outside.path(), files.join("cm/dir")).unwrap();
+        let over_link = storage.copy_file(&CopyFile {
+            kind: FileKind::Directory,
+            mode: 0o700,
+            ..copy("cm/dir", "", 0)
+        });
+        assert!(matches!(over_link, Err(Error::Invalid(_))), "{over_link:?}");
+        assert_ne!(
+            fs::metadata(outside.path()).unwrap().permissions().mode() & 0o777,
+            0o700
         );
     }
 

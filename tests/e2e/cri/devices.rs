@@ -163,6 +163,44 @@ async fn raw_block(daemon: &mut Daemon) -> anyhow::Result<()> {
         out.exit_code
     );
 
+    // Device rules: a container of the same pod without the device, with
+    // CAP_MKNOD (a default capability), makes a node for the reader's disk
+    // and for the first virtio disk (an image disk): mknod works, opening
+    // them does not. Its own /dev/null still does.
+    let numbers = exec(
+        &mut c,
+        &r,
+        &["busybox", "stat", "-c", "%t %T", "/dev/xvda"],
+        60,
+    )
+    .await?;
+    let numbers = String::from_utf8_lossy(&numbers.stdout).trim().to_string();
+    let (major, minor) = numbers
+        .split_once(' ')
+        .and_then(|(a, b)| {
+            Some((
+                u32::from_str_radix(a, 16).ok()?,
+                u32::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .with_context(|| format!("stat of /dev/xvda: {numbers:?}"))?;
+    let n = container_with(&mut c, &other, "n", Vec::new()).await?;
+    let script = format!(
+        "busybox mknod /tmp/stolen b {major} {minor} && busybox mknod /tmp/image b {major} 0 && \
+         for d in stolen image; do busybox dd if=/tmp/$d of=/dev/null count=1 2>&1 | busybox head -n1; done; \
+         echo null > /dev/null && echo null-ok"
+    );
+    let out = exec(&mut c, &n, &["sh", "-c", &script], 60).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.exit_code == 0
+            && text.matches("Operation not permitted").count() == 2
+            && text.contains("null-ok"),
+        "another container's disks must not open: exit {} {text} {}",
+        out.exit_code,
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Refusals: a device mounted on L1, a missing one, a file that is no
     // device. None takes a slot.
     let mounted = loop_device(&work, "mounted.img", 32)?;

@@ -168,14 +168,20 @@ pub fn build(input: &SpecInput) -> Result<BuiltSpec, Error> {
     linux.set_uid_mappings(None);
     linux.set_gid_mappings(None);
     linux.set_sysctl(None);
-    linux.set_resources(
-        config
-            .linux
-            .as_ref()
-            .and_then(|l| l.resources.as_ref())
-            .map(resources)
-            .transpose()?,
-    );
+    let mut resources = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.resources.as_ref())
+        .map(resources)
+        .transpose()?;
+    if privileged {
+        // The agent denies every device but a default list and the
+        // container's own; a privileged container may use all of the VM's.
+        resources
+            .get_or_insert_with(Default::default)
+            .set_devices(Some(vec![security::all_devices_allowed()]));
+    }
+    linux.set_resources(resources);
     linux.set_cgroups_path(None);
     linux.set_namespaces(Some(namespaces()));
     linux.set_devices(None);

@@ -310,3 +310,12 @@ pub(super) fn masked_and_readonly_paths(
     )?;
     Ok((Some(masked), Some(readonly)))
 }
+
+/// The device rule of a privileged container: every device, every access.
+pub(super) fn all_devices_allowed() -> oci_spec::runtime::LinuxDeviceCgroup {
+    let mut rule = oci_spec::runtime::LinuxDeviceCgroup::default();
+    rule.set_allow(true);
+    rule.set_typ(Some(oci_spec::runtime::LinuxDeviceType::A));
+    rule.set_access(Some("rwm".into()));
+    rule
+}

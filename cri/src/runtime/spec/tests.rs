@@ -397,6 +397,11 @@ fn spec_shape() {
     let linux = spec.linux().as_ref().expect("linux");
     assert_eq!(linux.sysctl(), &None);
     assert_eq!(linux.devices(), &None);
+    assert_eq!(
+        linux.resources().as_ref().and_then(|r| r.devices().clone()),
+        None,
+        "the agent's default device rules"
+    );
     assert_eq!(linux.uid_mappings(), &None);
     let namespaces: Vec<LinuxNamespaceType> = linux
         .namespaces()

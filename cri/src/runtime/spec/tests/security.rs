@@ -161,6 +161,16 @@ fn privileged_container() {
     );
     assert_eq!(linux.masked_paths(), &None);
     assert_eq!(linux.readonly_paths(), &None);
+    let device_rules = linux
+        .resources()
+        .as_ref()
+        .and_then(|r| r.devices().clone())
+        .expect("device rules");
+    assert_eq!(
+        serde_json::to_value(&device_rules).expect("json"),
+        serde_json::json!([{"allow": true, "type": "a", "access": "rwm"}]),
+        "every device of the VM"
+    );
     for dir in ["/sys", "/sys/fs/cgroup"] {
         let m = spec
             .mounts()

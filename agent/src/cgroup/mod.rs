@@ -7,7 +7,9 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::LinuxResources;
+use oci_spec::runtime::{LinuxDevice, LinuxDeviceCgroup, LinuxResources};
+
+pub mod devices;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -32,6 +34,12 @@ pub enum Error {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("{what}")]
+    Devices {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 pub const ROOT: &str = "/sys/fs/cgroup";
@@ -167,6 +175,21 @@ impl Cgroup {
 
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
+    }
+
+    /// Lets the cgroup's processes use only the devices the rules allow
+    /// (see `devices`): the default list, the container's `nodes`, then
+    /// the spec's `rules`. Checked even without cgroups, enforced with.
+    pub fn restrict_devices(
+        &self,
+        nodes: &[LinuxDevice],
+        rules: &[LinuxDeviceCgroup],
+    ) -> Result<(), Error> {
+        let rules = devices::rules(nodes, rules)?;
+        match &self.path {
+            Some(dir) => devices::attach(dir, &rules),
+            None => Ok(()),
+        }
     }
 
     pub fn add_process(&self, pid: i32) -> Result<(), Error> {

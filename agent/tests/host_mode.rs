@@ -766,12 +766,21 @@ async fn bad_requests_are_refused_with_reasons() {
     let err = c
         .update_container(pb::UpdateContainerRequest {
             container_id: "once".into(),
-            resources_json: br#"{"blockIO": {"weight": 100}}"#.to_vec(),
+            resources_json: br#"{"cpu": {"idle": 1}}"#.to_vec(),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().starts_with("resources.blockIO: "), "{err:?}");
+    assert!(err.message().starts_with("resources.cpu.idle: "), "{err:?}");
+    let err = c
+        .update_container(pb::UpdateContainerRequest {
+            container_id: "once".into(),
+            resources_json: br#"{"blockIO": {"weight": 5}}"#.to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("blockIO.weight: 5 is not in [10, 1000]"), "{err:?}");
     let err = start(c, "once").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("already started"), "{err:?}");

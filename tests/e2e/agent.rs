@@ -29,8 +29,10 @@ pub fn tests() -> Vec<Trial> {
 const GUEST_CID: u32 = 3;
 /// The image disk's virtio serial, and the id it is mounted under.
 const IMAGE: &str = "image";
+/// A writable ext4 disk (overlay uppers), same convention.
+const SCRATCH: &str = "scratch";
 /// Busybox applets the containers use.
-const APPLETS: &[&str] = &["sh", "cat", "dd", "grep", "sleep"];
+const APPLETS: &[&str] = &["sh", "cat", "dd", "grep", "sleep", "fsfreeze"];
 /// Boot to a serving agent; generous for the nested lab.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Any single RPC or awaited process.
@@ -79,6 +81,21 @@ fn busybox_image(dir: &Path, size_mib: u32) -> Result<PathBuf, Failed> {
     Ok(image)
 }
 
+/// An empty ext4 filesystem of `size_mib` in `dir/name`.
+fn empty_ext4(dir: &Path, name: &str, size_mib: u32) -> Result<PathBuf, Failed> {
+    let path = dir.join(name);
+    let out = Command::new(guest::mke2fs_binary()?)
+        .args(["-q", "-F", "-t", "ext4"])
+        .arg(&path)
+        .arg(format!("{size_mib}M"))
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("mke2fs: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(path)
+}
+
 /// frakti-vmm running our guest with image disks and vsock.
 pub(crate) struct Vm {
     pub(crate) child: ChildGuard,
@@ -87,12 +104,22 @@ pub(crate) struct Vm {
 }
 
 impl Vm {
-    fn boot(dir: &Path, image: &Path) -> Result<Vm, Failed> {
-        Vm::boot_with_disks(dir, &[(IMAGE, image)])
+    /// Boots with the image disk and a writable scratch disk.
+    fn boot(dir: &Path, image: &Path, scratch: &Path) -> Result<Vm, Failed> {
+        Vm::boot_with(dir, &[(IMAGE, image)], &[(SCRATCH, scratch)])
     }
 
     /// Boots with read-only disks, each `(serial, backing file)`.
     pub(crate) fn boot_with_disks(dir: &Path, disks: &[(&str, &Path)]) -> Result<Vm, Failed> {
+        Vm::boot_with(dir, disks, &[])
+    }
+
+    /// Boots with read-only and writable disks, each `(serial, file)`.
+    fn boot_with(
+        dir: &Path,
+        disks: &[(&str, &Path)],
+        writable: &[(&str, &Path)],
+    ) -> Result<Vm, Failed> {
         let assets = GuestAssets::locate()?;
         let mut command = Command::new(guest::vmm_binary()?);
         command
@@ -105,6 +132,11 @@ impl Vm {
             command
                 .arg("--disk")
                 .arg(format!("serial={serial},path={},ro", path.display()));
+        }
+        for (serial, path) in writable {
+            command
+                .arg("--disk")
+                .arg(format!("serial={serial},path={}", path.display()));
         }
         command
             .arg("--vsock")
@@ -193,7 +225,8 @@ fn containers_from_an_image_disk_over_vsock() -> Result<(), Failed> {
         "  image: 16 MiB ext4 with busybox made in {:.2} s",
         made.elapsed().as_secs_f64()
     );
-    let mut vm = Vm::boot(dir.path(), &image)?;
+    let scratch = empty_ext4(dir.path(), "scratch.ext4", 16)?;
+    let mut vm = Vm::boot(dir.path(), &image, &scratch)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -245,8 +278,20 @@ async fn drive(vm: &mut Vm) -> anyhow::Result<()> {
     cpu_max_throttles(c).await?;
     seccomp_profile_applies(c).await?;
     fork_bomb_goes_at_once(c).await?;
+    block_io_throttles(c, &mounted.device).await?;
+    a_frozen_disk_stalls_only_its_callers(c).await?;
 
-    for id in ["hello", "box", "hog", "spin", "filtered", "bystander"] {
+    for id in [
+        "hello",
+        "box",
+        "hog",
+        "spin",
+        "filtered",
+        "bystander",
+        "probe",
+        "fast",
+        "throttled",
+    ] {
         step(
             "RemoveContainer",
             c.remove_container(pb::RemoveContainerRequest {
@@ -264,14 +309,17 @@ async fn drive(vm: &mut Vm) -> anyhow::Result<()> {
     .await?
     .into_inner();
     ensure!(left.containers.is_empty(), "left behind: {left:?}");
-    // Nothing holds the image any more.
-    step(
-        "UnmountDisk",
-        c.unmount_disk(pb::UnmountDiskRequest {
-            disk_id: IMAGE.into(),
-        }),
-    )
-    .await?;
+    // Nothing holds the disks any more.
+    for disk in [IMAGE, SCRATCH] {
+        step(
+            "UnmountDisk",
+            c.unmount_disk(pb::UnmountDiskRequest {
+                disk_id: disk.into(),
+            }),
+        )
+        .await
+        .with_context(|| format!("unmount {disk}"))?;
+    }
 
     // The agent's shutdown waits (at most 1 s) for open streams to end.
     drop(events);
@@ -480,6 +528,148 @@ async fn fork_bomb_goes_at_once(c: &mut AgentClient) -> anyhow::Result<()> {
     eprintln!(
         "  pids.max {PIDS}: a fork bomb at its limit removed in {:.0} ms (cgroup removed), the bystander untouched",
         took.as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+/// One slow disk must not stall the agent: the scratch disk's filesystem
+/// is frozen (fsfreeze from a container that sees it), and two
+/// CreateContainers whose writable layers live there hang, as many as the
+/// agent's runtime has worker threads. Meanwhile an exec in another
+/// container runs and answers, and stats and lists answer; after the thaw
+/// both creations complete.
+async fn a_frozen_disk_stalls_only_its_callers(c: &mut AgentClient) -> anyhow::Result<()> {
+    step(
+        "MountDisk",
+        c.mount_disk(pb::MountDiskRequest {
+            disk_id: SCRATCH.into(),
+            serial: SCRATCH.into(),
+            fs_type: "ext4".into(),
+            read_only: false,
+            ..Default::default()
+        }),
+    )
+    .await?;
+    let mut s = spec(&["sleep", "1000"]);
+    s["mounts"].as_array_mut().context("mounts")?.push(json!({
+        "destination": "/scratch", "type": "bind",
+        "source": format!("/run/frakti/disks/{SCRATCH}"), "options": ["rbind"]
+    }));
+    create(c, "freezer", &s).await?;
+    start(c, "freezer").await?;
+    let run_in_freezer =
+        |c: &mut AgentClient, exec_id: &'static str, args: &'static [&'static str]| {
+            let mut c = c.clone();
+            async move {
+                exec(&mut c, "freezer", exec_id, args).await?;
+                let status = wait(&mut c, "freezer", exec_id).await?;
+                ensure!(status.exit_code == 0, "{args:?}: exit {}", status.exit_code);
+                Ok::<_, anyhow::Error>(())
+            }
+        };
+    run_in_freezer(c, "freeze", &["fsfreeze", "--freeze", "/scratch"]).await?;
+    let stuck: Vec<_> = ["stuck-1", "stuck-2"]
+        .into_iter()
+        .map(|id| {
+            let mut c = c.clone();
+            let request = pb::CreateContainerRequest {
+                container_id: id.into(),
+                oci_spec_json: serde_json::to_vec(&spec(&["sleep", "1000"])).unwrap_or_default(),
+                rootfs: Some(pb::Rootfs {
+                    upper_disk_id: SCRATCH.into(),
+                    ..rootfs()
+                }),
+                devices: vec![],
+            };
+            tokio::spawn(async move { c.create_container(request).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked = Instant::now();
+    let answered = tokio::time::timeout(Duration::from_secs(20), async {
+        run_in_freezer(c, "alive", &["sh", "-c", "echo alive"]).await?;
+        stats(c, "freezer").await?;
+        step(
+            "ListContainers",
+            c.list_containers(pb::ListContainersRequest {}),
+        )
+        .await?;
+        Ok::<_, anyhow::Error>(())
+    })
+    .await;
+    let took = asked.elapsed();
+    let still_stuck = stuck.iter().all(|task| !task.is_finished());
+    // Thawed whatever happened, so that nothing stays hung.
+    run_in_freezer(c, "thaw", &["fsfreeze", "--unfreeze", "/scratch"]).await?;
+    answered.context("an exec, stats and a list during the freeze did not answer in 20 s")??;
+    ensure!(
+        still_stuck,
+        "a creation on the frozen disk did not wait for it"
+    );
+    for task in stuck {
+        tokio::time::timeout(STEP_TIMEOUT, task)
+            .await
+            .context("a creation hung after the thaw")??
+            .context("a creation after the thaw")?;
+    }
+    eprintln!(
+        "  frozen scratch disk: 2 creations waiting on it, exec + stats + list answered in {:.2} s",
+        took.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Reads 3 MiB of the image disk's raw device with O_DIRECT, through a
+/// node the container's spec gives it, with and without an io.max read
+/// throttle of 1 MiB/s (and an io.weight, which the kernel must take).
+async fn block_io_throttles(c: &mut AgentClient, device: &str) -> anyhow::Result<()> {
+    let name = device.trim_start_matches("/dev/");
+    create(
+        c,
+        "probe",
+        &spec(&["cat", &format!("/sys/block/{name}/dev")]),
+    )
+    .await?;
+    start(c, "probe").await?;
+    let numbers = read_all(c, "probe", "", pb::OutputStream::Stdout).await?;
+    let (major, minor) = numbers
+        .trim()
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.parse::<i64>().ok()?)))
+        .with_context(|| format!("{device}'s numbers: {numbers:?}"))?;
+    let read = "dd if=/dev/image of=/dev/null bs=64k count=48 iflag=direct";
+    let mut seconds = Vec::new();
+    for (id, block_io) in [
+        ("fast", json!({})),
+        (
+            "throttled",
+            json!({"weight": 500, "throttleReadBpsDevice": [{"major": major, "minor": minor, "rate": 1 << 20}]}),
+        ),
+    ] {
+        let mut s = spec(&["sh", "-c", read]);
+        s["linux"]["devices"] =
+            json!([{"path": "/dev/image", "type": "b", "major": major, "minor": minor}]);
+        s["linux"]["resources"] = json!({"blockIO": block_io});
+        create(c, id, &s).await?;
+        // From the start to the exit: the read, and a process start.
+        let started = Instant::now();
+        start(c, id).await?;
+        let stderr = read_all(c, id, "", pb::OutputStream::Stderr).await?;
+        let status = wait(c, id, "").await?;
+        seconds.push(started.elapsed().as_secs_f64());
+        ensure!(
+            status.exit_code == 0 && stderr.contains("48+0 records out"),
+            "{id}: exit {} {stderr}",
+            status.exit_code
+        );
+    }
+    let (fast, throttled) = (seconds[0], seconds[1]);
+    ensure!(
+        throttled >= 2.0 && throttled > 2.0 * fast,
+        "3 MiB under rbps=1MiB/s took {throttled:.2} s (unthrottled {fast:.2} s)"
+    );
+    eprintln!(
+        "  io.max rbps=1MiB/s on {device} ({major}:{minor}): 3 MiB O_DIRECT read in {throttled:.2} s (unthrottled {fast:.2} s)"
     );
     Ok(())
 }

@@ -34,8 +34,8 @@ const DEV_BLOCK: i32 = 1;
 const DEV_CHAR: i32 = 2;
 
 /// Largest major and minor numbers of Linux's dev_t (12 and 20 bits).
-const MAX_MAJOR: i64 = 0xfff;
-const MAX_MINOR: i64 = 0xf_ffff;
+pub(super) const MAX_MAJOR: i64 = 0xfff;
+pub(super) const MAX_MINOR: i64 = 0xf_ffff;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -173,7 +173,7 @@ fn from_oci(rule: &LinuxDeviceCgroup, field: &str) -> Result<Rule, Error> {
     })
 }
 
-fn number(field: &str, value: i64, max: i64) -> Result<u32, Error> {
+pub(super) fn number(field: &str, value: i64, max: i64) -> Result<u32, Error> {
     if !(0..=max).contains(&value) {
         return Err(Error::Invalid(format!(
             "{field}: {value} is out of range (0 to {max}, or -1 for any)"

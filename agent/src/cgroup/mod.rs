@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceCgroup, LinuxResources};
 
+mod block_io;
 pub mod devices;
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,9 @@ pub fn resource_files(resources: &LinuxResources) -> Result<Vec<(String, String)
     if let Some(pids) = resources.pids() {
         files.push(("pids.max".into(), limit_value(pids.limit())));
     }
+    if let Some(block_io) = resources.block_io() {
+        files.extend(block_io::io_files(block_io)?);
+    }
     if let Some(unified) = resources.unified() {
         let mut keys: Vec<_> = unified.keys().collect();
         keys.sort();
@@ -139,8 +143,10 @@ pub fn shares_to_weight(shares: u64) -> u64 {
 }
 
 /// A container's cgroup. `None` path: cgroups are unavailable (logged once
-/// at creation) and every call does nothing.
-#[derive(Debug)]
+/// at creation) and every call does nothing. Its file writes can block
+/// (memory.max reclaims, io files wait on the disk's queue): callers on
+/// the async runtime use a clone in `spawn_blocking`.
+#[derive(Debug, Clone)]
 pub struct Cgroup {
     path: Option<PathBuf>,
 }
@@ -203,6 +209,15 @@ impl Cgroup {
                 tracing::info!("no cgroup2: resource limits not applied");
             }
             return Ok(());
+        }
+        if files.iter().any(|(file, _)| file == "io.weight")
+            && let Some(root) = self
+                .path
+                .as_ref()
+                .and_then(|p| p.parent())
+                .and_then(|p| p.parent())
+        {
+            block_io::enable_weights(root, Path::new("/sys/block"));
         }
         for (file, value) in files {
             self.write(&file, &value)?;
@@ -293,15 +308,17 @@ impl Cgroup {
     }
 }
 
-/// Whether process `pid` is in the cgroup at `dir` (its
-/// `/proc/<pid>/cgroup` line `0::<path below the cgroup2 root>`).
+/// Whether process `pid` is in the cgroup at `dir` (its cgroup2 entry
+/// in /proc/<pid>/cgroup, a path below the cgroup2 root).
 fn in_cgroup(pid: i32, dir: &Path) -> bool {
-    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+    let Ok(cgroups) = procfs::process::Process::new(pid).and_then(|p| p.cgroups()) else {
         return false;
     };
-    text.lines()
-        .filter_map(|l| l.strip_prefix("0::"))
-        .map(|relative| relative.trim_start_matches('/'))
+    cgroups
+        .0
+        .iter()
+        .filter(|c| c.hierarchy == 0)
+        .map(|c| c.pathname.trim_start_matches('/'))
         .any(|relative| !relative.is_empty() && dir.ends_with(relative))
 }
 

@@ -104,21 +104,24 @@ impl Containers {
             let _ = tokio::time::timeout(KILL_TIMEOUT, init.wait()).await;
         };
         let setup = async {
-            let linux = spec.linux().as_ref();
-            let resources = linux.and_then(|l| l.resources().as_ref());
-            // Devices first: the init's set-up already opens some.
-            cgroup.restrict_devices(
-                linux
-                    .and_then(|l| l.devices().as_deref())
-                    .unwrap_or_default(),
-                resources
-                    .and_then(|r| r.devices().as_deref())
-                    .unwrap_or_default(),
-            )?;
-            cgroup.add_process(init.pid)?;
-            if let Some(resources) = resources {
-                cgroup.apply(resources)?;
-            }
+            let linux = spec.linux().clone().unwrap_or_default();
+            let (cg, pid) = (cgroup.clone(), init.pid);
+            tokio::task::spawn_blocking(move || {
+                let resources = linux.resources().as_ref();
+                // Devices first: the init's set-up already opens some.
+                cg.restrict_devices(
+                    linux.devices().as_deref().unwrap_or_default(),
+                    resources
+                        .and_then(|r| r.devices().as_deref())
+                        .unwrap_or_default(),
+                )?;
+                cg.add_process(pid)?;
+                match resources {
+                    Some(resources) => cg.apply(resources),
+                    None => Ok(()),
+                }
+            })
+            .await??;
             let config = ToHelper::Init(Box::new(InitConfig {
                 rootfs: rootfs.to_path_buf(),
                 spec: spec.clone(),

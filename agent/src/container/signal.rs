@@ -84,43 +84,29 @@ pub struct ProcessInfo {
 }
 
 pub(super) fn read_process(pid: i32) -> Option<ProcessInfo> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) S ppid ...": comm may hold spaces and parentheses.
-    let after = &stat[stat.rfind(')')? + 2..];
-    let mut fields = after.split(' ');
-    let state = fields.next()?.to_string();
-    let ppid = fields.next()?.parse().ok()?;
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|u| u.parse().ok())
-        .unwrap_or(0);
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let args = cmdline
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    process_info(&procfs::process::Process::new(pid).ok()?)
+}
+
+fn process_info(process: &procfs::process::Process) -> Option<ProcessInfo> {
+    let stat = process.stat().ok()?;
+    let uid = process.status().map_or(0, |s| s.ruid);
     Some(ProcessInfo {
-        pid,
-        ppid,
+        pid: stat.pid,
+        ppid: stat.ppid,
         uid,
-        state,
-        args,
+        state: stat.state.to_string(),
+        args: process.cmdline().unwrap_or_default(),
     })
 }
 
 /// The living processes among `roots` and their descendants.
 pub(super) fn descendants(roots: &[i32]) -> Vec<ProcessInfo> {
-    let Ok(entries) = fs::read_dir("/proc") else {
+    let Ok(processes) = procfs::process::all_processes() else {
         return vec![];
     };
-    let all: Vec<ProcessInfo> = entries
+    let all: Vec<ProcessInfo> = processes
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(read_process)
+        .filter_map(|p| process_info(&p))
         .filter(|p| p.state != "Z")
         .collect();
     let mut wanted: std::collections::HashSet<i32> = roots.iter().copied().collect();

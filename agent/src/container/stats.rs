@@ -8,22 +8,27 @@ impl Containers {
         let resources: LinuxResources = serde_json::from_slice(resources_json)
             .map_err(|e| Error::Invalid(format!("malformed OCI LinuxResources JSON: {e}")))?;
         super::unsupported::check_resources(&resources, "resources")?;
-        Ok(container.cgroup.apply(&resources)?)
+        let cgroup = container.cgroup.clone();
+        Ok(tokio::task::spawn_blocking(move || cgroup.apply(&resources)).await??)
     }
 
     pub async fn stats(&self, id: &str) -> Result<Stats, Error> {
         let container = self.get(id)?;
-        let cg = &container.cgroup;
-        let cpu = cg.read("cpu.stat").unwrap_or_default();
-        let mem = cg.read("memory.stat").unwrap_or_default();
-        let usage = cg
-            .read("memory.current")
-            .and_then(|t| cgroup::single_value(&t));
+        let cg = container.cgroup.clone();
+        let files = [
+            "cpu.stat",
+            "memory.stat",
+            "memory.current",
+            "pids.current",
+            "memory.max",
+            "pids.max",
+        ];
+        let [cpu, mem, current, pids_current, memory_max, pids_max] =
+            tokio::task::spawn_blocking(move || files.map(|f| cg.read(f))).await?;
+        let (cpu, mem) = (cpu.unwrap_or_default(), mem.unwrap_or_default());
+        let usage = current.and_then(|t| cgroup::single_value(&t));
         let inactive_file = cgroup::flat_keyed(&mem, "inactive_file").unwrap_or(0);
-        let pids = match cg
-            .read("pids.current")
-            .and_then(|t| cgroup::single_value(&t))
-        {
+        let pids = match pids_current.and_then(|t| cgroup::single_value(&t)) {
             Some(n) => n,
             None => self.processes(&container).await.len() as u64,
         };
@@ -40,16 +45,12 @@ impl Containers {
             rss: cgroup::flat_keyed(&mem, "anon").unwrap_or(0),
             page_faults: cgroup::flat_keyed(&mem, "pgfault").unwrap_or(0),
             major_page_faults: cgroup::flat_keyed(&mem, "pgmajfault").unwrap_or(0),
-            memory_limit: cg
-                .read("memory.max")
+            memory_limit: memory_max
                 .and_then(|t| cgroup::single_value(&t))
                 .unwrap_or(0),
             oom_kills: container.oom_kills(),
             pids,
-            pids_limit: cg
-                .read("pids.max")
-                .and_then(|t| cgroup::single_value(&t))
-                .unwrap_or(0),
+            pids_limit: pids_max.and_then(|t| cgroup::single_value(&t)).unwrap_or(0),
         })
     }
 }

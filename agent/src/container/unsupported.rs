@@ -6,9 +6,9 @@
 //! - cgroup v1 knobs without a v2 equivalent (`memory.kernel`,
 //!   `memory.kernelTCP`, `memory.swappiness`, `memory.disableOOMKiller`,
 //!   the realtime CPU budget) and `cpu.burst`/`cpu.idle`;
-//! - block I/O weights and throttles, and hugepage limits above 0: the
-//!   guest kernel has neither the io nor the hugetlb controller (kubelet
+//! - hugepage limits above 0: the VM has no huge pages to give (kubelet
 //!   sends a 0 limit for every hugepage size of the node: that one holds);
+//!   (block I/O weights and throttles are applied: cgroup::block_io);
 //! - `network` (classid/priorities are cgroup v1) and `rdma`.
 
 use oci_spec::runtime::{LinuxResources, Spec};
@@ -87,12 +87,6 @@ pub(super) fn check_resources(r: &LinuxResources, prefix: &str) -> Result<(), Er
             return Err(refuse(&field(name), "not supported in the pod's VM"));
         }
     }
-    if set(r.block_io()) {
-        return Err(refuse(
-            &field("blockIO"),
-            "block I/O weights and throttles are not supported: the guest kernel has no io controller",
-        ));
-    }
     for (i, limit) in r.hugepage_limits().iter().flatten().enumerate() {
         if limit.limit() > 0 {
             return Err(refuse(
@@ -155,14 +149,6 @@ mod tests {
             (
                 serde_json::json!({"cpu": {"realtimeRuntime": 5}}),
                 "linux.resources.cpu.realtimeRuntime",
-            ),
-            (
-                serde_json::json!({"blockIO": {"weight": 500}}),
-                "linux.resources.blockIO",
-            ),
-            (
-                serde_json::json!({"blockIO": {"throttleReadBpsDevice": [{"major": 254, "minor": 0, "rate": 1}]}}),
-                "linux.resources.blockIO",
             ),
             (
                 serde_json::json!({"hugepageLimits": [{"pageSize": "1GB", "limit": 0}, {"pageSize": "2MB", "limit": 2097152}]}),

@@ -225,9 +225,10 @@ impl Service {
                 "uid": 0,
                 "gid": 0,
             }));
-            // The last rule that matches decides (cgroup::devices).
+            // The last rule that matches decides (cgroup::devices); mknod
+            // stays allowed (the default list) so the node can be made.
             rules.push(serde_json::json!(
-                {"allow": false, "type": "b", "major": major, "minor": minor, "access": "rwm"}
+                {"allow": false, "type": "b", "major": major, "minor": minor, "access": "rw"}
             ));
             rules.push(serde_json::json!(
                 {"allow": true, "type": "b", "major": major, "minor": minor, "access": access}

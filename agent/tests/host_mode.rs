@@ -780,7 +780,11 @@ async fn bad_requests_are_refused_with_reasons() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("blockIO.weight: 5 is not in [10, 1000]"), "{err:?}");
+    assert!(
+        err.message()
+            .contains("blockIO.weight: 5 is not in [10, 1000]"),
+        "{err:?}"
+    );
     let err = start(c, "once").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("already started"), "{err:?}");

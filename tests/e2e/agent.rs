@@ -291,6 +291,9 @@ async fn drive(vm: &mut Vm) -> anyhow::Result<()> {
         "probe",
         "fast",
         "throttled",
+        "stuck-1",
+        "stuck-2",
+        "freezer",
     ] {
         step(
             "RemoveContainer",

@@ -14,12 +14,16 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
 use crate::support::images;
+use crate::support::registry::Registry;
 
 /// The tarred image store the host prepared, and the frakti binary.
 pub const STORE_ENV: &str = "FRAKTI_TEST_CRI_STORE";
 pub const FRAKTI_ENV: &str = "FRAKTI_BIN";
 /// The image every test runs (busybox with /etc/passwd and /etc/group).
 pub const IMAGE: &str = "frakti.test/busybox:latest";
+/// The same image pulled by this name through a mirror of registry.k8s.io
+/// (a plain-http registry on 127.0.0.1, containerd's hosts.toml).
+pub const MIRRORED_IMAGE: &str = "registry.k8s.io/e2e-test-images/busybox:1.29-2";
 
 pub type Runtime = RuntimeServiceClient<Channel>;
 
@@ -28,12 +32,37 @@ pub type Runtime = RuntimeServiceClient<Channel>;
 pub fn prepare(dir: &Path) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
     let built = images::busybox_image(&dir.join("layouts"));
     let store_root = dir.join("cri-store");
-    let store = ImageStore::open(StoreConfig::new(&store_root))?;
+    // The mirror lives while the store pulls from it.
+    let mirror = Registry::start(&dir.join("mirror"), Default::default());
+    images::push(
+        &built,
+        &mirror,
+        "e2e-test-images/busybox:1.29-2",
+        &images::PushOptions::default(),
+    );
+    let certs = dir.join("certs.d");
+    std::fs::create_dir_all(certs.join("registry.k8s.io"))?;
+    std::fs::write(
+        certs.join("registry.k8s.io/hosts.toml"),
+        format!(
+            "server = \"https://registry.k8s.io\"\n[host.\"http://{}\"]\ncapabilities = [\"pull\", \"resolve\"]\n",
+            mirror.host()
+        ),
+    )?;
+    let mut config = StoreConfig::new(&store_root);
+    config.certs_dir = certs;
+    let store = ImageStore::open(config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(store.import(&built.layout, Some("frakti.test/busybox")))?;
+    runtime.block_on(async {
+        store
+            .import(&built.layout, Some("frakti.test/busybox"))
+            .await?;
+        store.pull(MIRRORED_IMAGE, None).await
+    })?;
     drop(store);
+    drop(mirror);
     let tar = dir.join("cri-store.tar");
     let status = Command::new("tar")
         .arg("-C")

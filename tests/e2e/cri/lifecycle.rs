@@ -303,6 +303,28 @@ async fn lifecycle(daemon: &mut Daemon) -> anyhow::Result<()> {
         "an empty id"
     );
 
+    // An image pulled through a registry.k8s.io mirror (on the host, by
+    // harness::prepare) runs by its original name.
+    let mut mirrored = container_config("mirrored", &["sh", "-c", "echo from the mirror"]);
+    mirrored.image = Some(cri::ImageSpec {
+        image: MIRRORED_IMAGE.into(),
+        ..Default::default()
+    });
+    let mid = create(&mut c, &pod, mirrored).await?;
+    start(&mut c, &mid).await?;
+    let st = wait_exited(&mut c, &mid, Duration::from_secs(30)).await?;
+    ensure!(
+        st.exit_code == 0 && st.image.as_ref().map(|i| i.image.as_str()) == Some(MIRRORED_IMAGE),
+        "{st:?}"
+    );
+    let log_path = daemon.log_dir().join("mirrored.log");
+    wait_for_text(
+        &log_path,
+        " stdout F from the mirror\n",
+        Duration::from_secs(20),
+    )
+    .await?;
+
     // The pod: stop (twice), remove (twice), then it is unknown.
     for _ in 0..2 {
         c.stop_pod_sandbox(cri::StopPodSandboxRequest {

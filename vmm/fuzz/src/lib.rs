@@ -395,8 +395,11 @@ mod tests {
             net::net_tx(&input);
             let mem = guest_memory();
             load(&mem, &input[1..]);
-            let (sent, received) = net::serve_counting(&mem, input[0] & FLAG_EVENT_IDX != 0);
-            assert_eq!((sent, received), (3, 2), "{name}");
+            for offloads in [false, true] {
+                let (sent, received) =
+                    net::serve_counting(&mem, input[0] & FLAG_EVENT_IDX != 0, offloads);
+                assert_eq!((sent, received), (3, 2), "{name}, offloads {offloads}");
+            }
         }
         net::net_tx(&[]);
         net::net_tx(&[0]);

@@ -23,7 +23,10 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{AVAIL_RING, DESC_TABLE, FLAG_EVENT_IDX, QUEUE_SIZE, USED_RING, guest_memory, load};
+use crate::{
+    AVAIL_RING, DESC_TABLE, FLAG_EVENT_IDX, FLAG_READ_ONLY, QUEUE_SIZE, USED_RING, guest_memory,
+    load,
+};
 
 pub const RX_DESC_TABLE: u64 = 0x400;
 pub const RX_AVAIL_RING: u64 = 0x500;
@@ -53,6 +56,9 @@ pub fn net_tx(data: &[u8]) {
         return;
     };
     let event_idx = flags & FLAG_EVENT_IDX != 0;
+    // The read-only flag means nothing to a net device: it picks the
+    // offloads (headers from the backend then pass to the guest).
+    let offloads = flags & FLAG_READ_ONLY != 0;
     let mem = guest_memory();
     load(&mem, image);
     let mut parsed = queue(DESC_TABLE, AVAIL_RING, USED_RING, event_idx);
@@ -62,7 +68,7 @@ pub fn net_tx(data: &[u8]) {
         };
         check_parsed(&mem, chain::parse(&mem, chain, Direction::Tx));
     }
-    serve(&mem, event_idx);
+    serve(&mem, event_idx, offloads);
 }
 
 fn check_parsed(mem: &GuestMemoryMmap, parsed: Result<Vec<chain::Segment>, chain::Error>) {
@@ -77,13 +83,13 @@ fn check_parsed(mem: &GuestMemoryMmap, parsed: Result<Vec<chain::Segment>, chain
     }
 }
 
-fn serve(mem: &GuestMemoryMmap, event_idx: bool) {
-    serve_counting(mem, event_idx);
+fn serve(mem: &GuestMemoryMmap, event_idx: bool, offloads: bool) {
+    serve_counting(mem, event_idx, offloads);
 }
 
 /// A net device serves both queues until idle, then is reset. Returns the
 /// frames it sent and received.
-pub fn serve_counting(mem: &GuestMemoryMmap, event_idx: bool) -> (u64, u64) {
+pub fn serve_counting(mem: &GuestMemoryMmap, event_idx: bool, offloads: bool) -> (u64, u64) {
     let (device_end, peer) = UnixDatagram::pair().expect("socketpair");
     device_end.set_nonblocking(true).expect("non-blocking");
     peer.set_nonblocking(true).expect("non-blocking");
@@ -100,7 +106,13 @@ pub fn serve_counting(mem: &GuestMemoryMmap, event_idx: bool) -> (u64, u64) {
         queue(RX_DESC_TABLE, RX_AVAIL_RING, RX_USED_RING, event_idx),
         queue(DESC_TABLE, AVAIL_RING, USED_RING, event_idx),
     ];
-    let activated = lock(&net).activate(mem.clone(), interrupt, queues, notify.to_vec(), 0);
+    // A Linux driver's acknowledgement when every offload is offered.
+    let acked = if offloads {
+        lock(&net).avail_features()
+    } else {
+        0
+    };
+    let activated = lock(&net).activate(mem.clone(), interrupt, queues, notify.to_vec(), acked);
     assert!(activated.is_ok(), "valid queues must activate");
     for evt in &notify {
         evt.write(1).expect("eventfd");

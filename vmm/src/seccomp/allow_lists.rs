@@ -237,7 +237,7 @@ fn api_syscalls() -> &'static [i64] {
 }
 
 /// Device thread: an event loop over queue eventfds, guest memory copies
-/// and disk I/O on files that are already open. No opens, no ioctls.
+/// and disk I/O on files that are already open. No opens; one ioctl.
 fn device_syscalls() -> &'static [i64] {
     &[
         libc::SYS_epoll_ctl,
@@ -271,6 +271,11 @@ pub(super) fn device_thread_rules() -> Result<AllowList, BackendError> {
     allow.syscalls(device_syscalls());
     // vsock: a guest connection to host port P opens a unix socket.
     allow.syscall_if(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);
+    // net: the tap offloads the guest negotiated, set at activation.
+    allow.syscall_if(
+        libc::SYS_ioctl,
+        ioctl_requests(vec![libc::TUNSETOFFLOAD as libc::c_ulong])?,
+    );
     Ok(allow)
 }
 

@@ -26,6 +26,13 @@ pub trait Backend: AsRawFd + Send {
 
     /// Writes one frame gathered from `buffers`; returns the bytes taken.
     fn write_frame(&mut self, buffers: &GuestBuffers<'_>) -> io::Result<usize>;
+
+    /// Which offloads frames read from the backend may carry (`TUN_F_*`:
+    /// partial checksums, TCP segments up to 64 KiB), as the guest
+    /// negotiated them. A backend that never produces them ignores this.
+    fn set_offloads(&mut self, _tun_flags: u32) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Guest buffers as iovecs for vectored I/O, checked to lie in guest RAM.

@@ -117,12 +117,38 @@ pub fn parse(
     Ok(segments)
 }
 
-/// The header of a received frame: no checksum or GSO flags (none were
-/// negotiated), `num_buffers` 1 (no MRG_RXBUF).
+/// The header of a received frame when the guest negotiated no offloads:
+/// no checksum or GSO flags, `num_buffers` 1 (no MRG_RXBUF).
 pub fn rx_header() -> [u8; HEADER_LEN] {
     let mut header = [0u8; HEADER_LEN];
     header[10..12].copy_from_slice(&1u16.to_le_bytes());
     header
+}
+
+/// `num_buffers` alone (offset 10 of the header), for a frame whose header
+/// the backend wrote: with negotiated offloads its flags and GSO fields
+/// pass through; a tap leaves `num_buffers` unwritten.
+pub fn write_num_buffers(
+    mem: &GuestMemoryMmap,
+    segments: &[Segment],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut skip = 10usize;
+    let mut rest: &[u8] = &1u16.to_le_bytes();
+    for segment in segments {
+        if rest.is_empty() {
+            break;
+        }
+        let len = segment.len as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = rest.len().min(len - skip);
+        mem.write_slice(&rest[..n], segment.addr.unchecked_add(skip as u64))?;
+        rest = &rest[n..];
+        skip = 0;
+    }
+    Ok(())
 }
 
 /// Writes `bytes` over the front of `segments` (which hold at least as
@@ -250,6 +276,28 @@ mod tests {
         // Receive chains may be longer than any transmit frame.
         assert!(parse(&mem, [desc(0x1000, 0x10000, W)], Direction::Rx).is_ok());
         assert!(parse(&mem, [desc(0x1000, MAX_TX_LEN as u32, 0)], Direction::Tx).is_ok());
+    }
+
+    #[test]
+    fn num_buffers_alone_is_written_across_buffers() {
+        let mem = guest_memory(0x10000);
+        mem.write_slice(&[0xee; 16], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[0xee; 16], GuestAddress(0x2000)).unwrap();
+        // num_buffers straddles the two buffers: byte 10 in the first,
+        // byte 11 in the second.
+        let segments = [seg(0x1000, 11), seg(0x2000, 16)];
+        write_num_buffers(&mem, &segments).unwrap();
+        let mut first = [0u8; 12];
+        mem.read_slice(&mut first, GuestAddress(0x1000)).unwrap();
+        assert_eq!(
+            first,
+            [
+                0xee, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee, 1, 0xee
+            ]
+        );
+        let mut second = [0u8; 2];
+        mem.read_slice(&mut second, GuestAddress(0x2000)).unwrap();
+        assert_eq!(second, [0, 0xee]);
     }
 
     #[test]

@@ -1,12 +1,19 @@
 //! virtio-net: one receive and one transmit queue, frames carried on the
 //! host by a tap ([`tap::Tap`]) or, in tests, any [`backend::Backend`].
 //!
-//! The device offers only `VIRTIO_NET_F_MAC`, `VIRTIO_NET_F_STATUS` (link
-//! always up), EVENT_IDX and indirect descriptors: no checksum or
-//! segmentation offloads, so every frame is a complete, checksummed
-//! Ethernet frame of at most the MTU behind a 12-byte `virtio_net_hdr_v1`.
-//! Headers the guest sends pass through to the tap unchanged; headers the
-//! guest receives are zero but for `num_buffers` = 1.
+//! The device offers `VIRTIO_NET_F_MAC`, `VIRTIO_NET_F_STATUS` (link
+//! always up), EVENT_IDX, indirect descriptors, and checksum and TCP
+//! segmentation offloads both ways (`CSUM`, `HOST_TSO4/6`; `GUEST_CSUM`,
+//! `GUEST_TSO4/6`): a frame is a 12-byte `virtio_net_hdr_v1` and an
+//! Ethernet frame of up to 64 KiB whose checksum may be partial. Headers
+//! the guest sends pass through to the tap unchanged (the kernel segments
+//! and checksums what needs it). What the tap may hand us is set at
+//! activation from what the guest acknowledged (`TUNSETOFFLOAD`, applied
+//! on the device thread); the tap's headers then pass through to the
+//! guest, `num_buffers` set to 1. A guest that negotiated none gets
+//! complete, checksummed frames of at most the MTU behind a zero header.
+//! Without MRG_RXBUF a Linux driver that negotiated GUEST_TSO gives
+//! receive chains of 64 KiB + header ("big packets").
 //!
 //! Frames move with one readv/writev each, straight between the backend
 //! and guest buffers ([`backend::GuestBuffers`]), on the device event loop
@@ -49,7 +56,11 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -131,6 +142,26 @@ struct Active {
     rx_starved: bool,
     /// The backend refused a frame: transmission waits for EPOLLOUT.
     tx_blocked: bool,
+    /// The guest negotiated receive offloads: backend headers pass through.
+    guest_offloads: bool,
+}
+
+/// The tap offloads (`TUN_F_*`) that match what the guest acknowledged:
+/// partial checksums and TCP segments it can take.
+pub fn tun_offloads(acked_features: u64) -> u32 {
+    let acked = |bit: u32| acked_features & feature(bit) != 0;
+    let mut flags = 0;
+    if acked(VIRTIO_NET_F_GUEST_CSUM) {
+        flags |= libc::TUN_F_CSUM;
+        // Segments need checksum offload too (virtio 1.2 §5.1.3.1).
+        if acked(VIRTIO_NET_F_GUEST_TSO4) {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if acked(VIRTIO_NET_F_GUEST_TSO6) {
+            flags |= libc::TUN_F_TSO6;
+        }
+    }
+    flags
 }
 
 /// A virtio-net device over a [`Backend`] (a [`Tap`] by default).
@@ -145,6 +176,9 @@ pub struct Net<B: Backend = Tap> {
     /// The backend failed (error, hang-up, end of file): it is no longer
     /// read or watched until the device is activated again.
     backend_failed: bool,
+    /// Tap offloads to set on the device thread (activation runs on a
+    /// vCPU thread, whose seccomp filter has no tap ioctls).
+    pending_offloads: Option<u32>,
     counters: NetCounters,
 }
 
@@ -159,6 +193,7 @@ impl<B: Backend> Net<B> {
             events: QueueEvents::new().map_err(Error::EventFd)?,
             watched: EventSet::empty(),
             backend_failed: false,
+            pending_offloads: None,
             counters: NetCounters::default(),
         })
     }
@@ -179,11 +214,32 @@ impl<B: Backend> Net<B> {
         self.active.is_some()
     }
 
+    /// Whether the guest gets the backend's offloaded frames (it
+    /// negotiated them and the backend took the setting).
+    pub fn guest_offloads(&self) -> bool {
+        self.active.as_ref().is_some_and(|a| a.guest_offloads)
+    }
+
     fn config_bytes(&self) -> [u8; CONFIG_LEN] {
         let mut config = [0u8; CONFIG_LEN];
         config[..6].copy_from_slice(&self.mac.octets());
         config[6..].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         config
+    }
+
+    /// Tells the backend which offloads the guest takes, before any frame
+    /// is read for it. If the backend refuses, frames stay plain; the
+    /// guest copes with those whatever it negotiated.
+    fn apply_offloads(&mut self) {
+        let Some(flags) = self.pending_offloads.take() else {
+            return;
+        };
+        if let Err(e) = self.backend.set_offloads(flags) {
+            tracing::warn!("net {}: cannot set tap offloads {flags:#x}: {e}", self.mac);
+            if let Some(active) = self.active.as_mut() {
+                active.guest_offloads = false;
+            }
+        }
     }
 
     /// Moves frames from the backend to the guest, within the budget.
@@ -199,6 +255,7 @@ impl<B: Backend> Net<B> {
             &mut active.rx,
             &mut self.backend,
             &mut self.counters,
+            active.guest_offloads,
         ) {
             Ok((used, stop)) => {
                 match stop {
@@ -342,6 +399,12 @@ impl<B: Backend> VirtioDevice for Net<B> {
             | feature(VIRTIO_NET_F_STATUS)
             | feature(VIRTIO_RING_F_EVENT_IDX)
             | feature(VIRTIO_RING_F_INDIRECT_DESC)
+            | feature(VIRTIO_NET_F_CSUM)
+            | feature(VIRTIO_NET_F_HOST_TSO4)
+            | feature(VIRTIO_NET_F_HOST_TSO6)
+            | feature(VIRTIO_NET_F_GUEST_CSUM)
+            | feature(VIRTIO_NET_F_GUEST_TSO4)
+            | feature(VIRTIO_NET_F_GUEST_TSO6)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -362,12 +425,14 @@ impl<B: Backend> VirtioDevice for Net<B> {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<Queue>,
         queue_evts: Vec<Arc<EventFd>>,
-        _acked_features: u64,
+        acked_features: u64,
     ) -> Result<(), ActivateError> {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
         let ([rx, tx], queue_evts) = exact_queues::<2>(queues, queue_evts)?;
+        let offloads = tun_offloads(acked_features);
+        self.pending_offloads = Some(offloads);
         self.events.request_sync().map_err(ActivateError::EventFd)?;
         self.backend_failed = false;
         self.active = Some(Active {
@@ -379,8 +444,9 @@ impl<B: Backend> VirtioDevice for Net<B> {
             broken: false,
             rx_starved: false,
             tx_blocked: false,
+            guest_offloads: offloads != 0,
         });
-        tracing::debug!(mac = %self.mac, "net device activated");
+        tracing::debug!(mac = %self.mac, tun_offloads = offloads, "net device activated");
         Ok(())
     }
 
@@ -406,6 +472,7 @@ impl<B: Backend> MutEventSubscriber for Net<B> {
                 .map(|a| a.queue_evts.as_slice())
                 .unwrap_or_default();
             self.events.sync(ops, wanted);
+            self.apply_offloads();
             self.process_rx();
             self.process_tx();
         } else if let Some(queue) = self.events.take_queue_event(&events) {

@@ -34,11 +34,14 @@ enum Outcome {
 /// Moves frames from the backend into receive chains until one of them
 /// runs out or the budget is spent. A chain is taken from the ring only
 /// when a frame is read into it, so no frame is ever held by the device.
+/// `offloads`: the guest negotiated checksum/segmentation offloads, so the
+/// backend's header (flags, GSO fields) reaches it; else a clean one does.
 pub(super) fn receive<B: Backend>(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     backend: &mut B,
     counters: &mut NetCounters,
+    offloads: bool,
 ) -> Result<(usize, RxStop), RingError> {
     let mut used = 0;
     let mut budget = MAX_FRAMES_PER_WAKE;
@@ -56,7 +59,7 @@ pub(super) fn receive<B: Backend>(
             return Ok((used, RxStop::NoBuffers));
         };
         let head = chain.head_index();
-        match receive_one(mem, chain, backend, counters)? {
+        match receive_one(mem, chain, backend, counters, offloads)? {
             Outcome::Used(len) => {
                 if let Err(e) = queue.add_used(mem, head, len) {
                     tracing::debug!("net: cannot return rx descriptor {head}: {e}");
@@ -78,6 +81,7 @@ fn receive_one<B: Backend>(
     chain: DescriptorChain<&GuestMemoryMmap>,
     backend: &mut B,
     counters: &mut NetCounters,
+    offloads: bool,
 ) -> Result<Outcome, RingError> {
     let segments = match chain::parse(mem, chain, Direction::Rx) {
         Ok(segments) => segments,
@@ -118,9 +122,15 @@ fn receive_one<B: Backend>(
         counters.rx_dropped += 1;
         return Ok(Outcome::Used(0));
     }
-    // The backend's header may carry flags we did not negotiate, and a tap
-    // leaves num_buffers unwritten: the guest gets a clean one.
-    if chain::write_front(mem, &segments, &chain::rx_header()).is_err() {
+    // Without offloads the backend's header may carry flags the guest did
+    // not negotiate: it gets a clean one. With them the header passes
+    // through. Either way num_buffers, which a tap leaves unwritten, is 1.
+    let written = if offloads {
+        chain::write_num_buffers(mem, &segments)
+    } else {
+        chain::write_front(mem, &segments, &chain::rx_header())
+    };
+    if written.is_err() {
         counters.rx_dropped += 1;
         return Ok(Outcome::Used(0));
     }

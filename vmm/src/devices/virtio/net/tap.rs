@@ -126,8 +126,9 @@ impl Tap {
         &self.name
     }
 
-    /// Our header size, and no offloads: the tap then hands us only
-    /// complete, checksummed frames of at most the MTU.
+    /// Our header size, and no offloads until the guest negotiates them
+    /// ([`Backend::set_offloads`]): the tap then hands us only complete,
+    /// checksummed frames of at most the MTU.
     fn configure(&self) -> Result<(), Error> {
         let fd = self.file.as_raw_fd();
         let size = HEADER_LEN as libc::c_int;
@@ -181,6 +182,22 @@ impl Backend for Tap {
 
     fn write_frame(&mut self, buffers: &GuestBuffers<'_>) -> io::Result<usize> {
         backend::writev(self.file.as_raw_fd(), buffers)
+    }
+
+    fn set_offloads(&mut self, tun_flags: u32) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is
+        // involved.
+        let ret = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                libc::c_ulong::from(tun_flags),
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 

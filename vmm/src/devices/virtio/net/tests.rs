@@ -40,6 +40,8 @@ struct SocketBackend {
     /// Read with recvmsg(MSG_TRUNC), which reports a datagram's full
     /// length as a tap does; else with readv, as the tap does.
     msg_trunc: bool,
+    /// The offloads the device asked for, in order.
+    offloads: Arc<Mutex<Vec<u32>>>,
 }
 
 impl AsRawFd for SocketBackend {
@@ -69,6 +71,11 @@ impl Backend for SocketBackend {
     fn write_frame(&mut self, buffers: &GuestBuffers<'_>) -> io::Result<usize> {
         backend::writev(self.socket.as_raw_fd(), buffers)
     }
+
+    fn set_offloads(&mut self, tun_flags: u32) -> io::Result<()> {
+        self.offloads.lock().unwrap().push(tun_flags);
+        Ok(())
+    }
 }
 
 fn socket_pair() -> (SocketBackend, UnixDatagram) {
@@ -78,6 +85,7 @@ fn socket_pair() -> (SocketBackend, UnixDatagram) {
     let backend = SocketBackend {
         socket: device,
         msg_trunc: true,
+        offloads: Arc::default(),
     };
     (backend, peer)
 }
@@ -125,6 +133,11 @@ impl<B: Backend + 'static> Device<B> {
     }
 
     fn with_queues(mem: &GuestMemoryMmap, rx: Queue, tx: Queue, backend: B) -> Self {
+        Self::with_features(mem, rx, tx, backend, 0)
+    }
+
+    /// Activated with `acked` features (offloads, for one).
+    fn with_features(mem: &GuestMemoryMmap, rx: Queue, tx: Queue, backend: B, acked: u64) -> Self {
         let net = Arc::new(Mutex::new(Net::new(backend, MAC).unwrap()));
         let mut events = TestEventLoop::new(&net);
         let interrupt = Arc::new(VirtioInterrupt::new().unwrap());
@@ -137,7 +150,7 @@ impl<B: Backend + 'static> Device<B> {
                 interrupt.clone(),
                 vec![rx, tx],
                 vec![rx_evt.clone(), tx_evt.clone()],
-                0,
+                acked,
             )
             .unwrap();
         events.settle();
@@ -274,6 +287,78 @@ fn rx_frames_land_in_guest_memory_behind_a_clean_header() {
     assert_eq!(dev.interrupt.take_count(), 1);
     let counters = dev.counters();
     assert_eq!((counters.rx_frames, counters.rx_bytes), (1, 100));
+}
+
+/// What a Linux driver acknowledges when offered every offload.
+const OFFLOADS: u64 = 1 << VIRTIO_NET_F_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_TSO4
+    | 1 << VIRTIO_NET_F_GUEST_TSO6
+    | 1 << VIRTIO_NET_F_HOST_TSO4
+    | 1 << VIRTIO_NET_F_HOST_TSO6;
+
+#[test]
+fn tap_offloads_follow_what_the_guest_acked() {
+    let all = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+    assert_eq!(tun_offloads(OFFLOADS), all);
+    assert_eq!(tun_offloads(0), 0);
+    // Transmit offloads alone: the tap still hands us plain frames.
+    assert_eq!(
+        tun_offloads(1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4),
+        0
+    );
+    // Segments without checksum offload are not valid (virtio 1.2 §5.1.3.1).
+    assert_eq!(tun_offloads(1 << VIRTIO_NET_F_GUEST_TSO4), 0);
+    assert_eq!(
+        tun_offloads(1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO6),
+        libc::TUN_F_CSUM | libc::TUN_F_TSO6
+    );
+    let (backend, _peer) = socket_pair();
+    let offered = Net::new(backend, MAC).unwrap().avail_features();
+    assert_eq!(offered & OFFLOADS, OFFLOADS, "every offload is offered");
+}
+
+/// With offloads the tap's header (checksum flags, GSO type and sizes)
+/// reaches the guest as it is, `num_buffers` set to 1; the device asked
+/// the backend for exactly what the guest acknowledged, once.
+#[test]
+fn with_offloads_the_backends_header_passes_through() {
+    let setup = Setup::new();
+    let mem = &setup.mem;
+    let (mut rxq, txq) = setup.queues();
+    let (backend, peer) = socket_pair();
+    let asked = backend.offloads.clone();
+    let mut dev = Device::with_features(
+        mem,
+        rxq.create_queue(),
+        txq.create_queue(),
+        backend,
+        OFFLOADS,
+    );
+    assert_eq!(
+        *asked.lock().unwrap(),
+        [libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6]
+    );
+    // NEEDS_CSUM, GSO TCPv4, hdr_len 54, gso_size 1448, csum at 34+16;
+    // num_buffers left as garbage, as a tap leaves it.
+    let header: [u8; HEADER_LEN] = [1, 1, 54, 0, 0xa8, 0x05, 34, 0, 16, 0, 0x77, 0x77];
+    let big = frame(9, 9000);
+    let mut datagram = header.to_vec();
+    datagram.extend_from_slice(&big);
+    let head = rxq.add_chain(&[Buffer::writable(RX_BUF, 0x4000)]);
+    dev.kick_rx();
+    peer.send(&datagram).unwrap();
+    dev.events.settle();
+    assert_eq!(rxq.used_elem(0), (u32::from(head), datagram.len() as u32));
+    let mut want = header.to_vec();
+    want[10..12].copy_from_slice(&1u16.to_le_bytes());
+    assert_eq!(guest_bytes(mem, RX_BUF, HEADER_LEN), want);
+    assert_eq!(guest_bytes(mem, RX_BUF + HEADER_LEN as u64, big.len()), big);
+    assert!(dev.net.lock().unwrap().guest_offloads());
+    // A reset and a new activation without offloads asks again.
+    dev.net.lock().unwrap().reset();
+    dev.events.settle();
+    assert!(!dev.net.lock().unwrap().guest_offloads());
 }
 
 #[test]
@@ -757,8 +842,12 @@ fn config_space_holds_the_mac_and_link_status() {
     let features = net.avail_features();
     assert_ne!(features & feature(VIRTIO_NET_F_MAC), 0);
     assert_ne!(features & feature(VIRTIO_NET_F_STATUS), 0);
-    // No offloads.
-    for bit in [0, 1, 7, 8, 11, 12, 15] {
+    // Checksums and TCP segments both ways (bits 0, 1, 7, 8, 11, 12);
+    // no UFO (10, 14), ECN (9, 13) or mergeable buffers (15).
+    for bit in [0, 1, 7, 8, 11, 12] {
+        assert_ne!(features & feature(bit), 0, "feature bit {bit}");
+    }
+    for bit in [9, 10, 13, 14, 15] {
         assert_eq!(features & feature(bit), 0, "feature bit {bit}");
     }
     let mut config = [0xffu8; 12];

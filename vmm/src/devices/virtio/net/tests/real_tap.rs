@@ -233,3 +233,41 @@ fn only_taps_with_the_right_flags_are_adopted() {
         assert_eq!(again.name(), "good0");
     });
 }
+
+/// The offloads reach a real tap from the device thread, under its
+/// seccomp filter (activation runs on a vCPU thread, whose filter has no
+/// tap ioctl: the device thread applies them).
+#[test]
+fn a_real_tap_takes_the_offloads_under_the_device_filter() {
+    use seccompiler::SeccompAction;
+
+    use crate::seccomp::{ThreadKind, apply_with};
+
+    in_fresh_netns(|| {
+        let tap = Tap::open("frakti%d").unwrap();
+        let setup = Setup::new();
+        let mem = &setup.mem;
+        let (rxq, txq) = setup.queues();
+        let mut dev = Device::new(mem, &rxq, &txq, tap);
+        assert!(!dev.net.lock().unwrap().guest_offloads());
+        apply_with(ThreadKind::Device, SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        dev.net.lock().unwrap().reset();
+        dev.events.settle();
+        dev.net
+            .lock()
+            .unwrap()
+            .activate(
+                mem.clone(),
+                dev.interrupt.clone(),
+                vec![rxq.create_queue(), txq.create_queue()],
+                vec![dev.rx_evt.clone(), dev.tx_evt.clone()],
+                OFFLOADS,
+            )
+            .unwrap();
+        dev.events.settle();
+        assert!(
+            dev.net.lock().unwrap().guest_offloads(),
+            "TUNSETOFFLOAD failed on the device thread"
+        );
+    });
+}

@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventManager, SubscriberOps};
 use frakti_vmm::devices::bus::BusDevice;
-use frakti_vmm::devices::virtio::block::Block;
 use frakti_vmm::devices::virtio::block::disk::Disk;
 use frakti_vmm::devices::virtio::block::request::{self, MAX_REQUEST_BYTES, ParseError, Request};
+use frakti_vmm::devices::virtio::block::{Block, BlockQueue};
 use frakti_vmm::devices::virtio::mmio::MmioTransport;
 use frakti_vmm::devices::virtio::vsock::Vsock;
 use frakti_vmm::devices::virtio::vsock::packet::{self, HEADER_LEN, MAX_PAYLOAD, RxBuffer};
@@ -71,8 +71,8 @@ pub fn block_request(data: &[u8]) {
 /// A block device (as `flags` say) serves the queue in `mem` until idle.
 pub fn serve_queue(mem: &GuestMemoryMmap, flags: u8) {
     let block = Arc::new(Mutex::new(block(flags)));
-    let mut events = EventManager::<Arc<Mutex<Block>>>::new().expect("event manager");
-    events.add_subscriber(block.clone());
+    let mut events = EventManager::<Arc<Mutex<BlockQueue>>>::new().expect("event manager");
+    events.add_subscriber(lock(&block).queue_handler());
     let interrupt = Arc::new(VirtioInterrupt::new().expect("eventfd"));
     let notify = Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
     let activated = lock(&block).activate(
@@ -105,8 +105,8 @@ pub fn mmio_transport(data: &[u8]) {
     load(&mem, image);
 
     let block = Arc::new(Mutex::new(block(0)));
-    let mut events = EventManager::<Arc<Mutex<Block>>>::new().expect("event manager");
-    events.add_subscriber(block.clone());
+    let mut events = EventManager::<Arc<Mutex<BlockQueue>>>::new().expect("event manager");
+    events.add_subscriber(lock(&block).queue_handler());
     let mut transport = MmioTransport::new(mem.clone(), block.clone()).expect("transport");
     if flags & FLAG_INIT_DRIVER != 0 {
         init_driver(&mut transport);
@@ -250,7 +250,7 @@ fn check_parsed(mem: &GuestMemoryMmap, parsed: Result<Request, ParseError>) {
 /// data lands on the available ring), and the device then yields after
 /// each batch instead of going idle. A hang within one round is what
 /// libFuzzer's `-timeout` catches.
-fn run_until_idle(events: &mut EventManager<Arc<Mutex<Block>>>) {
+fn run_until_idle(events: &mut EventManager<Arc<Mutex<BlockQueue>>>) {
     for _ in 0..16 {
         if events.run_with_timeout(0).expect("event loop") == 0 {
             return;

@@ -136,7 +136,7 @@ impl VirtioDevices {
             .map_err(block_err)?;
             let block = Arc::new(Mutex::new(block));
             devices.attach(vm_fd, memory, mmio_bus, slot, block.clone())?;
-            devices.disk_subscribers.push(block.clone());
+            devices.disk_subscribers.push(lock(&block).queue_handler());
             devices.disks.push(DiskHandle { slot, block });
         }
         if let Some(config) = vsock {

@@ -7,23 +7,45 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::disk::Disk;
 use super::request::{self, Request, RequestType};
-use super::{BlockCounters, SERIAL_MAX};
+use super::{BlockCounters, SERIAL_MAX, Shared, lock};
 
 /// Executes requests against the backing.
 pub(super) struct RequestHandler<'a> {
-    pub disk: &'a mut Option<Disk>,
+    pub shared: &'a Shared,
     pub serial: &'a [u8],
-    pub counters: &'a mut BlockCounters,
 }
 
 impl RequestHandler<'_> {
     /// Handles one chain; returns the used length (bytes written to the
-    /// guest, status byte included).
+    /// guest, status byte included). The backing is taken per request
+    /// (its lock only to clone it), the counters updated after it.
     pub fn handle(
         &mut self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> u32 {
+        let disk = lock(&self.shared.disk).clone();
+        let mut counters = BlockCounters::default();
+        let used = One {
+            disk: disk.as_deref(),
+            serial: self.serial,
+            counters: &mut counters,
+        }
+        .handle(mem, chain);
+        lock(&self.shared.counters).add(&counters);
+        used
+    }
+}
+
+/// One request against one backing.
+struct One<'a> {
+    disk: Option<&'a Disk>,
+    serial: &'a [u8],
+    counters: &'a mut BlockCounters,
+}
+
+impl One<'_> {
+    fn handle(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
         self.counters.requests += 1;
         let (status, status_addr, written) = match request::parse(mem, chain) {
             Ok(request) => {
@@ -69,7 +91,7 @@ impl RequestHandler<'_> {
     }
 
     fn read(&mut self, mem: &GuestMemoryMmap, request: &Request) -> (u32, u32) {
-        let Some(disk) = self.disk.as_mut() else {
+        let Some(disk) = self.disk else {
             return (VIRTIO_BLK_S_IOERR, 0);
         };
         let Some(offset) = disk.offset_of(request.sector, request.data_len) else {
@@ -89,7 +111,7 @@ impl RequestHandler<'_> {
     }
 
     fn write(&mut self, mem: &GuestMemoryMmap, request: &Request) -> u32 {
-        let Some(disk) = self.disk.as_mut() else {
+        let Some(disk) = self.disk else {
             return VIRTIO_BLK_S_IOERR;
         };
         if disk.read_only() {
@@ -114,7 +136,7 @@ impl RequestHandler<'_> {
 
     fn flush(&mut self) -> u32 {
         self.counters.flushes += 1;
-        match self.disk.as_ref().map(Disk::flush) {
+        match self.disk.map(Disk::flush) {
             None | Some(Ok(())) => VIRTIO_BLK_S_OK,
             Some(Err(e)) => {
                 tracing::warn!("block: flush failed: {e}");

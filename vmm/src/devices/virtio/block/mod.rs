@@ -9,17 +9,25 @@
 //! driver reads it only once; a read-only backing in a writable slot
 //! refuses writes with `VIRTIO_BLK_S_IOERR`.
 //!
-//! Requests are handled on the device event loop when the queue's eventfd
-//! fires, never on a vCPU thread: the device is an
-//! `event_manager::MutEventSubscriber`. One wake-up handles at most
-//! [`MAX_REQUESTS_PER_WAKE`] requests, then yields to the other devices.
+//! Requests are handled on the disks' device thread when the queue's
+//! eventfd fires, never on a vCPU thread, by the device's queue handler
+//! ([`BlockQueue`], the `event_manager::MutEventSubscriber`). The handler
+//! has a lock of its own and takes nothing else while it does I/O: a vCPU
+//! reading the config space locks only the [`Block`] (the transport's
+//! view: serial, capacity, features, config generation), so it never
+//! waits for a disk. The two share the backing (an `Arc<Disk>` swapped
+//! under a lock held only to clone it) and the counters. A reset asks the
+//! handler to stop between requests, then waits for the one in flight at
+//! most. One wake-up handles at most [`MAX_REQUESTS_PER_WAKE`] requests,
+//! then yields to the other devices.
 
 pub mod disk;
 mod handler;
 pub mod request;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
@@ -82,6 +90,18 @@ pub struct BlockCounters {
     pub dropped: u64,
 }
 
+impl BlockCounters {
+    fn add(&mut self, other: &BlockCounters) {
+        self.requests += other.requests;
+        self.read_bytes += other.read_bytes;
+        self.written_bytes += other.written_bytes;
+        self.flushes += other.flushes;
+        self.io_errors += other.io_errors;
+        self.unsupported += other.unsupported;
+        self.dropped += other.dropped;
+    }
+}
+
 /// The device once the driver activated it.
 #[derive(Debug)]
 struct Active {
@@ -93,16 +113,44 @@ struct Active {
     broken: bool,
 }
 
-/// A virtio-blk device (a slot that may be empty).
+/// What the device and its queue handler share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The backing; the handler clones it per request.
+    disk: Mutex<Option<Arc<Disk>>>,
+    counters: Mutex<BlockCounters>,
+    /// A reset is under way: take no more requests.
+    stop: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not wedge the disk: the data stays coherent
+    // (plain values, no invariants spanning a panic).
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A virtio-blk device (a slot that may be empty): what the transport and
+/// the API see. Its requests are served by [`Block::queue_handler`].
 #[derive(Debug)]
 pub struct Block {
     serial: String,
     read_only: bool,
-    disk: Option<Disk>,
+    disk: Option<Arc<Disk>>,
     config_generation: u32,
+    /// The driver's interrupt while active (config changes go through it
+    /// without waiting for the queue handler).
+    interrupt: Option<Arc<VirtioInterrupt>>,
+    shared: Arc<Shared>,
+    queue: Arc<Mutex<BlockQueue>>,
+}
+
+/// The request queue of a [`Block`], served on the device thread.
+#[derive(Debug)]
+pub struct BlockQueue {
+    serial: String,
     active: Option<Active>,
     events: QueueEvents,
-    counters: BlockCounters,
+    shared: Arc<Shared>,
 }
 
 impl Block {
@@ -114,14 +162,21 @@ impl Block {
         if serial.len() > SERIAL_MAX {
             return Err(Error::SerialTooLong(serial));
         }
+        let shared = Arc::new(Shared::default());
+        let queue = BlockQueue {
+            serial: serial.clone(),
+            active: None,
+            events: QueueEvents::new().map_err(Error::EventFd)?,
+            shared: shared.clone(),
+        };
         Ok(Block {
             serial,
             read_only,
             disk: None,
             config_generation: 0,
-            active: None,
-            events: QueueEvents::new().map_err(Error::EventFd)?,
-            counters: BlockCounters::default(),
+            interrupt: None,
+            shared,
+            queue: Arc::new(Mutex::new(queue)),
         })
     }
 
@@ -156,16 +211,24 @@ impl Block {
             sectors = disk.as_ref().map_or(0, Disk::sectors),
             "block backing changed"
         );
+        let disk = disk.map(Arc::new);
+        // Requests already taken finish on the old file; the next get this.
+        *lock(&self.shared.disk) = disk.clone();
         self.disk = disk;
         self.config_generation = self.config_generation.wrapping_add(1);
-        if let Some(active) = &self.active {
-            if let Err(e) = active.interrupt.signal_config_change() {
+        if let Some(interrupt) = &self.interrupt {
+            if let Err(e) = interrupt.signal_config_change() {
                 tracing::warn!(
                     "block {}: cannot raise a config interrupt: {e}",
                     self.serial
                 );
             }
         }
+    }
+
+    /// The queue handler, to subscribe to the device thread's event loop.
+    pub fn queue_handler(&self) -> Arc<Mutex<BlockQueue>> {
+        self.queue.clone()
     }
 
     pub fn serial(&self) -> &str {
@@ -179,19 +242,19 @@ impl Block {
 
     /// Capacity in 512-byte sectors (0 for an empty slot).
     pub fn capacity(&self) -> u64 {
-        self.disk.as_ref().map_or(0, Disk::sectors)
+        self.disk.as_deref().map_or(0, Disk::sectors)
     }
 
     pub fn disk(&self) -> Option<&Disk> {
-        self.disk.as_ref()
+        self.disk.as_deref()
     }
 
     pub fn counters(&self) -> BlockCounters {
-        self.counters
+        *lock(&self.shared.counters)
     }
 
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.interrupt.is_some()
     }
 
     fn config_bytes(&self) -> [u8; CONFIG_LEN] {
@@ -201,7 +264,9 @@ impl Block {
         config[12..16].copy_from_slice(&SEGMENTS_MAX.to_le_bytes());
         config
     }
+}
 
+impl BlockQueue {
     /// Handles the available requests, within the per-wake budget.
     fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
@@ -211,11 +276,10 @@ impl Block {
             return;
         }
         let mut handler = RequestHandler {
-            disk: &mut self.disk,
+            shared: &self.shared,
             serial: self.serial.as_bytes(),
-            counters: &mut self.counters,
         };
-        match drain_queue(active, &mut handler) {
+        match drain_queue(active, &mut handler, &self.shared.stop) {
             Ok(Drained { used, more }) => {
                 if more {
                     // Come back after the other devices had their turn.
@@ -251,10 +315,11 @@ struct Drained {
 }
 
 /// Pops, handles and returns chains until the ring is empty (with
-/// notifications re-enabled) or the budget is spent.
+/// notifications re-enabled), the budget is spent or a reset asks to stop.
 fn drain_queue(
     active: &mut Active,
     handler: &mut RequestHandler,
+    stop: &AtomicBool,
 ) -> Result<Drained, virtio_queue::Error> {
     let mem = &active.mem;
     let queue = &mut active.queue;
@@ -264,6 +329,9 @@ fn drain_queue(
     loop {
         queue.disable_notification(mem)?;
         while budget > 0 {
+            if stop.load(Ordering::Acquire) {
+                return Ok(Drained { used, more: false });
+            }
             let Some(chain) = queue.iter(mem)?.next() else {
                 break;
             };
@@ -331,12 +399,19 @@ impl VirtioDevice for Block {
         queue_evts: Vec<Arc<EventFd>>,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
+        // Not active: the handler is idle and its lock free at once.
+        let mut handler = lock(&self.queue);
+        if handler.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
         let ([queue], [queue_evt]) = exact_queues::<1>(queues, queue_evts)?;
-        self.events.request_sync().map_err(ActivateError::EventFd)?;
-        self.active = Some(Active {
+        handler
+            .events
+            .request_sync()
+            .map_err(ActivateError::EventFd)?;
+        self.shared.stop.store(false, Ordering::Release);
+        self.interrupt = Some(interrupt.clone());
+        handler.active = Some(Active {
             mem,
             interrupt,
             queue,
@@ -348,15 +423,19 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        if self.active.take().is_some() {
-            if let Err(e) = self.events.request_sync() {
+        // Stop between requests, then wait for the one in flight.
+        self.shared.stop.store(true, Ordering::Release);
+        self.interrupt = None;
+        let mut handler = lock(&self.queue);
+        if handler.active.take().is_some() {
+            if let Err(e) = handler.events.request_sync() {
                 tracing::warn!("block {}: cannot wake the event loop: {e}", self.serial);
             }
         }
     }
 }
 
-impl MutEventSubscriber for Block {
+impl MutEventSubscriber for BlockQueue {
     fn init(&mut self, ops: &mut EventOps) {
         self.events.init(ops);
     }

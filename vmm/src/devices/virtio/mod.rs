@@ -27,8 +27,10 @@
 //! # Threads and locks
 //!
 //! Register accesses run on vCPU threads and lock the transport, then the
-//! device; the event loop locks only the device, and holds it while it
-//! serves a bounded batch of requests. Under the vCPU seccomp filter no file
+//! device; the event loop locks only its subscriber, and holds it while it
+//! serves a bounded batch of requests ([`drain::drain`]). For net and vsock
+//! the subscriber is the device; a disk's is its queue handler
+//! ([`block::BlockQueue`]), so config reads never wait for disk I/O. Under the vCPU seccomp filter no file
 //! descriptor may be created (not even `dup`), so activation and reset only
 //! read and write eventfds made beforehand; the device starts and stops
 //! watching its queue eventfds on the event-loop thread. Opening a new
@@ -40,6 +42,7 @@
 //! only reads, writes and re-arms its epoll interest on it.
 
 pub mod block;
+pub mod drain;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]

@@ -35,13 +35,14 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::disk::Disk;
 use self::handler::RequestHandler;
 use self::request::MAX_REQUEST_BYTES;
+use super::drain::{DrainEnd, Drained, Handled, drain};
 use super::{
     ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
     VirtioInterrupt, exact_queues, feature, read_config_space,
@@ -280,8 +281,8 @@ impl BlockQueue {
             serial: self.serial.as_bytes(),
         };
         match drain_queue(active, &mut handler, &self.shared.stop) {
-            Ok(Drained { used, more }) => {
-                if more {
+            Ok(Drained { used, end }) => {
+                if end == DrainEnd::Budget {
                     // Come back after the other devices had their turn.
                     let _ = active.queue_evt.write(1);
                 }
@@ -309,50 +310,22 @@ fn signal_used(active: &mut Active) {
     }
 }
 
-struct Drained {
-    used: usize,
-    more: bool,
-}
-
-/// Pops, handles and returns chains until the ring is empty (with
-/// notifications re-enabled), the budget is spent or a reset asks to stop.
+/// Pops, handles and returns chains until the ring is empty, the budget
+/// is spent or a reset asks to stop.
 fn drain_queue(
     active: &mut Active,
     handler: &mut RequestHandler,
     stop: &AtomicBool,
 ) -> Result<Drained, virtio_queue::Error> {
     let mem = &active.mem;
-    let queue = &mut active.queue;
-    let mut used = 0;
-    // Rounds count too, so a driver racing us cannot keep us here.
-    let mut budget = MAX_REQUESTS_PER_WAKE;
-    loop {
-        queue.disable_notification(mem)?;
-        while budget > 0 {
-            if stop.load(Ordering::Acquire) {
-                return Ok(Drained { used, more: false });
-            }
-            let Some(chain) = queue.iter(mem)?.next() else {
-                break;
-            };
-            budget -= 1;
-            let head = chain.head_index();
-            let len = handler.handle(mem, chain);
-            if let Err(e) = queue.add_used(mem, head, len) {
-                // A head index past the queue: it cannot be returned.
-                tracing::debug!("block: cannot return descriptor {head}: {e}");
-                continue;
-            }
-            used += 1;
-        }
-        if budget == 0 {
-            return Ok(Drained { used, more: true });
-        }
-        budget -= 1;
-        if !queue.enable_notification(mem)? {
-            return Ok(Drained { used, more: false });
-        }
-    }
+    drain(
+        &mut active.queue,
+        mem,
+        MAX_REQUESTS_PER_WAKE,
+        "block",
+        || stop.load(Ordering::Acquire),
+        |chain| Ok::<_, virtio_queue::Error>(Handled::Used(handler.handle(mem, chain))),
+    )
 }
 
 impl VirtioDevice for Block {

@@ -2,7 +2,9 @@
 
 use std::io;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
+
+use crate::devices::virtio::drain::{DrainEnd, Handled, drain};
 use vm_memory::GuestMemoryMmap;
 
 use super::backend::{Backend, GuestBuffers};
@@ -36,41 +38,30 @@ pub(super) fn transmit<B: Backend>(
     backend: &mut B,
     counters: &mut NetCounters,
 ) -> Result<(usize, TxStop), RingError> {
-    let mut used = 0;
-    // Rounds count too, so a driver racing us cannot keep us here.
-    let mut budget = MAX_FRAMES_PER_WAKE;
-    loop {
-        queue.disable_notification(mem)?;
-        while budget > 0 {
-            let Some(chain) = queue.iter(mem)?.next() else {
-                break;
-            };
-            budget -= 1;
-            let head = chain.head_index();
-            match transmit_one(mem, chain, backend, counters)? {
-                Outcome::Done => {}
+    let drained = drain(
+        queue,
+        mem,
+        MAX_FRAMES_PER_WAKE,
+        "net tx",
+        || false,
+        |chain| {
+            Ok::<_, RingError>(match transmit_one(mem, chain, backend, counters)? {
+                // The device writes nothing into transmit buffers.
+                Outcome::Done => Handled::Used(0),
+                // Not consumed: the same chain comes first next time.
                 Outcome::Blocked => {
-                    // Not consumed: the same chain comes first next time.
-                    queue.go_to_previous_position();
                     counters.tx_blocked += 1;
-                    return Ok((used, TxStop::Blocked));
+                    Handled::Keep
                 }
-            }
-            // The device writes nothing into transmit buffers.
-            if let Err(e) = queue.add_used(mem, head, 0) {
-                tracing::debug!("net: cannot return tx descriptor {head}: {e}");
-                continue;
-            }
-            used += 1;
-        }
-        if budget == 0 {
-            return Ok((used, TxStop::Budget));
-        }
-        budget -= 1;
-        if !queue.enable_notification(mem)? {
-            return Ok((used, TxStop::Idle));
-        }
-    }
+            })
+        },
+    )?;
+    let stop = match drained.end {
+        DrainEnd::Idle => TxStop::Idle,
+        DrainEnd::Budget => TxStop::Budget,
+        DrainEnd::Paused => TxStop::Blocked,
+    };
+    Ok((drained.used, stop))
 }
 
 fn transmit_one<B: Backend>(

@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::muxer::{Muxer, Payload};
 use self::packet::{Header, MAX_PAYLOAD, RxBuffer};
+use super::drain::{DrainEnd, Handled, drain};
 use super::{
     ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioInterrupt,
     exact_queues, feature, read_config_space,
@@ -129,47 +130,40 @@ impl Vsock {
         let Some(active) = self.active.as_mut().filter(|a| !a.broken) else {
             return;
         };
-        let mut used = 0;
-        let mut budget = MAX_PACKETS_PER_WAKE;
-        let result: Result<bool, virtio_queue::Error> = (|| {
-            let mem = &active.mem;
-            loop {
-                active.queues[TX].disable_notification(mem)?;
-                while budget > 0 {
-                    if self.muxer.tx_blocked() {
-                        active.tx_stalled = true;
-                        return Ok(false);
+        let mem = &active.mem;
+        let (muxer, payload, counters) =
+            (&mut self.muxer, &mut self.tx_payload, &mut self.counters);
+        let mut stalled = false;
+        let drained = drain(
+            &mut active.queues[TX],
+            mem,
+            MAX_PACKETS_PER_WAKE,
+            "vsock tx",
+            || false,
+            |chain| {
+                // A host socket is full: the packet waits in the ring.
+                if muxer.tx_blocked() {
+                    stalled = true;
+                    return Ok::<_, virtio_queue::Error>(Handled::Keep);
+                }
+                match packet::read_tx(mem, chain, payload) {
+                    Ok(header) => {
+                        counters.tx_packets += 1;
+                        counters.tx_bytes += payload.len() as u64;
+                        muxer.handle_packet(&header, payload, ops);
                     }
-                    let Some(chain) = active.queues[TX].iter(mem)?.next() else {
-                        break;
-                    };
-                    budget -= 1;
-                    let head = chain.head_index();
-                    match packet::read_tx(mem, chain, &mut self.tx_payload) {
-                        Ok(header) => {
-                            self.counters.tx_packets += 1;
-                            self.counters.tx_bytes += self.tx_payload.len() as u64;
-                            self.muxer.handle_packet(&header, &self.tx_payload, ops);
-                        }
-                        Err(e) => {
-                            tracing::debug!("vsock: malformed tx chain: {e}");
-                            self.counters.malformed += 1;
-                        }
-                    }
-                    if active.queues[TX].add_used(mem, head, 0).is_ok() {
-                        used += 1;
+                    Err(e) => {
+                        tracing::debug!("vsock: malformed tx chain: {e}");
+                        counters.malformed += 1;
                     }
                 }
-                if budget == 0 {
-                    return Ok(true);
-                }
-                budget -= 1;
-                if !active.queues[TX].enable_notification(mem)? {
-                    return Ok(false);
-                }
-            }
-        })();
-        self.finish(TX, used, result);
+                Ok(Handled::Used(0))
+            },
+        );
+        active.tx_stalled |= stalled;
+        let result = drained.map(|d| (d.used, d.end == DrainEnd::Budget));
+        let used = result.as_ref().map_or(0, |(used, _)| *used);
+        self.finish(TX, used, result.map(|(_, more)| more));
     }
 
     /// Moves packets the muxer has for the guest into rx buffers.

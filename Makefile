@@ -67,6 +67,7 @@ bench: assets
 	$(CARGO) run -q --release -p frakti-bench --bin vsock
 	$(CARGO) run -q --release -p frakti-bench --bin contention
 	$(CARGO) run -q --release -p frakti-bench --bin net
+	$(CARGO) run -q --release -p frakti-bench --bin config_latency
 	$(CARGO) build --release -p frakti-cri
 	$(CARGO) run -q --release -p frakti-bench --bin images
 	$(CARGO) run -q --release -p frakti-bench --bin image_disks

@@ -303,6 +303,37 @@ impl QueueEvents {
         self.control.write(1)
     }
 
+    /// `VirtioDevice::activate`, the part every device shares: a second
+    /// activation is refused, exactly `N` ready queues are taken, the event
+    /// loop is asked to watch them, and `slot` gets what `make` builds.
+    pub fn activate<T, const N: usize>(
+        &self,
+        slot: &mut Option<T>,
+        queues: Vec<Queue>,
+        queue_evts: Vec<Arc<EventFd>>,
+        make: impl FnOnce([Queue; N], [Arc<EventFd>; N]) -> T,
+    ) -> Result<(), ActivateError> {
+        if slot.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let (queues, queue_evts) = exact_queues::<N>(queues, queue_evts)?;
+        self.request_sync().map_err(ActivateError::EventFd)?;
+        *slot = Some(make(queues, queue_evts));
+        Ok(())
+    }
+
+    /// `VirtioDevice::reset`, the shared part: the active state goes and
+    /// the event loop stops watching the queues. Whether it was active.
+    pub fn deactivate<T>(&self, slot: &mut Option<T>, what: &str) -> bool {
+        if slot.take().is_none() {
+            return false;
+        }
+        if let Err(e) = self.request_sync() {
+            tracing::warn!("{what}: cannot wake the event loop: {e}");
+        }
+        true
+    }
+
     pub fn is_control(&self, events: &Events) -> bool {
         events.fd() == self.control.as_raw_fd()
     }

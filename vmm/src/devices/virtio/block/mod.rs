@@ -45,7 +45,7 @@ use self::request::MAX_REQUEST_BYTES;
 use super::drain::{DrainEnd, Drained, Handled, drain};
 use super::{
     ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
-    VirtioInterrupt, exact_queues, feature, read_config_space,
+    VirtioInterrupt, feature, read_config_space,
 };
 
 /// Entries of the request queue.
@@ -374,23 +374,16 @@ impl VirtioDevice for Block {
     ) -> Result<(), ActivateError> {
         // Not active: the handler is idle and its lock free at once.
         let mut handler = lock(&self.queue);
-        if handler.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let ([queue], [queue_evt]) = exact_queues::<1>(queues, queue_evts)?;
-        handler
-            .events
-            .request_sync()
-            .map_err(ActivateError::EventFd)?;
-        self.shared.stop.store(false, Ordering::Release);
-        self.interrupt = Some(interrupt.clone());
-        handler.active = Some(Active {
+        let BlockQueue { events, active, .. } = &mut *handler;
+        events.activate(active, queues, queue_evts, |[queue], [queue_evt]| Active {
             mem,
-            interrupt,
+            interrupt: interrupt.clone(),
             queue,
             queue_evt,
             broken: false,
-        });
+        })?;
+        self.shared.stop.store(false, Ordering::Release);
+        self.interrupt = Some(interrupt);
         tracing::debug!(serial = self.serial, "block device activated");
         Ok(())
     }
@@ -400,11 +393,8 @@ impl VirtioDevice for Block {
         self.shared.stop.store(true, Ordering::Release);
         self.interrupt = None;
         let mut handler = lock(&self.queue);
-        if handler.active.take().is_some() {
-            if let Err(e) = handler.events.request_sync() {
-                tracing::warn!("block {}: cannot wake the event loop: {e}", self.serial);
-            }
-        }
+        let BlockQueue { events, active, .. } = &mut *handler;
+        events.deactivate(active, &format!("block {}", self.serial));
     }
 }
 

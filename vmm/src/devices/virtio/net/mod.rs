@@ -73,7 +73,7 @@ pub use self::tap::Tap;
 use self::tx::TxStop;
 use super::{
     ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
-    VirtioInterrupt, exact_queues, feature, read_config_space,
+    VirtioInterrupt, feature, read_config_space,
 };
 
 /// Index of the receive queue.
@@ -427,35 +427,30 @@ impl<B: Backend> VirtioDevice for Net<B> {
         queue_evts: Vec<Arc<EventFd>>,
         acked_features: u64,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let ([rx, tx], queue_evts) = exact_queues::<2>(queues, queue_evts)?;
         let offloads = tun_offloads(acked_features);
+        self.events
+            .activate(&mut self.active, queues, queue_evts, |[rx, tx], evts| {
+                Active {
+                    mem,
+                    interrupt,
+                    rx,
+                    tx,
+                    queue_evts: evts.to_vec(),
+                    broken: false,
+                    rx_starved: false,
+                    tx_blocked: false,
+                    guest_offloads: offloads != 0,
+                }
+            })?;
         self.pending_offloads = Some(offloads);
-        self.events.request_sync().map_err(ActivateError::EventFd)?;
         self.backend_failed = false;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            rx,
-            tx,
-            queue_evts: queue_evts.to_vec(),
-            broken: false,
-            rx_starved: false,
-            tx_blocked: false,
-            guest_offloads: offloads != 0,
-        });
         tracing::debug!(mac = %self.mac, tun_offloads = offloads, "net device activated");
         Ok(())
     }
 
     fn reset(&mut self) {
-        if self.active.take().is_some() {
-            if let Err(e) = self.events.request_sync() {
-                tracing::warn!("net {}: cannot wake the event loop: {e}", self.mac);
-            }
-        }
+        self.events
+            .deactivate(&mut self.active, &format!("net {}", self.mac));
     }
 }
 

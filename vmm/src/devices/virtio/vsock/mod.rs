@@ -26,8 +26,8 @@ use self::muxer::{Muxer, Payload};
 use self::packet::{Header, MAX_PAYLOAD, RxBuffer};
 use super::drain::{DrainEnd, Handled, drain};
 use super::{
-    ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioInterrupt,
-    exact_queues, feature, read_config_space,
+    ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, VirtioInterrupt, feature,
+    read_config_space,
 };
 
 /// Entries of each queue.
@@ -373,19 +373,19 @@ impl VirtioDevice for Vsock {
         queue_evts: Vec<Arc<EventFd>>,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let (queues, queue_evts) = exact_queues::<3>(queues, queue_evts)?;
-        self.events.request_sync().map_err(ActivateError::EventFd)?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
+        self.events.activate(
+            &mut self.active,
             queues,
             queue_evts,
-            broken: false,
-            tx_stalled: false,
-        });
+            |queues, queue_evts| Active {
+                mem,
+                interrupt,
+                queues,
+                queue_evts,
+                broken: false,
+                tx_stalled: false,
+            },
+        )?;
         tracing::debug!(cid = self.guest_cid, "vsock device activated");
         Ok(())
     }
@@ -393,11 +393,7 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         // Connections are closed on the event loop (it owns their
         // registrations); guest memory is untouched from here on.
-        if self.active.take().is_some() {
-            if let Err(e) = self.events.request_sync() {
-                tracing::warn!("vsock: cannot wake the event loop: {e}");
-            }
-        }
+        self.events.deactivate(&mut self.active, "vsock");
     }
 }
 

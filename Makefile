@@ -96,10 +96,15 @@ unit:
 	cd vmm/fuzz && $(CARGO) test --no-default-features 2>&1 | tee -a ../../$(TEST_LOG)
 	$(CARGO) test -p frakti-tests --lib --bins 2>&1 | tee -a $(TEST_LOG)
 
-# The CRI suite runs the daemon (debug build) in the lab beside the tests.
+# The CRI suite runs the daemon (debug build) in the lab beside the tests;
+# frakti-vmm's tiny-guest test binary goes there too (the pause/resume race
+# on real KVM).
 e2e: assets
 	$(CARGO) build -p frakti-cri --bin frakti
-	$(CARGO) test -p frakti-tests --test lab --test e2e 2>&1 | tee -a $(TEST_LOG)
+	FRAKTI_TINY_GUEST_TEST=$$($(CARGO) test -q -p frakti-vmm --test tiny_guest --no-run --message-format=json \
+		| python3 -c 'import json,sys; print(next(m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "tiny_guest"))') \
+		&& export FRAKTI_TINY_GUEST_TEST \
+		&& $(CARGO) test -p frakti-tests --test lab --test e2e 2>&1 | tee -a $(TEST_LOG)
 
 test: deps
 	@mkdir -p target && rm -f $(TEST_LOG)

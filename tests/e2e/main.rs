@@ -46,6 +46,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // frakti-vmm's tiny-guest tests (make e2e builds them), for the
+    // pause/resume race on real KVM.
+    match std::env::var_os(vmm::TINY_GUEST_ENV) {
+        Some(path) => programs.push((vmm::TINY_GUEST_ENV, path.into())),
+        None => eprintln!(
+            "e2e: {} is not set (make e2e sets it): vmm::pause_resume_races_the_guests_reset_1000_times will fail",
+            vmm::TINY_GUEST_ENV
+        ),
+    }
     // The streaming tests' client (scripts/deps.sh unpacks it).
     match streaming::apiserver::kubectl() {
         Ok(kubectl) => programs.push((streaming::apiserver::KUBECTL_ENV, kubectl)),

@@ -38,7 +38,45 @@ pub fn tests() -> Vec<Trial> {
         "vmm::guest_kernel_panic_exits_non_zero",
         guest_kernel_panic_exits_non_zero,
     ));
+    tests.push(Trial::test(
+        "vmm::pause_resume_races_the_guests_reset_1000_times",
+        pause_resume_races_the_guests_reset_1000_times,
+    ));
     tests
+}
+
+/// frakti-vmm's tiny-guest test binary (`make e2e` builds it and sets this).
+pub const TINY_GUEST_ENV: &str = "FRAKTI_TINY_GUEST_TEST";
+
+/// The API's pause and resume racing a guest that resets itself, 1,000
+/// rounds on real KVM: frakti-vmm's own test (`vmm/tests/tiny_guest.rs`,
+/// 300 rounds on the host's /dev/kvm in `make unit`) run here.
+fn pause_resume_races_the_guests_reset_1000_times() -> Result<(), Failed> {
+    let binary = std::env::var_os(TINY_GUEST_ENV)
+        .ok_or_else(|| format!("{TINY_GUEST_ENV} is not set: run the suite through `make e2e`"))?;
+    let started = Instant::now();
+    let out = Command::new(&binary)
+        .args([
+            "--exact",
+            "pause_and_resume_racing_the_guests_reset",
+            "--nocapture",
+        ])
+        .env("FRAKTI_RACE_ROUNDS", "1000")
+        .stdin(Stdio::null())
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || !text.contains("1 passed") || !text.contains("1000 rounds") {
+        return Err(format!("{}: {}\n{text}", Path::new(&binary).display(), out.status).into());
+    }
+    eprintln!(
+        "  pause/resume racing the guest's reset: 1000 rounds on real KVM in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// A running frakti-vmm with its console in a file.

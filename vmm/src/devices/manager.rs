@@ -104,8 +104,8 @@ pub struct VirtioDevices {
     pub net: Option<Arc<Mutex<Net>>>,
     /// `virtio_mmio.device=...` parameters for the kernel command line.
     pub cmdline: Vec<String>,
-    /// The disks' event handlers: served on a thread of their own, so
-    /// disk I/O never delays network or vsock traffic.
+    /// The disks' queue handlers: each served on a thread of its own, so
+    /// disk I/O never delays network or vsock traffic, nor another disk.
     disk_subscribers: Vec<Subscriber>,
     /// vsock and net.
     io_subscribers: Vec<Subscriber>,
@@ -191,32 +191,34 @@ impl VirtioDevices {
     /// How many device threads [`VirtioDevices::start_threads`] starts (each
     /// waits at the start barrier).
     pub fn thread_count(&self) -> usize {
-        usize::from(!self.disk_subscribers.is_empty())
-            + usize::from(!self.io_subscribers.is_empty())
+        self.disk_subscribers.len() + usize::from(!self.io_subscribers.is_empty())
     }
 
-    /// Starts the device threads — one for the disks, one for vsock and
-    /// net — each installs its seccomp filter, waits at `start` with the
-    /// other threads, then serves queue events until
-    /// [`DeviceThreads::stop`].
+    /// Starts the device threads — one per disk (a slow disk, a volume on
+    /// a busy device, holds up only itself), one for vsock and net — each
+    /// installs its seccomp filter, waits at `start` with the other
+    /// threads, then serves queue events until [`DeviceThreads::stop`].
     pub fn start_threads(
         &self,
         with_seccomp: bool,
         start: Arc<Barrier>,
     ) -> Result<DeviceThreads, Error> {
         let mut threads = Vec::new();
-        for (name, subscribers) in [
-            ("disks", &self.disk_subscribers),
-            ("net-vsock", &self.io_subscribers),
-        ] {
-            if !subscribers.is_empty() {
-                threads.push(start_thread(
-                    name,
-                    subscribers.clone(),
-                    with_seccomp,
-                    start.clone(),
-                )?);
-            }
+        for (n, disk) in self.disk_subscribers.iter().enumerate() {
+            threads.push(start_thread(
+                &format!("disk{n}"),
+                vec![disk.clone()],
+                with_seccomp,
+                start.clone(),
+            )?);
+        }
+        if !self.io_subscribers.is_empty() {
+            threads.push(start_thread(
+                "net-vsock",
+                self.io_subscribers.clone(),
+                with_seccomp,
+                start.clone(),
+            )?);
         }
         Ok(DeviceThreads(threads))
     }

@@ -9,7 +9,7 @@
 //! driver reads it only once; a read-only backing in a writable slot
 //! refuses writes with `VIRTIO_BLK_S_IOERR`.
 //!
-//! Requests are handled on the disks' device thread when the queue's
+//! Requests are handled on the disk's own device thread when the queue's
 //! eventfd fires, never on a vCPU thread, by the device's queue handler
 //! ([`BlockQueue`], the `event_manager::MutEventSubscriber`). The handler
 //! has a lock of its own and takes nothing else while it does I/O: a vCPU

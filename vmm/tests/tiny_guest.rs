@@ -189,8 +189,9 @@ fn stop_without_grace_is_immediate() {
     );
 }
 
-/// The API's pause and resume racing the guest's own reset, again and
-/// again: the VM always ends as the guest asked, nothing hangs, and a pause
+/// The API's pause and resume (and, every other round, a shutdown) racing
+/// the guest's own reset, again and again: the VM always ends as the guest
+/// or the shutdown asked, whichever came first, nothing hangs, and a pause
 /// after the vCPU threads were joined answers at once without signalling
 /// them (it used to signal joined threads: undefined behaviour). 300 rounds
 /// here; the e2e suite runs this binary in the lab (real KVM) with
@@ -203,6 +204,7 @@ fn pause_and_resume_racing_the_guests_reset() {
         Ok(n) => n.parse().expect("FRAKTI_RACE_ROUNDS is a number"),
         Err(_) => 300,
     };
+    let mut shut_down = 0;
     for round in 0..rounds {
         let dir = tempfile::tempdir().unwrap();
         let vm = vm::build_with_loader(
@@ -213,6 +215,9 @@ fn pause_and_resume_racing_the_guests_reset() {
         )
         .unwrap();
         let remote = vm.vcpus.remote();
+        let stop = vm.stop_request.clone();
+        // Odd rounds also shut the VM down after a few pause/resume pairs.
+        let shutdown_after = (round % 2 == 1).then_some(round % 5);
         let done = Arc::new(AtomicBool::new(false));
         let racer = {
             let (remote, done) = (remote.clone(), done.clone());
@@ -221,6 +226,9 @@ fn pause_and_resume_racing_the_guests_reset() {
                 while !done.load(Ordering::Acquire) {
                     let _ = remote.pause();
                     let _ = remote.resume();
+                    if shutdown_after == Some(calls) {
+                        stop.request("race", Duration::ZERO);
+                    }
                     calls += 1;
                 }
                 calls
@@ -229,7 +237,15 @@ fn pause_and_resume_racing_the_guests_reset() {
         let started = Instant::now();
         let outcome = vm.run().unwrap();
         done.store(true, Ordering::Release);
-        assert_eq!(outcome, Outcome::GuestDone, "round {round}");
+        let stopped = Outcome::Stopped {
+            reason: "race".into(),
+            graceful: false,
+        };
+        assert!(
+            outcome == Outcome::GuestDone || (shutdown_after.is_some() && outcome == stopped),
+            "round {round}: {outcome:?}"
+        );
+        shut_down += u32::from(outcome == stopped);
         racer.join().unwrap();
         let asked = Instant::now();
         let late = remote.pause();
@@ -245,5 +261,7 @@ fn pause_and_resume_racing_the_guests_reset() {
             started.elapsed()
         );
     }
-    eprintln!("pause/resume racing the guest's reset: {rounds} rounds, all GuestDone");
+    eprintln!(
+        "pause/resume/shutdown racing the guest's reset: {rounds} rounds, each ended as asked ({shut_down} by the shutdown)"
+    );
 }

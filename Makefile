@@ -102,7 +102,7 @@ unit:
 e2e: assets
 	$(CARGO) build -p frakti-cri --bin frakti
 	FRAKTI_TINY_GUEST_TEST=$$($(CARGO) test -q -p frakti-vmm --test tiny_guest --no-run --message-format=json \
-		| python3 -c 'import json,sys; print(next(m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "tiny_guest"))') \
+		| python3 -c 'import json,sys; ms = [json.loads(l) for l in sys.stdin]; print(next(m["executable"] for m in ms if m.get("executable") and m["target"]["name"] == "tiny_guest"))') \
 		&& export FRAKTI_TINY_GUEST_TEST \
 		&& $(CARGO) test -p frakti-tests --test lab --test e2e 2>&1 | tee -a $(TEST_LOG)
 

@@ -84,6 +84,9 @@ fuzz:
 	cd cri/fuzz && for target in cni_documents layer_tar registry_documents runtime_inputs spdy_frames websocket_messages; do \
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
+	cd agent/fuzz && for target in device_rules in_root_paths; do \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -94,6 +97,7 @@ lint:
 unit:
 	$(CARGO) test --workspace --exclude frakti-tests 2>&1 | tee -a $(TEST_LOG)
 	cd vmm/fuzz && $(CARGO) test --no-default-features 2>&1 | tee -a ../../$(TEST_LOG)
+	cd agent/fuzz && $(CARGO) test --no-default-features 2>&1 | tee -a ../../$(TEST_LOG)
 	$(CARGO) test -p frakti-tests --lib --bins 2>&1 | tee -a $(TEST_LOG)
 
 # The CRI suite runs the daemon (debug build) in the lab beside the tests;

@@ -307,6 +307,47 @@ fn block(rule: &Rule) -> Vec<Insn> {
     code
 }
 
+/// Runs instructions `program` emits as the kernel would, for a context
+/// `[access << 16 | type, major, minor]`: the tests and the fuzz target
+/// compare it with [`allowed`]. Panics on anything `program` never emits.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn run_program(code: &[Insn], ctx: [u32; 3]) -> u64 {
+    let mut reg = [0u64; 11];
+    let mut pc = 0usize;
+    let imm = |i: &Insn| i64::from(i.imm) as u64;
+    loop {
+        let i = code[pc];
+        pc += 1;
+        let (dst, src) = (usize::from(i.regs & 0xf), usize::from(i.regs >> 4));
+        let jump = |taken: bool| match taken {
+            true => usize::try_from(i.off).expect("forward jumps only"),
+            false => 0,
+        };
+        match i.code {
+            LDX_W => {
+                assert_eq!(src, usize::from(R1), "loads from the context only");
+                reg[dst] = u64::from(ctx[usize::try_from(i.off / 4).expect("a context field")]);
+            }
+            MOV_REG => reg[dst] = reg[src],
+            MOV_IMM => reg[dst] = imm(&i),
+            AND_IMM => reg[dst] &= imm(&i),
+            RSH_IMM => reg[dst] >>= i.imm,
+            JEQ_IMM => pc += jump(reg[dst] == imm(&i)),
+            JNE_IMM => pc += jump(reg[dst] != imm(&i)),
+            EXIT => return reg[0],
+            other => panic!("unexpected opcode {other:#x}"),
+        }
+    }
+}
+
+/// The context's access bits and device types, for callers of
+/// [`run_program`].
+pub const ACCESS_READ: u32 = READ;
+pub const ACCESS_WRITE: u32 = WRITE;
+pub const ACCESS_MKNOD: u32 = MKNOD;
+pub const TYPE_BLOCK: u32 = DEV_BLOCK as u32;
+pub const TYPE_CHAR: u32 = DEV_CHAR as u32;
+
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::seccomp;
 
-mod in_root;
+pub mod in_root;
 mod process;
 mod rootfs;
 

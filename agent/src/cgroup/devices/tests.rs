@@ -89,39 +89,6 @@ fn malformed_rules_are_refused_by_field() {
     assert!(invalid(rules(&[node], &[])).starts_with("linux.devices[0].minor"));
 }
 
-/// Runs the instructions `program` emits, as the kernel would.
-fn run(code: &[Insn], ctx: [u32; 3]) -> u64 {
-    let mut reg = [0u64; 11];
-    let mut pc = 0usize;
-    let imm = |i: &Insn| i64::from(i.imm) as u64;
-    loop {
-        let i = code[pc];
-        pc += 1;
-        let (dst, src) = (usize::from(i.regs & 0xf), usize::from(i.regs >> 4));
-        let jump = |taken: bool| {
-            if taken {
-                usize::try_from(i.off).unwrap()
-            } else {
-                0
-            }
-        };
-        match i.code {
-            LDX_W => {
-                assert_eq!(src, usize::from(R1));
-                reg[dst] = u64::from(ctx[usize::try_from(i.off / 4).unwrap()]);
-            }
-            MOV_REG => reg[dst] = reg[src],
-            MOV_IMM => reg[dst] = imm(&i),
-            AND_IMM => reg[dst] &= imm(&i),
-            RSH_IMM => reg[dst] >>= i.imm,
-            JEQ_IMM => pc += jump(reg[dst] == imm(&i)),
-            JNE_IMM => pc += jump(reg[dst] != imm(&i)),
-            EXIT => return reg[0],
-            other => panic!("unexpected opcode {other:#x}"),
-        }
-    }
-}
-
 #[test]
 fn the_program_answers_as_the_rules_do() {
     let node: LinuxDevice = serde_json::from_value(serde_json::json!(
@@ -151,7 +118,7 @@ fn the_program_answers_as_the_rules_do() {
                     let ctx = [access << 16 | ctx_type as u32, major, minor];
                     let want = allowed(&rules, kind, major, minor, access);
                     assert_eq!(
-                        run(&code, ctx) == 1,
+                        run_program(&code, ctx) == 1,
                         want,
                         "{spec} {kind:?} {major}:{minor} access {access}"
                     );

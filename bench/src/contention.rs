@@ -110,7 +110,14 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
             .arg(format!("serial=bench,path={},ro", disk.display()))
             .arg("--vsock")
             .arg(format!("cid=3,uds={}", uds.display()));
-        let figures = measure_boot(&mut command, &console, &uds, args)?;
+        // A boot that fails shows why: the guest's console and the VMM's log.
+        let figures = measure_boot(&mut command, &console, &uds, args).with_context(|| {
+            format!(
+                "boot {i}; console:\n{}\nvmm log:\n{}",
+                read_log(&console),
+                read_log(&console.with_extension("vmm.log"))
+            )
+        })?;
         eprintln!("bench: boot {i}: {figures:?}");
         all.push(figures);
     }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use clap::Parser;
 use event_manager::{EventManager, SubscriberOps};
+use frakti_vmm::devices::bus::lock;
 use frakti_vmm::devices::virtio::block::{Block, BlockQueue};
 use frakti_vmm::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use virtio_queue::{Queue, QueueT};
@@ -127,10 +128,6 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         busy.last().copied().unwrap_or_default().as_secs_f64() / round.as_secs_f64().max(1e-9)
     );
     Ok(ExitCode::SUCCESS)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads the capacity as a vCPU's MMIO exit does, every 100 µs.

@@ -7,7 +7,8 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::disk::Disk;
 use super::request::{self, Request, RequestType};
-use super::{BlockCounters, SERIAL_MAX, Shared, lock};
+use super::{BlockCounters, SERIAL_MAX, Shared};
+use crate::devices::bus::lock;
 
 /// Executes requests against the backing.
 pub(super) struct RequestHandler<'a> {

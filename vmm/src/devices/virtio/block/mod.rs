@@ -27,7 +27,7 @@ pub mod request;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
@@ -47,6 +47,7 @@ use super::{
     ActivateError, QueueEvents, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice,
     VirtioInterrupt, feature, read_config_space,
 };
+use crate::devices::bus::lock;
 
 /// Entries of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -122,12 +123,6 @@ struct Shared {
     counters: Mutex<BlockCounters>,
     /// A reset is under way: take no more requests.
     stop: AtomicBool,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not wedge the disk: the data stays coherent
-    // (plain values, no invariants spanning a panic).
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A virtio-blk device (a slot that may be empty): what the transport and

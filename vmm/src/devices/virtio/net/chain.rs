@@ -18,6 +18,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 /// Size of `virtio_net_hdr_v1` (with VERSION_1 the header always has
 /// `num_buffers`).
 pub const HEADER_LEN: usize = 12;
+/// Offset of `num_buffers` in the header.
+pub const NUM_BUFFERS_OFFSET: usize = 10;
 /// Longest transmit chain: header plus a 64 KiB frame (the size the spec
 /// asks of receive buffers when TSO is negotiated; more than any frame
 /// a guest without offloads sends).
@@ -121,19 +123,21 @@ pub fn parse(
 /// no checksum or GSO flags, `num_buffers` 1 (no MRG_RXBUF).
 pub fn rx_header() -> [u8; HEADER_LEN] {
     let mut header = [0u8; HEADER_LEN];
-    header[10..12].copy_from_slice(&1u16.to_le_bytes());
+    header[NUM_BUFFERS_OFFSET..].copy_from_slice(&1u16.to_le_bytes());
     header
 }
 
-/// `num_buffers` alone (offset 10 of the header), for a frame whose header
-/// the backend wrote: with negotiated offloads its flags and GSO fields
-/// pass through; a tap leaves `num_buffers` unwritten.
-pub fn write_num_buffers(
+/// Writes `bytes` into `segments` from byte `offset` of the chain (the
+/// segments hold at least `offset + bytes.len()` bytes): the whole header
+/// of a frame, or only `num_buffers` of one whose header the backend wrote.
+pub fn write_at(
     mem: &GuestMemoryMmap,
     segments: &[Segment],
+    offset: usize,
+    bytes: &[u8],
 ) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut skip = 10usize;
-    let mut rest: &[u8] = &1u16.to_le_bytes();
+    let mut skip = offset;
+    let mut rest = bytes;
     for segment in segments {
         if rest.is_empty() {
             break;
@@ -147,25 +151,6 @@ pub fn write_num_buffers(
         mem.write_slice(&rest[..n], segment.addr.unchecked_add(skip as u64))?;
         rest = &rest[n..];
         skip = 0;
-    }
-    Ok(())
-}
-
-/// Writes `bytes` over the front of `segments` (which hold at least as
-/// many bytes).
-pub fn write_front(
-    mem: &GuestMemoryMmap,
-    segments: &[Segment],
-    bytes: &[u8],
-) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut rest = bytes;
-    for segment in segments {
-        if rest.is_empty() {
-            break;
-        }
-        let n = rest.len().min(segment.len as usize);
-        mem.write_slice(&rest[..n], segment.addr)?;
-        rest = &rest[n..];
     }
     Ok(())
 }
@@ -286,7 +271,7 @@ mod tests {
         // num_buffers straddles the two buffers: byte 10 in the first,
         // byte 11 in the second.
         let segments = [seg(0x1000, 11), seg(0x2000, 16)];
-        write_num_buffers(&mem, &segments).unwrap();
+        write_at(&mem, &segments, NUM_BUFFERS_OFFSET, &1u16.to_le_bytes()).unwrap();
         let mut first = [0u8; 12];
         mem.read_slice(&mut first, GuestAddress(0x1000)).unwrap();
         assert_eq!(
@@ -306,7 +291,7 @@ mod tests {
         mem.write_slice(&[0xee; 16], GuestAddress(0x1000)).unwrap();
         mem.write_slice(&[0xee; 16], GuestAddress(0x2000)).unwrap();
         let segments = [seg(0x1000, 5), seg(0x2000, 16)];
-        write_front(&mem, &segments, &rx_header()).unwrap();
+        write_at(&mem, &segments, 0, &rx_header()).unwrap();
         let mut first = [0u8; 6];
         mem.read_slice(&mut first, GuestAddress(0x1000)).unwrap();
         assert_eq!(first, [0, 0, 0, 0, 0, 0xee]);

@@ -126,9 +126,14 @@ fn receive_one<B: Backend>(
     // not negotiate: it gets a clean one. With them the header passes
     // through. Either way num_buffers, which a tap leaves unwritten, is 1.
     let written = if offloads {
-        chain::write_num_buffers(mem, &segments)
+        chain::write_at(
+            mem,
+            &segments,
+            chain::NUM_BUFFERS_OFFSET,
+            &1u16.to_le_bytes(),
+        )
     } else {
-        chain::write_front(mem, &segments, &chain::rx_header())
+        chain::write_at(mem, &segments, 0, &chain::rx_header())
     };
     if written.is_err() {
         counters.rx_dropped += 1;

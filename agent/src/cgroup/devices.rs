@@ -34,8 +34,8 @@ const DEV_BLOCK: i32 = 1;
 const DEV_CHAR: i32 = 2;
 
 /// Largest major and minor numbers of Linux's dev_t (12 and 20 bits).
-pub(super) const MAX_MAJOR: i64 = 0xfff;
-pub(super) const MAX_MINOR: i64 = 0xf_ffff;
+pub const MAX_MAJOR: i64 = 0xfff;
+pub const MAX_MINOR: i64 = 0xf_ffff;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -162,7 +162,9 @@ fn from_oci(rule: &LinuxDeviceCgroup, field: &str) -> Result<Rule, Error> {
     };
     let wildcard = |value: Option<i64>, name: &str, max: i64| match value {
         None | Some(-1) => Ok(None),
-        Some(v) => number(&format!("{field}.{name}"), v, max).map(Some),
+        Some(v) => number(&format!("{field}.{name}"), v, max)
+            .map(Some)
+            .map_err(|e| Error::Invalid(format!("{e}, or -1 for any"))),
     };
     Ok(Rule {
         allow: rule.allow(),
@@ -173,13 +175,13 @@ fn from_oci(rule: &LinuxDeviceCgroup, field: &str) -> Result<Rule, Error> {
     })
 }
 
-pub(super) fn number(field: &str, value: i64, max: i64) -> Result<u32, Error> {
-    if !(0..=max).contains(&value) {
-        return Err(Error::Invalid(format!(
-            "{field}: {value} is out of range (0 to {max}, or -1 for any)"
-        )));
-    }
-    u32::try_from(value).map_err(|_| Error::Invalid(format!("{field}: {value} is out of range")))
+/// A device number from 0 to `max` (dev_t's 12-bit majors and 20-bit
+/// minors): anything else is refused, never wrapped into another device's.
+pub fn number(field: &str, value: i64, max: i64) -> Result<u32, Error> {
+    u32::try_from(value)
+        .ok()
+        .filter(|v| i64::from(*v) <= max)
+        .ok_or_else(|| Error::Invalid(format!("{field}: {value} is out of range (0 to {max})")))
 }
 
 /// "rwm" letters to access bits; empty or absent means all (OCI).

@@ -60,6 +60,16 @@ impl Found {
         self.kind() == Some(SFlag::S_IFLNK)
     }
 
+    /// `name` in this directory, as it is (a symlink is not followed).
+    pub fn child(&self, name: &OsStr) -> Result<Found, Error> {
+        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(&self.fd, name, flags, Mode::empty()).map_err(Error::sys(format!(
+            "cannot open {} in the container",
+            Path::new(name).display()
+        )))?;
+        Ok(Found { fd })
+    }
+
     fn kind(&self) -> Option<SFlag> {
         fstat(&self.fd)
             .ok()

@@ -299,7 +299,7 @@ pub(super) fn make_node(
     let _ = nix::unistd::unlinkat(&parent, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
     match nix::sys::stat::mknodat(&parent, name, kind, Mode::from_bits_truncate(mode), dev) {
         Ok(()) => {
-            let node = root.resolve(path, Create::Nothing)?;
+            let node = parent.child(name)?;
             if node.is_symlink() {
                 return Err(Error::Invalid(format!(
                     "{} was replaced by a symlink",
@@ -429,18 +429,16 @@ pub(super) fn readonly_path(path: &str) -> Result<(), Error> {
 /// below 2^20 (dev_t's encoding); anything else (negative, too large) is
 /// refused, not wrapped into another device's numbers.
 pub(super) fn device_numbers(major: i64, minor: i64) -> Result<(u64, u64), Error> {
-    let check = |value: i64, bits: u32, field: &str| {
-        u64::try_from(value)
-            .ok()
-            .filter(|v| *v < 1 << bits)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "linux.devices[].{field} {value} is not a device {field} (0 to {})",
-                    (1u64 << bits) - 1
-                ))
-            })
+    use crate::cgroup::devices::{MAX_MAJOR, MAX_MINOR, number};
+    let check = |field: &str, value: i64, max: i64| {
+        number(field, value, max)
+            .map(u64::from)
+            .map_err(|e| Error::Invalid(e.to_string()))
     };
-    Ok((check(major, 12, "major")?, check(minor, 20, "minor")?))
+    Ok((
+        check("linux.devices[].major", major, MAX_MAJOR)?,
+        check("linux.devices[].minor", minor, MAX_MINOR)?,
+    ))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! (output and exit code; exec; a memory.max that OOM-kills; a cpu.max that
 //! throttles), removes them, and shuts the VM down through the agent.
 
+use std::ffi::OsStr;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -56,10 +57,30 @@ fn busybox_image(dir: &Path, size_mib: u32) -> Result<PathBuf, Failed> {
     }
     std::fs::write(root.join("etc/hostname"), "image\n")?;
     let image = dir.join("image.ext4");
+    let label_and_tree = [
+        "-L".as_ref(),
+        "frakti-image".as_ref(),
+        "-d".as_ref(),
+        root.as_os_str(),
+    ];
+    mke2fs(&image, size_mib, &label_and_tree)?;
+    Ok(image)
+}
+
+/// An empty ext4 filesystem of `size_mib` in `dir/name`.
+fn empty_ext4(dir: &Path, name: &str, size_mib: u32) -> Result<PathBuf, Failed> {
+    let path = dir.join(name);
+    mke2fs(&path, size_mib, &[])?;
+    Ok(path)
+}
+
+/// An ext4 filesystem of `size_mib` in the file `image`, made by the lab's
+/// mke2fs with `args` (a label, a tree to copy in).
+fn mke2fs(image: &Path, size_mib: u32, args: &[&OsStr]) -> Result<(), Failed> {
     let out = Command::new(guest::mke2fs_binary()?)
-        .args(["-q", "-F", "-t", "ext4", "-L", "frakti-image", "-d"])
-        .arg(&root)
-        .arg(&image)
+        .args(["-q", "-F", "-t", "ext4"])
+        .args(args)
+        .arg(image)
         .arg(format!("{size_mib}M"))
         .stdin(Stdio::null())
         .output()?;
@@ -71,22 +92,7 @@ fn busybox_image(dir: &Path, size_mib: u32) -> Result<PathBuf, Failed> {
         )
         .into());
     }
-    Ok(image)
-}
-
-/// An empty ext4 filesystem of `size_mib` in `dir/name`.
-fn empty_ext4(dir: &Path, name: &str, size_mib: u32) -> Result<PathBuf, Failed> {
-    let path = dir.join(name);
-    let out = Command::new(guest::mke2fs_binary()?)
-        .args(["-q", "-F", "-t", "ext4"])
-        .arg(&path)
-        .arg(format!("{size_mib}M"))
-        .stdin(Stdio::null())
-        .output()?;
-    if !out.status.success() {
-        return Err(format!("mke2fs: {}", String::from_utf8_lossy(&out.stderr)).into());
-    }
-    Ok(path)
+    Ok(())
 }
 
 /// frakti-vmm running our guest with image disks and vsock.

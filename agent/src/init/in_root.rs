@@ -28,6 +28,10 @@ const MAX_LINKS: usize = 40;
 /// Lookups in one resolution: a container that keeps removing what we
 /// create makes it fail rather than spin.
 const MAX_STEPS: usize = 4096;
+/// How often a lookup is retried when the kernel reports a racing mount or
+/// rename (EAGAIN); each retry is cheap, and a real attack cannot make it
+/// spin for ever.
+const MAX_RACE_RETRIES: u32 = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Create {
@@ -162,10 +166,22 @@ impl Root {
         let how = OpenHow::new()
             .flags(flags)
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        let fd = openat2(&self.fd, path, how).map_err(Error::sys(format!(
-            "cannot open {} in the container",
-            path.display()
-        )))?;
+        // EAGAIN: a mount or rename anywhere in the system raced with a
+        // `..` lookup and the kernel could not prove it stayed inside; it
+        // asks the caller to retry. Busy hosts (tests mounting in parallel)
+        // hit this now and then.
+        let mut retries = 0;
+        let fd = loop {
+            match openat2(&self.fd, path, how) {
+                Err(Errno::EAGAIN) if retries < MAX_RACE_RETRIES => retries += 1,
+                result => {
+                    break result.map_err(Error::sys(format!(
+                        "cannot open {} in the container",
+                        path.display()
+                    )))?;
+                }
+            }
+        };
         Ok(Found { fd })
     }
 }

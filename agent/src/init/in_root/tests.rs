@@ -146,3 +146,34 @@ fn a_swap_after_the_lookup_does_not_move_the_mount() {
         "it was a tmpfs on data-old/sub"
     );
 }
+
+#[test]
+fn lookups_through_dot_dot_survive_renames_elsewhere() {
+    // The kernel answers EAGAIN to a `..` lookup that raced with any
+    // rename on the system; a busy host must not make set-up fail.
+    let (dir, root) = root_dir();
+    let r = dir.path();
+    fs::create_dir_all(r.join("etc")).unwrap();
+    symlink("../../../..", r.join("up")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renamer = {
+        let stop = stop.clone();
+        let scratch = tempfile::tempdir().unwrap();
+        std::thread::spawn(move || {
+            let (a, b) = (scratch.path().join("a"), scratch.path().join("b"));
+            fs::write(&a, b"").unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                fs::rename(&a, &b).unwrap();
+                fs::rename(&b, &a).unwrap();
+            }
+        })
+    };
+    for _ in 0..2000 {
+        let found = root
+            .resolve(Path::new("/up/../etc"), Create::Nothing)
+            .unwrap();
+        assert_eq!(real(&found), r.join("etc"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    renamer.join().unwrap();
+}

@@ -27,6 +27,10 @@ use super::archive::Time;
 const MAX_DEPTH: usize = 1024;
 /// As the kernel's limit on symlinks followed in one lookup.
 const MAX_SYMLINKS: usize = 40;
+/// Retries of a lookup the kernel refused for a racing rename or mount
+/// (EAGAIN): a busy host (a node unpacking and renaming all the time)
+/// must not fail a pull.
+const MAX_RACE_RETRIES: u32 = 128;
 
 pub(super) struct Tree {
     /// `O_PATH` fd of the root: every lookup starts here.
@@ -64,11 +68,12 @@ impl Tree {
         let how = OpenHow::new()
             .flags(flags | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        // EAGAIN: a rename raced with a ".." lookup; the kernel asks to retry.
+        // EAGAIN: a rename or mount anywhere raced with a ".." lookup; the
+        // kernel asks to retry.
         let mut tries = 0;
         loop {
             match openat2(&self.root, path, how) {
-                Err(Errno::EAGAIN) if tries < 8 => tries += 1,
+                Err(Errno::EAGAIN) if tries < MAX_RACE_RETRIES => tries += 1,
                 result => return result,
             }
         }
@@ -300,5 +305,39 @@ impl Node<'_> {
                 utimensat(parent, *name, &time, &time, UtimensatFlags::NoFollowSymlink)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn lookups_through_dot_dot_survive_renames_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("../../..", dir.path().join("usr/up")).unwrap();
+        let tree = Tree::open(dir.path()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let renamer = {
+            let stop = stop.clone();
+            let scratch = tempfile::tempdir().unwrap();
+            std::thread::spawn(move || {
+                let (a, b) = (scratch.path().join("a"), scratch.path().join("b"));
+                std::fs::write(&a, b"").unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    std::fs::rename(&a, &b).unwrap();
+                    std::fs::rename(&b, &a).unwrap();
+                }
+            })
+        };
+        for _ in 0..2000 {
+            tree.find_dir(Path::new("usr/up/usr/lib")).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        renamer.join().unwrap();
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod idmap;
 pub mod init;
 pub mod io;
 pub mod network;

@@ -4,6 +4,7 @@
 //! API (`proto/agent.proto`, package `frakti.agent.v1`), served on vsock port
 //! [`AGENT_VSOCK_PORT`].
 
+pub mod id_ranges;
 pub mod ready;
 
 /// The agent API, generated from `proto/agent.proto`: the client

@@ -26,11 +26,17 @@ impl Containers {
         if self.map().contains_key(&id) {
             return Err(Error::Exists(id));
         }
+        let userns = match &plan.userns {
+            Some(map) => Some(self.pod_userns(map).await?),
+            None => None,
+        };
         let dir = self.state_dir.join("containers").join(&id);
         let rootfs_source = request.rootfs;
         let prepare_dir = dir.clone();
+        let rootfs_userns = userns.clone();
         let rootfs = tokio::task::spawn_blocking(move || {
-            storage::prepare_rootfs(&rootfs_source, &prepare_dir)
+            let idmap = rootfs_userns.as_deref().map(|u| (&u.fd, &u.map));
+            storage::prepare_rootfs(&rootfs_source, &prepare_dir, idmap)
         })
         .await??;
         let cleanup = |mounts: Vec<PathBuf>, dir: PathBuf| async move {
@@ -40,7 +46,9 @@ impl Containers {
             })
             .await;
         };
-        let result = self.create_init(&id, &spec, &rootfs.path, plan).await;
+        let result = self
+            .create_init(&id, &spec, &rootfs.path, plan, userns.as_deref())
+            .await;
         match result {
             Ok((init, sync, namespaces, cgroup)) => {
                 let container = Arc::new(Container {
@@ -53,6 +61,7 @@ impl Containers {
                     namespaces,
                     cgroup,
                     seccomp: spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
+                    userns,
                 });
                 self.map().insert(id.clone(), container.clone());
                 self.watch_exit(&container, String::new(), &init);
@@ -73,6 +82,7 @@ impl Containers {
         spec: &Spec,
         rootfs: &Path,
         plan: NamespacePlan,
+        userns: Option<&PodUserns>,
     ) -> Result<(Arc<Process>, UnixStream, Namespaces, Cgroup), Error> {
         let process = spec
             .process()
@@ -87,10 +97,15 @@ impl Containers {
                 .await??;
         // The cgroup namespace comes later (see InitConfig::new_cgroup_ns).
         let new_cgroup_ns = plan.new.contains(CloneFlags::CLONE_NEWCGROUP);
+        let mut child_fds = vec![child.stdin, child.stdout, child.stderr, theirs.into()];
+        if let Some(userns) = userns {
+            // At init::INIT_USER_NS_FD: entered last, once the root is built.
+            child_fds.push(userns.fd.try_clone().map_err(Error::Helper)?);
+        }
         let spawn = SpawnSpec {
             new_namespaces: plan.new - CloneFlags::CLONE_NEWCGROUP,
             join: plan.join,
-            child_fds: vec![child.stdin, child.stdout, child.stderr, theirs.into()],
+            child_fds,
         };
         let spawned = self.spawn(spawn).await?;
         let init = Arc::new(Process {
@@ -127,6 +142,7 @@ impl Containers {
                 spec: spec.clone(),
                 new_uts: plan.new_uts,
                 new_cgroup_ns,
+                userns: userns.map(|u| u.map.clone()),
             }));
             let sync = ours.try_clone().map_err(Error::Helper)?;
             let reply =
@@ -172,6 +188,7 @@ impl Containers {
             join: vec![],
             new_uts: false,
             new_pid_joined: true,
+            userns: userns::spec_userns(spec)?,
         };
         let shared_pid = self
             .shared_pid_ns
@@ -195,9 +212,8 @@ impl Containers {
                 LinuxNamespaceType::Cgroup => CloneFlags::CLONE_NEWCGROUP,
                 // Every container of the pod shares the guest's network.
                 LinuxNamespaceType::Network => continue,
-                LinuxNamespaceType::User => {
-                    return Err(Error::Invalid("user namespaces are not supported".into()));
-                }
+                // Entered last by the helper (see userns.rs).
+                LinuxNamespaceType::User => continue,
                 LinuxNamespaceType::Time => {
                     return Err(Error::Invalid("time namespaces are not supported".into()));
                 }
@@ -269,6 +285,8 @@ pub(super) struct NamespacePlan {
     new_uts: bool,
     /// The container has a PID namespace of its own.
     new_pid_joined: bool,
+    /// The pod's user namespace's mappings, when the container is in it.
+    userns: Option<crate::idmap::IdMap>,
 }
 
 pub(super) fn check_process(process: &OciProcess) -> Result<(), Error> {

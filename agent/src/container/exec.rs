@@ -42,11 +42,16 @@ impl Containers {
             .mnt
             .try_clone()
             .map_err(Error::Helper)?;
+        let mut child_fds = vec![child.stdin, child.stdout, child.stderr, theirs.into(), mnt];
+        if let Some(userns) = &container.userns {
+            // At init::EXEC_USER_NS_FD, entered after the mount namespace.
+            child_fds.push(userns.fd.try_clone().map_err(Error::Helper)?);
+        }
         let spawned = self
             .spawn(SpawnSpec {
                 new_namespaces: CloneFlags::empty(),
                 join,
-                child_fds: vec![child.stdin, child.stdout, child.stderr, theirs.into(), mnt],
+                child_fds,
             })
             .await?;
         let proc = Arc::new(Process {
@@ -60,6 +65,7 @@ impl Containers {
             let message = ToHelper::Exec(Box::new(ExecConfig {
                 process,
                 seccomp: container.seccomp.clone(),
+                userns: container.userns.is_some(),
             }));
             let reply =
                 tokio::task::spawn_blocking(move || exchange(&ours, Some(&message))).await??;

@@ -52,9 +52,11 @@ mod signal;
 mod stats;
 mod streams;
 mod unsupported;
+mod userns;
 
 pub use signal::ProcessInfo;
 pub use stats::Stats;
+pub use userns::PodUserns;
 
 pub use crate::process::Exit;
 
@@ -96,6 +98,15 @@ pub enum Error {
     Cgroup(#[from] cgroup::Error),
     #[error(transparent)]
     Storage(#[from] storage::Error),
+}
+
+impl From<crate::idmap::Error> for Error {
+    fn from(e: crate::idmap::Error) -> Self {
+        match e {
+            crate::idmap::Error::Invalid(message) => Error::Invalid(message),
+            other => Error::Setup(frakti_proto::error_chain(&other)),
+        }
+    }
 }
 
 /// What a container needs from the request besides the spec.
@@ -181,6 +192,9 @@ pub struct Container {
     cgroup: Cgroup,
     /// The spec's seccomp profile, for exec'd processes too.
     seccomp: Option<LinuxSeccomp>,
+    /// The pod's user namespace when the container is in it (its execs
+    /// enter it too).
+    userns: Option<Arc<PodUserns>>,
 }
 
 impl Container {
@@ -229,6 +243,8 @@ pub struct Containers {
     shared_pid_ns: Mutex<Option<Arc<OwnedFd>>>,
     /// The process holding that namespace.
     pause: Mutex<Option<Arc<Process>>>,
+    /// The pod's user namespace, once a container asked for one.
+    userns: Mutex<Option<Arc<PodUserns>>>,
 }
 
 /// How long the agent waits for the setup helper to answer.
@@ -253,6 +269,7 @@ impl Containers {
             events,
             shared_pid_ns: Mutex::new(None),
             pause: Mutex::new(None),
+            userns: Mutex::new(None),
         })
     }
 
@@ -276,19 +293,11 @@ impl Containers {
             return Ok(());
         }
         let (ours, theirs) = UnixStream::pair().map_err(Error::Helper)?;
-        let null = || -> Result<OwnedFd, Error> {
-            fs::File::options()
-                .read(true)
-                .write(true)
-                .open("/dev/null")
-                .map(OwnedFd::from)
-                .map_err(Error::Helper)
-        };
         let spawned = self
             .spawn(SpawnSpec {
                 new_namespaces: CloneFlags::CLONE_NEWPID,
                 join: vec![],
-                child_fds: vec![null()?, null()?, null()?, theirs.into()],
+                child_fds: vec![dev_null()?, dev_null()?, dev_null()?, theirs.into()],
             })
             .await?;
         let pause = Arc::new(Process {
@@ -362,4 +371,14 @@ impl Containers {
             }),
         }
     }
+}
+
+/// /dev/null for a helper's stdio.
+fn dev_null() -> Result<OwnedFd, Error> {
+    fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(Error::Helper)
 }

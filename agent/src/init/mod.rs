@@ -34,6 +34,7 @@ use oci_spec::runtime::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::idmap::{self, IdMap};
 use crate::seccomp;
 
 pub mod in_root;
@@ -49,6 +50,11 @@ pub use rootfs::{MountOptions, parse_mount_options};
 pub const SYNC_FD: RawFd = 3;
 /// Descriptor of the container's mount namespace in an exec helper.
 pub const MNT_NS_FD: RawFd = 4;
+/// Descriptor of the pod's user namespace in an init helper (when the
+/// container is in one).
+pub const INIT_USER_NS_FD: RawFd = 4;
+/// Descriptor of the pod's user namespace in an exec helper.
+pub const EXEC_USER_NS_FD: RawFd = 5;
 
 /// The agent's messages to the helper.
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,6 +88,9 @@ pub struct ExecConfig {
     pub process: Process,
     /// The container's seccomp profile, which its every process gets.
     pub seccomp: Option<LinuxSeccomp>,
+    /// The container is in the pod's user namespace (at EXEC_USER_NS_FD).
+    #[serde(default)]
+    pub userns: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -98,6 +107,33 @@ pub struct InitConfig {
     /// would show the guest's root instead of its own limits.
     #[serde(default)]
     pub new_cgroup_ns: bool,
+    /// The pod's user namespace's mappings when the container is in it (its
+    /// descriptor at INIT_USER_NS_FD): the root is built as guest root, with
+    /// idmapped binds and mapped owners, then the namespace is entered.
+    #[serde(default)]
+    pub userns: Option<IdMap>,
+}
+
+/// The user namespace a helper enters last.
+pub(crate) struct Userns {
+    pub fd: OwnedFd,
+    pub map: Option<IdMap>,
+}
+
+impl Userns {
+    /// Takes the descriptor the agent put at `fd`.
+    fn take(fd: RawFd, map: Option<IdMap>) -> Self {
+        let _ = set_cloexec(fd);
+        // SAFETY: the agent put the user namespace's descriptor at `fd`
+        // before executing us; nothing else in this process owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Userns { fd, map }
+    }
+
+    fn enter(&self) -> Result<(), Error> {
+        nix::sched::setns(self.fd.as_fd(), CloneFlags::CLONE_NEWUSER)
+            .map_err(Error::sys("cannot enter the pod's user namespace"))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +156,15 @@ pub enum Error {
     Frame(#[source] serde_json::Error),
     #[error(transparent)]
     Seccomp(#[from] seccomp::Error),
+}
+
+impl From<idmap::Error> for Error {
+    fn from(e: idmap::Error) -> Self {
+        match e {
+            idmap::Error::Invalid(message) => Error::Invalid(message),
+            idmap::Error::Sys { what, source } => Error::Sys { what, source },
+        }
+    }
 }
 
 impl Error {
@@ -212,7 +257,10 @@ fn run_init(sync: &OwnedFd, config: InitConfig) -> Result<Infallible, Error> {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
             .map_err(Error::sys("cannot create the cgroup namespace"))?;
     }
-    setup_rootfs(&config.rootfs, spec)?;
+    let userns = config
+        .userns
+        .map(|map| Userns::take(INIT_USER_NS_FD, Some(map)));
+    setup_rootfs(&config.rootfs, spec, userns.as_ref())?;
     if config.new_uts
         && let Some(hostname) = spec.hostname()
     {
@@ -226,7 +274,7 @@ fn run_init(sync: &OwnedFd, config: InitConfig) -> Result<Infallible, Error> {
         }
     }
     let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref());
-    let prepared = prepare_process(process, seccomp)?;
+    let prepared = prepare_process(process, seccomp, userns.as_ref())?;
     let mut out = fs::File::from(sync.try_clone().map_err(Error::io("dup"))?);
     write_frame(&mut out, &FromHelper::Ready).map_err(Error::io("cannot tell the agent"))?;
     match read_frame::<ToHelper>(&mut out) {
@@ -254,7 +302,8 @@ fn run_exec(config: ExecConfig) -> Result<Infallible, Error> {
         .map_err(Error::sys("cannot enter the container's mount namespace"))?;
     drop(mnt);
     nix::unistd::chdir("/").map_err(Error::sys("chdir /"))?;
-    prepare_process(&config.process, config.seccomp.as_ref())?.exec()
+    let userns = config.userns.then(|| Userns::take(EXEC_USER_NS_FD, None));
+    prepare_process(&config.process, config.seccomp.as_ref(), userns.as_ref())?.exec()
 }
 
 fn write_sysctl(key: &str, value: &str) -> Result<(), Error> {

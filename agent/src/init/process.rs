@@ -112,9 +112,14 @@ pub(super) fn caps_error(what: &'static str) -> impl FnOnce(caps::errors::CapsEr
     }
 }
 
+/// Applies everything but the exec. A process of a container in a user
+/// namespace enters it after its rlimits (raising a hard limit needs guest
+/// root) and before its ids, capabilities and seccomp filter, which then
+/// all apply inside it.
 pub(super) fn prepare_process(
     process: &Process,
     seccomp: Option<&LinuxSeccomp>,
+    userns: Option<&Userns>,
 ) -> Result<Prepared, Error> {
     let profile = seccomp.map(seccomp::compile).transpose()?;
     let args = process.args().clone().unwrap_or_default();
@@ -143,6 +148,9 @@ pub(super) fn prepare_process(
         // SAFETY: TIOCSCTTY on our stdin (the PTY slave); no memory.
         Errno::result(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })
             .map_err(Error::sys("cannot make the terminal the controlling one"))?;
+    }
+    if let Some(userns) = userns {
+        userns.enter()?;
     }
     let user = process.user();
     if let Some(umask) = user.umask() {

@@ -3,7 +3,15 @@
 
 use super::*;
 
-pub(super) fn setup_rootfs(rootfs: &Path, spec: &Spec) -> Result<(), Error> {
+/// Builds the container's root as guest root. In a user namespace
+/// (`userns`) binds are idmapped where their filesystem allows it, and
+/// tmpfs, devpts and device nodes get the container's ids mapped to guest
+/// ids, so the container's root owns what a runc container's root would.
+pub(super) fn setup_rootfs(
+    rootfs: &Path,
+    spec: &Spec,
+    userns: Option<&Userns>,
+) -> Result<(), Error> {
     let linux = spec.linux().clone().unwrap_or_default();
     // Nothing the container mounts may propagate back to the agent.
     let propagation = match linux.rootfs_propagation().as_deref() {
@@ -41,13 +49,14 @@ pub(super) fn setup_rootfs(rootfs: &Path, spec: &Spec) -> Result<(), Error> {
         if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("tmpfs") {
             dev_is_tmpfs = true;
         }
-        mount_one(&root, m)?;
+        mount_one(&root, m, userns)?;
     }
     if dev_is_tmpfs {
         create_default_devices(&root)?;
     }
+    let map = userns.and_then(|u| u.map.as_ref());
     for device in linux.devices().iter().flatten() {
-        create_device(&root, device)?;
+        create_device(&root, device, map)?;
     }
     drop(root);
     pivot_root(rootfs)?;
@@ -157,7 +166,7 @@ pub(super) fn is_cgroup2(path: &str) -> bool {
         .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
 }
 
-pub(super) fn mount_one(root: &Root, m: &Mount) -> Result<(), Error> {
+pub(super) fn mount_one(root: &Root, m: &Mount, userns: Option<&Userns>) -> Result<(), Error> {
     let destination = m.destination();
     if !destination.is_absolute() {
         return Err(Error::Invalid(format!(
@@ -190,7 +199,13 @@ pub(super) fn mount_one(root: &Root, m: &Mount) -> Result<(), Error> {
         Create::Dir
     };
     let target = root.resolve(destination, create)?;
-    let data = options.data.join(",");
+    let mut data = options.data.clone();
+    if let Some(map) = userns.and_then(|u| u.map.as_ref())
+        && (typ == "tmpfs" || typ == "devpts")
+    {
+        data = idmap::translate_mount_data(&typ, &data, map)?;
+    }
+    let data = data.join(",");
     let data = (!data.is_empty()).then_some(data.as_str());
     let what = || {
         format!(
@@ -213,14 +228,21 @@ pub(super) fn mount_one(root: &Root, m: &Mount) -> Result<(), Error> {
     };
     if is_bind {
         let rec = options.flags & MsFlags::MS_REC;
-        mount(
-            Some(&source),
-            &target.proc_path(),
-            None::<&str>,
-            MsFlags::MS_BIND | rec,
-            None::<&str>,
-        )
-        .map_err(Error::sys(what()))?;
+        let idmapped = match userns {
+            Some(userns) => idmapped_bind(&source, &target, !rec.is_empty(), userns)
+                .map_err(Error::sys(what()))?,
+            None => false,
+        };
+        if !idmapped {
+            mount(
+                Some(&source),
+                &target.proc_path(),
+                None::<&str>,
+                MsFlags::MS_BIND | rec,
+                None::<&str>,
+            )
+            .map_err(Error::sys(what()))?;
+        }
         let extra = options.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
         if !extra.is_empty() {
             remount(MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra)?;
@@ -255,6 +277,23 @@ pub(super) fn mount_one(root: &Root, m: &Mount) -> Result<(), Error> {
         remount(options.propagation)?;
     }
     Ok(())
+}
+
+/// Binds `source` on `target` seen through the user namespace; false when
+/// its filesystem cannot be idmapped (proc, sysfs, devpts, ...), which is
+/// then bound as it is: its files keep guest owners, and mode bits decide
+/// what the container may do with them.
+fn idmapped_bind(
+    source: &Path,
+    target: &Found,
+    recursive: bool,
+    userns: &Userns,
+) -> Result<bool, Errno> {
+    match idmap::idmapped_tree(source, recursive, userns.fd.as_fd()) {
+        Ok(tree) => idmap::attach(tree.as_fd(), target.as_fd()).map(|()| true),
+        Err(Errno::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The devices every container gets on a tmpfs /dev (as runc does).
@@ -337,7 +376,11 @@ fn parent_and_name<'p>(root: &Root, path: &'p Path) -> Result<(Found, &'p std::f
     Ok((parent, name))
 }
 
-pub(super) fn create_device(root: &Root, device: &LinuxDevice) -> Result<(), Error> {
+pub(super) fn create_device(
+    root: &Root,
+    device: &LinuxDevice,
+    map: Option<&IdMap>,
+) -> Result<(), Error> {
     let kind = match device.typ() {
         LinuxDeviceType::C | LinuxDeviceType::U => SFlag::S_IFCHR,
         LinuxDeviceType::B => SFlag::S_IFBLK,
@@ -356,8 +399,17 @@ pub(super) fn create_device(root: &Root, device: &LinuxDevice) -> Result<(), Err
     }
     let mode = device.file_mode().unwrap_or(0o666) & 0o7777;
     let node = make_node(root, path, kind, makedev(major, minor), mode)?;
-    let uid = device.uid().map(nix::unistd::Uid::from_raw);
-    let gid = device.gid().map(nix::unistd::Gid::from_raw);
+    let (uid, gid) = match map {
+        // In a user namespace the node's owner is the container's
+        // (its root unless the spec says otherwise), as a guest id.
+        Some(map) => (
+            Some(map.host_uid(device.uid().unwrap_or(0))?),
+            Some(map.host_gid(device.gid().unwrap_or(0))?),
+        ),
+        None => (device.uid(), device.gid()),
+    };
+    let uid = uid.map(nix::unistd::Uid::from_raw);
+    let gid = gid.map(nix::unistd::Gid::from_raw);
     nix::unistd::fchownat(&node, "", uid, gid, nix::fcntl::AtFlags::AT_EMPTY_PATH)
         .map_err(Error::sys(format!("chown {}", path.display())))
 }

@@ -2,12 +2,14 @@
 //! under a writable overlay.
 
 use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use super::{Error, io_error};
+use crate::idmap::{self, IdMap};
 
 /// Where a container's root comes from (a validated `Rootfs` message).
 pub struct RootfsSource {
@@ -27,7 +29,14 @@ pub struct PreparedRootfs {
 }
 
 /// Prepares a container's root in `dir` (the container's state directory).
-pub fn prepare_rootfs(source: &RootfsSource, dir: &Path) -> Result<PreparedRootfs, Error> {
+/// In a user namespace (`userns`: its descriptor and mappings) the image is
+/// seen through an idmapped mount, so that its root-owned files are the
+/// container root's, and the overlay's upper directory belongs to that root.
+pub fn prepare_rootfs(
+    source: &RootfsSource,
+    dir: &Path,
+    userns: Option<(&OwnedFd, &IdMap)>,
+) -> Result<PreparedRootfs, Error> {
     if !source.lower.is_dir() {
         return Err(Error::NotFound(format!(
             "rootfs directory {}",
@@ -35,14 +44,20 @@ pub fn prepare_rootfs(source: &RootfsSource, dir: &Path) -> Result<PreparedRootf
         )));
     }
     fs::create_dir_all(dir).map_err(io_error("cannot create", dir))?;
-    if !source.writable_overlay {
-        return Ok(PreparedRootfs {
-            path: source.lower.clone(),
-            mounts: vec![],
-        });
-    }
     let mut mounts = Vec::new();
     let result = (|| {
+        let lower = match userns {
+            Some((fd, _)) => {
+                let lower = dir.join("lower");
+                idmapped_bind(&source.lower, &lower, fd)?;
+                mounts.push(lower.clone());
+                lower
+            }
+            None => source.lower.clone(),
+        };
+        if !source.writable_overlay {
+            return Ok(lower);
+        }
         let base = match &source.upper_base {
             Some(base) => base.clone(),
             None => {
@@ -70,9 +85,16 @@ pub fn prepare_rootfs(source: &RootfsSource, dir: &Path) -> Result<PreparedRootf
         for d in [&upper, &work, &root] {
             fs::create_dir_all(d).map_err(io_error("cannot create", d))?;
         }
+        if let Some((_, map)) = userns {
+            // The merged root shows the upper directory's owner.
+            let uid = map.host_uid(0).map_err(|e| Error::Invalid(e.to_string()))?;
+            let gid = map.host_gid(0).map_err(|e| Error::Invalid(e.to_string()))?;
+            std::os::unix::fs::chown(&upper, Some(uid), Some(gid))
+                .map_err(io_error("cannot chown", &upper))?;
+        }
         let options = format!(
             "lowerdir={},upperdir={},workdir={}",
-            overlay_escape(&source.lower),
+            overlay_escape(&lower),
             overlay_escape(&upper),
             overlay_escape(&work)
         );
@@ -98,6 +120,19 @@ pub fn prepare_rootfs(source: &RootfsSource, dir: &Path) -> Result<PreparedRootf
             Err(e)
         }
     }
+}
+
+/// Mounts `source` on `target` (made here) idmapped through `userns`.
+fn idmapped_bind(source: &Path, target: &Path, userns: &OwnedFd) -> Result<(), Error> {
+    fs::create_dir_all(target).map_err(io_error("cannot create", target))?;
+    let mount_error = |source| Error::Mount {
+        what: "an idmapped image".into(),
+        target: target.to_path_buf(),
+        source,
+    };
+    let tree = idmap::idmapped_tree(source, false, userns.as_fd()).map_err(mount_error)?;
+    let at = fs::File::open(target).map_err(io_error("cannot open", target))?;
+    idmap::attach(tree.as_fd(), at.as_fd()).map_err(mount_error)
 }
 
 /// Overlay options separate with ',' and ':'; escape them in paths.

@@ -329,3 +329,4 @@ mod network;
 mod processes;
 mod sandbox;
 mod security;
+mod userns;

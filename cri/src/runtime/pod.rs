@@ -266,17 +266,8 @@ fn validate(config: &cri::PodSandboxConfig, allowed_sysctls: &[String]) -> Resul
                 )));
             }
         }
-        if options.userns_options.as_ref().is_some_and(|u| {
-            cri::NamespaceMode::try_from(u.mode).unwrap_or(cri::NamespaceMode::Node)
-                == cri::NamespaceMode::Pod
-        }) {
-            return Err(Error::FailedPrecondition(
-                "linux.security_context.namespace_options.userns_options: user namespaces \
-                 are not supported yet"
-                    .into(),
-            ));
-        }
     }
+    spec::userns::of_pod(config)?;
     for name in linux.sysctls.keys() {
         if !sysctl_allowed(name, allowed_sysctls) {
             return Err(Error::InvalidArgument(format!(
@@ -422,7 +413,10 @@ impl Runtime {
                 .as_ref()
                 .map(resolv_conf)
                 .unwrap_or_default(),
-            sysctls: linux.sysctls.clone(),
+            sysctls: spec::userns::sandbox_sysctls(
+                &linux.sysctls,
+                spec::userns::of_pod(&pod.config)?.is_some(),
+            ),
             shared_pid_namespace: shared_pid,
             resources_json,
         };

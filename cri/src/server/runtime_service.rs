@@ -505,7 +505,7 @@ impl CriRuntimeService for RuntimeService {
                 name: String::new(),
                 features: Some(cri::RuntimeHandlerFeatures {
                     recursive_read_only_mounts: true,
-                    user_namespaces: false,
+                    user_namespaces: true,
                 }),
             }],
             features: Some(cri::RuntimeFeatures {

@@ -10,6 +10,7 @@ pub mod harness;
 mod lifecycle;
 mod network;
 mod recovery;
+mod userns;
 
 use libtest_mimic::Trial;
 
@@ -22,5 +23,6 @@ pub fn tests() -> Vec<Trial> {
     tests.extend(network::tests());
     tests.extend(devices::tests());
     tests.extend(cli::tests());
+    tests.extend(userns::tests());
     tests
 }

@@ -16,6 +16,7 @@ mod seccomp;
 mod security;
 mod signal;
 mod user;
+pub mod userns;
 
 #[cfg(test)]
 mod tests;
@@ -158,6 +159,7 @@ pub fn build(input: &SpecInput) -> Result<BuiltSpec, Error> {
         ));
     }
     security::check_namespaces(sc)?;
+    let userns = userns::of_container(sc, input.sandbox)?;
     let privileged = security::privileged(sc, input.sandbox)?;
 
     let process = process(input, sc, privileged)?;
@@ -165,8 +167,19 @@ pub fn build(input: &SpecInput) -> Result<BuiltSpec, Error> {
 
     let mut linux = Linux::default();
     linux.set_net_devices(None);
-    linux.set_uid_mappings(None);
-    linux.set_gid_mappings(None);
+    let mut namespaces = namespaces();
+    match &userns {
+        Some(mappings) => {
+            let (ns, uids, gids) = userns::oci(mappings)?;
+            namespaces.push(ns);
+            linux.set_uid_mappings(Some(uids));
+            linux.set_gid_mappings(Some(gids));
+        }
+        None => {
+            linux.set_uid_mappings(None);
+            linux.set_gid_mappings(None);
+        }
+    }
     linux.set_sysctl(None);
     let mut resources = config
         .linux
@@ -183,7 +196,7 @@ pub fn build(input: &SpecInput) -> Result<BuiltSpec, Error> {
     }
     linux.set_resources(resources);
     linux.set_cgroups_path(None);
-    linux.set_namespaces(Some(namespaces()));
+    linux.set_namespaces(Some(namespaces));
     linux.set_devices(None);
     linux.set_seccomp(if privileged {
         None

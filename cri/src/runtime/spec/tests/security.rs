@@ -462,36 +462,123 @@ fn node_namespaces_are_unsupported() {
     assert!(case.error("namespace_options.ipc").is_invalid_argument());
 }
 
-#[test]
-fn user_namespaces() {
-    let mut case = Case::new();
-    if let Some(ns) = case.sc().namespace_options.as_mut() {
-        ns.userns_options = Some(cri::UserNamespace {
-            mode: cri::NamespaceMode::Pod as i32,
-            uids: vec![cri::IdMapping {
-                host_id: 65536,
-                container_id: 0,
-                length: 65536,
-            }],
-            gids: vec![cri::IdMapping {
-                host_id: 65536,
-                container_id: 0,
-                length: 65536,
-            }],
-        });
+fn kubelet_userns(host: u32) -> cri::UserNamespace {
+    let range = cri::IdMapping {
+        host_id: host,
+        container_id: 0,
+        length: 65536,
+    };
+    cri::UserNamespace {
+        mode: cri::NamespaceMode::Pod as i32,
+        uids: vec![range],
+        gids: vec![range],
     }
-    let err = case.error("userns_options.mode");
-    assert!(!err.is_invalid_argument());
+}
+
+fn set_pod_userns(case: &mut Case, userns: Option<cri::UserNamespace>) {
+    let sc = case
+        .sandbox
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default);
+    sc.namespace_options
+        .get_or_insert_with(Default::default)
+        .userns_options = userns;
+}
+
+fn set_container_userns(case: &mut Case, userns: Option<cri::UserNamespace>) {
+    if let Some(ns) = case.sc().namespace_options.as_mut() {
+        ns.userns_options = userns;
+    }
+}
+
+#[test]
+fn user_namespaces_of_pods() {
+    // As kubelet sends a hostUsers: false pod: the same options for the
+    // pod and its containers.
+    let mut case = Case::new();
+    set_pod_userns(&mut case, Some(kubelet_userns(65536 * 3)));
+    set_container_userns(&mut case, Some(kubelet_userns(65536 * 3)));
+    let spec = case.build().unwrap().spec;
+    let linux = spec.linux().as_ref().unwrap();
     assert!(
-        err.to_string()
-            .contains("user namespaces are not supported yet")
+        linux
+            .namespaces()
+            .iter()
+            .flatten()
+            .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::User && n.path().is_none())
+    );
+    for mappings in [linux.uid_mappings(), linux.gid_mappings()] {
+        let m = &mappings.as_ref().unwrap()[0];
+        assert_eq!(
+            (m.container_id(), m.host_id(), m.size()),
+            (0, 196608, 65536)
+        );
+    }
+    // A container without options of its own is in its pod's namespace.
+    set_container_userns(&mut case, None);
+    assert!(
+        case.build()
+            .unwrap()
+            .spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .uid_mappings()
+            .is_some()
     );
 
-    // NODE (kubelet's hostUsers default) and absent are fine.
+    // A container with other mappings than its pod's, or with a user
+    // namespace its pod lacks: refused.
+    set_container_userns(&mut case, Some(kubelet_userns(65536)));
+    let err = case.error("userns_options");
+    assert!(err.is_invalid_argument() && err.to_string().contains("differ from its pod's"));
+    set_pod_userns(&mut case, None);
+    let err = case.error("userns_options");
+    assert!(err.to_string().contains("its pod does not have"), "{err}");
+
+    // Malformed mappings name the field; CONTAINER mode is not supported.
+    let mut overlapping = kubelet_userns(65536);
+    overlapping.uids.push(cri::IdMapping {
+        host_id: 400_000,
+        container_id: 100,
+        length: 10,
+    });
+    set_pod_userns(&mut case, Some(overlapping));
+    let err = case.error("userns_options.uids");
+    assert!(
+        err.is_invalid_argument() && err.to_string().contains("overlap"),
+        "{err}"
+    );
+    let mut per_container = kubelet_userns(65536);
+    per_container.mode = cri::NamespaceMode::Container as i32;
+    set_pod_userns(&mut case, Some(per_container));
+    let err = case.error("userns_options.mode");
+    assert!(!err.is_invalid_argument());
+    let mut node_with_ranges = kubelet_userns(65536);
+    node_with_ranges.mode = cri::NamespaceMode::Node as i32;
+    set_pod_userns(&mut case, Some(node_with_ranges));
+    assert!(case.error("userns_options").is_invalid_argument());
+
+    // NODE (kubelet's hostUsers default) and absent are fine, with no
+    // user namespace.
     let mut case = Case::new();
-    if let Some(ns) = case.sc().namespace_options.as_mut() {
-        ns.userns_options = None;
-        ns.pid = cri::NamespaceMode::Pod as i32;
-    }
-    assert!(case.build().is_ok());
+    set_container_userns(&mut case, None);
+    let spec = case.build().unwrap().spec;
+    assert_eq!(spec.linux().as_ref().unwrap().uid_mappings(), &None);
+}
+
+#[test]
+fn pods_in_a_user_namespace_may_bind_low_ports() {
+    use super::super::userns::sandbox_sysctls;
+    let own: std::collections::HashMap<String, String> =
+        [("net.ipv4.ping_group_range".to_string(), "1 1".to_string())].into();
+    let sysctls = sandbox_sysctls(&own, true);
+    assert_eq!(sysctls["net.ipv4.ip_unprivileged_port_start"], "0");
+    assert_eq!(
+        sysctls["net.ipv4.ping_group_range"], "1 1",
+        "the pod's own wins"
+    );
+    assert_eq!(sandbox_sysctls(&own, false), own);
 }

@@ -84,7 +84,7 @@ fuzz:
 	cd cri/fuzz && for target in cni_documents layer_tar registry_documents runtime_inputs spdy_frames websocket_messages; do \
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
-	cd agent/fuzz && for target in device_rules in_root_paths; do \
+	cd agent/fuzz && for target in device_rules in_root_paths user_namespace; do \
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
 

@@ -8,6 +8,10 @@
 //! - [`in_root_paths`]: an image's symlinks (any target) and a path to
 //!   resolve in a container's root, creating what is missing: whatever is
 //!   found or made is inside the root, nothing outside is touched.
+//! - [`user_namespace`]: a spec's uid/gid mappings and a mount's options
+//!   for a container in a user namespace: refused, or a mapping the kernel
+//!   takes whose every id maps where its range says, and options whose
+//!   owners are mapped ids.
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -15,7 +19,9 @@ use std::path::Path;
 use frakti_agent::cgroup::devices::{
     self, ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE, Kind, TYPE_BLOCK, TYPE_CHAR,
 };
+use frakti_agent::idmap::{self, IdMap};
 use frakti_agent::init::in_root::{Create, Root};
+use frakti_proto::id_ranges::to_host;
 use oci_spec::runtime::LinuxDeviceCgroup;
 
 /// Input: JSON of a list of OCI device rules.
@@ -109,6 +115,47 @@ pub fn in_root_paths(data: &[u8]) {
     );
 }
 
+/// Input: JSON `{"linux": <OCI linux object>, "type": "tmpfs", "options":
+/// ["uid=0", ...]}`.
+pub fn user_namespace(data: &[u8]) {
+    #[derive(serde::Deserialize)]
+    struct Input {
+        linux: oci_spec::runtime::Linux,
+        #[serde(rename = "type")]
+        typ: String,
+        options: Vec<String>,
+    }
+    let Ok(input) = serde_json::from_slice::<Input>(data) else {
+        return;
+    };
+    let Ok(Some(map)) = IdMap::from_spec(&input.linux, true) else {
+        return;
+    };
+    for (ranges, text) in [(&map.uids, map.uid_map_text()), (&map.gids, map.gid_map_text())] {
+        assert_eq!(text.lines().count(), ranges.len());
+        for r in ranges {
+            // Checked: neither end overflows, and ranges do not overlap,
+            // so both ends map into this range.
+            let last = r.size - 1;
+            assert_eq!(to_host(ranges, r.container), Some(r.host));
+            assert_eq!(to_host(ranges, r.container + last), Some(r.host + last));
+        }
+    }
+    assert!(map.host_uid(0).is_ok() && map.host_gid(0).is_ok());
+    if let Ok(options) = idmap::translate_mount_data(&input.typ, &input.options, &map) {
+        for option in &options {
+            if let Some(uid) = option.strip_prefix("uid=") {
+                let uid: u32 = uid.parse().expect("a translated uid is a number");
+                assert!(map.uids.iter().any(|r| uid >= r.host && uid - r.host < r.size));
+            }
+            if let Some(gid) = option.strip_prefix("gid=") {
+                let gid: u32 = gid.parse().expect("a translated gid is a number");
+                assert!(map.gids.iter().any(|r| gid >= r.host && gid - r.host < r.size));
+            }
+        }
+    }
+}
+
 /// A named input for one target.
 pub type Seed = (&'static str, fn(&[u8]), Vec<u8>);
 
@@ -149,6 +196,31 @@ pub fn seeds() -> Vec<Seed> {
         ("dangling", in_root_paths, symlinks(&[("r", "../run/a/b")], "/r", true)),
         ("loop", in_root_paths, symlinks(&[("a", "b"), ("b", "a")], "/a/c", false)),
         ("magic", in_root_paths, symlinks(&[("m", "/proc/self/root/outside")], "/m/z", false)),
+        (
+            "userns_kubelet",
+            user_namespace,
+            br#"{"linux": {"uidMappings": [{"containerID": 0, "hostID": 65536, "size": 65536}],
+                 "gidMappings": [{"containerID": 0, "hostID": 65536, "size": 65536}]},
+                 "type": "devpts", "options": ["newinstance", "gid=5", "mode=620"]}"#
+                .to_vec(),
+        ),
+        (
+            "userns_ranges",
+            user_namespace,
+            br#"{"linux": {"uidMappings": [{"containerID": 0, "hostID": 4294967294, "size": 2},
+                 {"containerID": 1000, "hostID": 0, "size": 1}],
+                 "gidMappings": [{"containerID": 0, "hostID": 1, "size": 4294967295}]},
+                 "type": "tmpfs", "options": ["uid=1000", "size=1m"]}"#
+                .to_vec(),
+        ),
+        (
+            "userns_overlap",
+            user_namespace,
+            br#"{"linux": {"uidMappings": [{"containerID": 0, "hostID": 1000, "size": 100000},
+                 {"containerID": 0, "hostID": 2000, "size": 100000}], "gidMappings": []},
+                 "type": "tmpfs", "options": []}"#
+                .to_vec(),
+        ),
     ]
 }
 

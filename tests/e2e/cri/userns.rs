@@ -16,14 +16,16 @@ pub fn tests() -> Vec<Trial> {
     })]
 }
 
-/// As kubelet picks them: 65536 ids from a multiple of 65536.
-const HOST_BASE: u32 = 65536 * 5;
+/// The CRI validation suite's mapping (kubelet's are 65536 ids from a
+/// multiple of 65536; the host-mode and unit tests use those).
+const HOST_BASE: u32 = 1000;
+const LENGTH: u32 = 100_000;
 
 fn userns(mode: cri::NamespaceMode, host: u32) -> cri::UserNamespace {
     let range = cri::IdMapping {
         host_id: host,
         container_id: 0,
-        length: 65536,
+        length: LENGTH,
     };
     cri::UserNamespace {
         mode: mode as i32,
@@ -79,12 +81,13 @@ async fn user_namespace(daemon: &mut Daemon) -> anyhow::Result<()> {
         status.runtime_handlers
     );
 
-    // Malformed or unsupported options are refused before any VM starts.
+    // Malformed or unsupported options are refused before any VM starts
+    // (the suite's "more than one mapping": two ranges for container id 0).
     let mut overlapping = userns(cri::NamespaceMode::Pod, HOST_BASE);
     overlapping.uids.push(cri::IdMapping {
-        host_id: HOST_BASE * 2,
-        container_id: 1000,
-        length: 10,
+        host_id: 2000,
+        container_id: 0,
+        length: LENGTH,
     });
     let bad = pod_in("overlap", daemon, overlapping);
     let (code, message) = code_of(run_pod(&mut c, bad).await);
@@ -136,7 +139,7 @@ async fn user_namespace(daemon: &mut Daemon) -> anyhow::Result<()> {
         Duration::from_secs(60),
     )
     .await?;
-    let mapping = format!("0 {HOST_BASE} 65536");
+    let mapping = format!("0 {HOST_BASE} {LENGTH}");
     let map_lines = log
         .lines()
         .filter(|l| l.split_whitespace().skip(3).collect::<Vec<_>>().join(" ") == mapping)
@@ -190,11 +193,7 @@ async fn user_namespace(daemon: &mut Daemon) -> anyhow::Result<()> {
     ensure!(sysctl.stdout == b"0\n", "{:?}", sysctl.stdout);
 
     // Other mappings than the pod's: refused, the pod unharmed.
-    let other = container_in(
-        "other",
-        &["true"],
-        userns(cri::NamespaceMode::Pod, HOST_BASE * 2),
-    );
+    let other = container_in("other", &["true"], userns(cri::NamespaceMode::Pod, 200_000));
     let (code, message) = code_of(create(&mut c, &pod, other).await);
     ensure!(
         code == tonic::Code::InvalidArgument && message.contains("differ from its pod's"),

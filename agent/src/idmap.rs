@@ -200,26 +200,20 @@ pub fn attach(tree: BorrowedFd, target: BorrowedFd) -> Result<(), Errno> {
 mod tests {
     use super::*;
 
-    fn range(container: u32, host: u32, size: u32) -> Range {
-        Range {
-            container,
-            host,
-            size,
-        }
-    }
+    use Range as R;
 
     fn kubelet_map() -> IdMap {
         IdMap {
-            uids: vec![range(0, 65536, 65536)],
-            gids: vec![range(0, 65536, 65536)],
+            uids: vec![R::new(0, 65536, 65536)],
+            gids: vec![R::new(0, 65536, 65536)],
         }
     }
 
     #[test]
     fn ids_map_to_the_guest_only_inside_ranges() {
         let map = IdMap {
-            uids: vec![range(0, 100_000, 10), range(1000, 200_000, 5)],
-            gids: vec![range(0, 300_000, 1)],
+            uids: vec![R::new(0, 100_000, 10), R::new(1000, 200_000, 5)],
+            gids: vec![R::new(0, 300_000, 1)],
         };
         assert_eq!(map.host_uid(1004).unwrap(), 200_004);
         assert!(map.host_uid(10).is_err());

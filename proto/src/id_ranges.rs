@@ -16,6 +16,16 @@ pub struct Range {
     pub size: u32,
 }
 
+impl Range {
+    pub const fn new(container: u32, host: u32, size: u32) -> Self {
+        Range {
+            container,
+            host,
+            size,
+        }
+    }
+}
+
 /// A mapping the kernel will take: 1 to 340 ranges, none empty or past
 /// 2^32, none overlapping another inside or outside, and the container's
 /// root mapped (its root filesystem is given to it). The error says why;
@@ -70,24 +80,18 @@ pub fn to_host(ranges: &[Range], id: u32) -> Option<u32> {
 mod tests {
     use super::*;
 
-    fn range(container: u32, host: u32, size: u32) -> Range {
-        Range {
-            container,
-            host,
-            size,
-        }
-    }
+    use Range as R;
 
     #[test]
     fn ids_map_only_inside_ranges() {
-        let ranges = [range(0, 100_000, 10), range(1000, 200_000, 5)];
+        let ranges = [R::new(0, 100_000, 10), R::new(1000, 200_000, 5)];
         assert_eq!(to_host(&ranges, 0), Some(100_000));
         assert_eq!(to_host(&ranges, 9), Some(100_009));
         assert_eq!(to_host(&ranges, 1004), Some(200_004));
         assert_eq!(to_host(&ranges, 10), None);
         assert_eq!(to_host(&ranges, 1005), None);
         // A range ending at the top of the id space maps its last id.
-        let top = [range(0, u32::MAX, 1)];
+        let top = [R::new(0, u32::MAX, 1)];
         assert_eq!(to_host(&top, 0), Some(u32::MAX));
         assert_eq!(to_host(&top, 1), None);
     }
@@ -96,24 +100,27 @@ mod tests {
     fn malformed_mappings_are_refused_with_the_reason() {
         let cases: &[(&[Range], &str)] = &[
             (&[], "at least one range"),
-            (&[range(0, 1000, 0)], "size 0"),
-            (&[range(0, u32::MAX, 2)], "past id"),
-            (&[range(u32::MAX, 0, 2)], "past id"),
-            (&[range(0, 1000, 10), range(5, 5000, 10)], "overlap inside"),
+            (&[R::new(0, 1000, 0)], "size 0"),
+            (&[R::new(0, u32::MAX, 2)], "past id"),
+            (&[R::new(u32::MAX, 0, 2)], "past id"),
             (
-                &[range(0, 1000, 10), range(100, 1005, 10)],
+                &[R::new(0, 1000, 10), R::new(5, 5000, 10)],
+                "overlap inside",
+            ),
+            (
+                &[R::new(0, 1000, 10), R::new(100, 1005, 10)],
                 "overlap outside",
             ),
-            (&[range(1, 1000, 10)], "root (id 0) is not mapped"),
+            (&[R::new(1, 1000, 10)], "root (id 0) is not mapped"),
         ];
         for (ranges, why) in cases {
             let err = check(ranges).unwrap_err();
             assert!(err.contains(why), "{ranges:?}: {err}");
         }
         let many: Vec<Range> = (0..=MAX_RANGES as u32)
-            .map(|i| range(i, i + 1000, 1))
+            .map(|i| R::new(i, i + 1000, 1))
             .collect();
         assert!(check(&many).unwrap_err().contains("at most"));
-        assert!(check(&[range(0, 65536, 65536)]).is_ok());
+        assert!(check(&[R::new(0, 65536, 65536)]).is_ok());
     }
 }

@@ -119,7 +119,7 @@ async fn user_namespace(daemon: &mut Daemon) -> anyhow::Result<()> {
             "sh",
             "-c",
             "cat /proc/self/uid_map /proc/self/gid_map; echo ids=$(id -u):$(id -g); \
-             stat -c 'owner %n %u:%g' / /bin/busybox /data /etc/hosts /proc/1; \
+             stat -c 'owner %n %u:%g' / /bin/busybox /data /etc/resolv.conf /proc/1; \
              touch /new && stat -c 'owner %n %u:%g' /new; \
              echo x > /data/f && stat -c 'owner %n %u:%g' /data/f; \
              (nc -l -p 80 2>&1 || echo bind failed) & sleep 2; echo ready; sleep 1000",
@@ -147,13 +147,20 @@ async fn user_namespace(daemon: &mut Daemon) -> anyhow::Result<()> {
     ensure!(map_lines == 2, "uid_map and gid_map are {mapping}: {log}");
     ensure!(log.contains("ids=0:0"), "{log}");
     // The image (idmapped), the overlay's root, a file the container made,
-    // the emptyDir (idmapped ext4) are its root's; the pod's pause process
-    // is guest root, which the container sees as the overflow id.
-    for path in ["/", "/bin/busybox", "/data", "/new", "/data/f"] {
+    // the emptyDir (idmapped ext4), the pod's resolv.conf (an idmapped bind
+    // from the guest's tmpfs) are its root's; the pod's pause process is
+    // guest root, which the container sees as the overflow id.
+    for path in [
+        "/",
+        "/bin/busybox",
+        "/data",
+        "/new",
+        "/data/f",
+        "/etc/resolv.conf",
+    ] {
         ensure!(log.contains(&format!("owner {path} 0:0")), "{path}: {log}");
     }
     ensure!(log.contains("owner /proc/1 65534:65534"), "{log}");
-    ensure!(log.contains("owner /etc/hosts "), "{log}");
     // Port 80 without a capability over the guest's network: the pod's
     // sysctl opens it.
     ensure!(
@@ -162,7 +169,13 @@ async fn user_namespace(daemon: &mut Daemon) -> anyhow::Result<()> {
     );
 
     // An exec and a second container are in the same user namespace.
-    let own = exec(&mut c, &app, &["readlink", "/proc/self/ns/user"], 10).await?;
+    let own = exec(
+        &mut c,
+        &app,
+        &["stat", "-L", "-c", "%i", "/proc/self/ns/user"],
+        10,
+    )
+    .await?;
     let exec_map = exec(&mut c, &app, &["cat", "/proc/self/uid_map"], 10).await?;
     let exec_map = String::from_utf8_lossy(&exec_map.stdout);
     ensure!(
@@ -176,9 +189,15 @@ async fn user_namespace(daemon: &mut Daemon) -> anyhow::Result<()> {
     )
     .await?;
     start(&mut c, &second).await?;
-    let theirs = exec(&mut c, &second, &["readlink", "/proc/self/ns/user"], 10).await?;
+    let theirs = exec(
+        &mut c,
+        &second,
+        &["stat", "-L", "-c", "%i", "/proc/self/ns/user"],
+        10,
+    )
+    .await?;
     ensure!(
-        own.stdout == theirs.stdout && own.stdout.starts_with(b"user:["),
+        own.stdout == theirs.stdout && own.stdout.len() > 1,
         "{:?} vs {:?}",
         String::from_utf8_lossy(&own.stdout),
         String::from_utf8_lossy(&theirs.stdout)

@@ -2,8 +2,11 @@
 
 //! What registries, archives and API clients send besides layers:
 //! manifests and indexes (under every media type), image configs and image
-//! references. None may panic; what parses must be self-consistent.
+//! references, and the Location/WWW-Authenticate headers the
+//! client-certificate forwarder rewrites. None may panic; what parses must
+//! be self-consistent.
 
+use frakti_cri::image::client_tls;
 use frakti_cri::image::manifest::{self, Parsed};
 use frakti_cri::image::records::ImageConfig;
 use frakti_cri::image::reference::{ImageRef, Lookup};
@@ -25,5 +28,15 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(ImageRef::parse(&r.name()).map(|again| again.name()).ok(), Some(r.name()));
         }
         let _ = Lookup::parse(text);
+        // A rewrite only swaps the origin for the forwarder: undone, it
+        // gives the header back.
+        let (origin, local) = ("https://reg:5000", "http://127.0.0.1:1/s");
+        if let Some(out) = client_tls::rewrite_value(text, origin, local) {
+            if text.starts_with('/') {
+                assert_eq!(out.strip_prefix(local), Some(text), "{out}");
+            } else {
+                assert_eq!(out.replace(local, origin), text.replace(local, origin), "{out}");
+            }
+        }
     }
 });

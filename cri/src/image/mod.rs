@@ -5,6 +5,7 @@
 pub mod archive;
 pub mod auth;
 pub mod build;
+pub mod client_tls;
 pub mod content;
 pub mod disk;
 pub mod hosts;

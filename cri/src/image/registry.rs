@@ -14,6 +14,7 @@ use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
+use super::client_tls::{self, Forwarder};
 use super::content::{self, Digest, Ingest};
 use super::hosts::{Endpoint, Scheme};
 use super::manifest::{self, Descriptor};
@@ -115,6 +116,9 @@ pub struct Session {
     client: Client,
     reference: Reference,
     pub endpoint: String,
+    /// The forwarder that presents the endpoint's client certificate, for
+    /// as long as the session fetches through it.
+    _forwarder: Option<Forwarder>,
 }
 
 /// What a reference resolved to at one endpoint.
@@ -125,10 +129,40 @@ pub struct Resolved {
     pub digest: Digest,
 }
 
-fn client_for(endpoint: &Endpoint) -> Result<Client, String> {
-    if !endpoint.client.is_empty() {
-        return Err("client certificates (mTLS) are not supported: oci-client 0.18 has no client identity option".into());
+/// The endpoint's session: oci-client straight to it, or, with a client
+/// certificate, through a forwarder that presents it (client_tls.rs).
+async fn session_for(image: &ImageRef, endpoint: &Endpoint) -> Result<Session, String> {
+    let endpoint_url = endpoint.url();
+    if endpoint.client.is_empty() {
+        return Ok(Session {
+            client: client_for(endpoint)?,
+            reference: reference_for(image, endpoint, None)?,
+            endpoint: endpoint_url,
+            _forwarder: None,
+        });
     }
+    if endpoint.scheme == Scheme::Http {
+        return Err("client certificates need https, not http".into());
+    }
+    let forwarder = client_tls::start(endpoint).await?;
+    // oci-client speaks plain http to the loopback forwarder, which does
+    // the TLS (with the endpoint's CAs and skip_verify).
+    let plain = Endpoint {
+        scheme: Scheme::Http,
+        ca: Vec::new(),
+        client: Vec::new(),
+        skip_verify: false,
+        ..endpoint.clone()
+    };
+    Ok(Session {
+        client: client_for(&plain)?,
+        reference: reference_for(image, endpoint, Some(&forwarder.registry))?,
+        endpoint: endpoint_url,
+        _forwarder: Some(forwarder),
+    })
+}
+
+fn client_for(endpoint: &Endpoint) -> Result<Client, String> {
     let mut certs = Vec::new();
     for path in &endpoint.ca {
         let data = std::fs::read(path).map_err(|e| format!("CA {}: {e}", path.display()))?;
@@ -156,8 +190,13 @@ fn client_for(endpoint: &Endpoint) -> Result<Client, String> {
 
 /// The reference as this endpoint serves it: a mirror (or an upstream
 /// other than the registry's name) is addressed with containerd's `ns`
-/// convention; a path prefix before `/v2` becomes part of its host.
-fn reference_for(image: &ImageRef, endpoint: &Endpoint) -> Result<Reference, String> {
+/// convention; a path prefix before `/v2` becomes part of its host, which
+/// is `via` (a forwarder) when one stands in for the endpoint.
+fn reference_for(
+    image: &ImageRef,
+    endpoint: &Endpoint,
+    via: Option<&str>,
+) -> Result<Reference, String> {
     let mut reference = image.to_oci();
     let prefix = endpoint
         .path
@@ -169,7 +208,11 @@ fn reference_for(image: &ImageRef, endpoint: &Endpoint) -> Result<Reference, Str
                 endpoint.path
             )
         })?;
-    let host = format!("{}{}", endpoint.host, prefix.trim_end_matches('/'));
+    let host = format!(
+        "{}{}",
+        via.unwrap_or(&endpoint.host),
+        prefix.trim_end_matches('/')
+    );
     if host != image.registry {
         reference.set_mirror_registry(host);
     }
@@ -191,13 +234,7 @@ pub async fn resolve(
         .filter(|e| e.capabilities.pull && (image.digest.is_some() || e.capabilities.resolve));
     for endpoint in usable {
         let url = endpoint.url();
-        let session = match client_for(endpoint).and_then(|client| {
-            Ok(Session {
-                client,
-                reference: reference_for(image, endpoint)?,
-                endpoint: url.clone(),
-            })
-        }) {
+        let session = match session_for(image, endpoint).await {
             Ok(session) => session,
             Err(reason) => {
                 all_not_found = false;

@@ -93,28 +93,8 @@ impl RequestCache {
 fn new_token() -> Result<String, CacheError> {
     use base64::Engine;
     let mut bytes = [0u8; 32];
-    getrandom(&mut bytes)?;
+    crate::fill_random(&mut bytes).map_err(|e| CacheError::Random(e.to_string()))?;
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
-}
-
-/// Fills `buf` from the kernel's CSPRNG.
-fn getrandom(buf: &mut [u8]) -> Result<(), CacheError> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes
-        // for the duration of the call.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(CacheError::Random(e.to_string()));
-        }
-        filled += n as usize;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

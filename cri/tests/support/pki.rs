@@ -101,6 +101,50 @@ impl TestCa {
         ca
     }
 
+    /// A client certificate (extendedKeyUsage clientAuth) and its key
+    /// signed by this CA, as `<name>.cert` and `<name>.key` under the CA's
+    /// directory; also copied into `cert_dir` when `for_skopeo` (the
+    /// containers/image layout: `*.cert` + `*.key` are client identities).
+    pub fn client_cert(&self, name: &str, for_skopeo: bool) -> (PathBuf, PathBuf) {
+        let dir = self.ca_cert.parent().expect("the CA's directory");
+        let (cert, key, csr, ext) = (
+            dir.join(format!("{name}.cert")),
+            dir.join(format!("{name}.key")),
+            dir.join(format!("{name}.csr")),
+            dir.join(format!("{name}.ext")),
+        );
+        run(Command::new("openssl")
+            .args(["req", "-new", "-nodes", "-newkey", "ec"])
+            .args(["-pkeyopt", "ec_paramgen_curve:prime256v1", "-sha256"])
+            .args(["-subj", &format!("/CN={name}"), "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr));
+        std::fs::write(
+            &ext,
+            "basicConstraints = critical, CA:FALSE\n\
+             keyUsage = critical, digitalSignature\n\
+             extendedKeyUsage = clientAuth\n",
+        )
+        .expect("write the client extensions");
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-sha256", "-days", "825", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&self.ca_cert)
+            .arg("-CAkey")
+            .arg(&self.ca_key)
+            .args(["-set_serial", "3", "-extfile"])
+            .arg(&ext)
+            .arg("-out")
+            .arg(&cert));
+        if for_skopeo {
+            std::fs::copy(&cert, self.cert_dir.join(format!("{name}.cert"))).expect("copy");
+            std::fs::copy(&key, self.cert_dir.join(format!("{name}.key"))).expect("copy");
+        }
+        (cert, key)
+    }
+
     /// The CA certificate's PEM bytes.
     pub fn ca_pem(&self) -> Vec<u8> {
         std::fs::read(&self.ca_cert).expect("read ca.crt")

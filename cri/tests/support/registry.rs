@@ -30,6 +30,8 @@ pub struct RegistryOptions<'a> {
     pub htpasswd: Option<(&'a str, &'a str)>,
     /// Require Bearer tokens from a token server (`auth: token:`).
     pub token: Option<TokenAuth<'a>>,
+    /// With `tls`: require a client certificate signed by that CA (mTLS).
+    pub client_certs: bool,
 }
 
 /// The registry's `auth: token:` settings.
@@ -375,6 +377,9 @@ fn config_yaml(
             q(&ca.server_cert),
             q(&ca.server_key)
         ));
+        if opts.client_certs {
+            y.push_str(&format!("    clientcas:\n      - {}\n", q(&ca.ca_cert)));
+        }
     }
     if let Some(path) = htpasswd {
         y.push_str(&format!(

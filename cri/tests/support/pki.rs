@@ -84,17 +84,7 @@ impl TestCa {
              authorityKeyIdentifier = keyid, issuer\n",
         )
         .expect("write server.ext");
-        run(Command::new("openssl")
-            .args(["x509", "-req", "-sha256", "-days", "825", "-in"])
-            .arg(&csr)
-            .arg("-CA")
-            .arg(&ca.ca_cert)
-            .arg("-CAkey")
-            .arg(&ca.ca_key)
-            .args(["-set_serial", "2", "-extfile"])
-            .arg(&server_ext)
-            .arg("-out")
-            .arg(&ca.server_cert));
+        ca.sign(&csr, &server_ext, "2", &ca.server_cert);
 
         std::fs::create_dir_all(&ca.cert_dir).expect("create certs.d");
         std::fs::copy(&ca.ca_cert, ca.cert_dir.join("ca.crt")).expect("copy ca.crt to certs.d");
@@ -127,22 +117,28 @@ impl TestCa {
              extendedKeyUsage = clientAuth\n",
         )
         .expect("write the client extensions");
-        run(Command::new("openssl")
-            .args(["x509", "-req", "-sha256", "-days", "825", "-in"])
-            .arg(&csr)
-            .arg("-CA")
-            .arg(&self.ca_cert)
-            .arg("-CAkey")
-            .arg(&self.ca_key)
-            .args(["-set_serial", "3", "-extfile"])
-            .arg(&ext)
-            .arg("-out")
-            .arg(&cert));
+        self.sign(&csr, &ext, "3", &cert);
         if for_skopeo {
             std::fs::copy(&cert, self.cert_dir.join(format!("{name}.cert"))).expect("copy");
             std::fs::copy(&key, self.cert_dir.join(format!("{name}.key"))).expect("copy");
         }
         (cert, key)
+    }
+
+    /// Signs the request `csr` with this CA: extensions from `ext`, serial
+    /// `serial`, the certificate written to `out`.
+    fn sign(&self, csr: &Path, ext: &Path, serial: &str, out: &Path) {
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-sha256", "-days", "825", "-in"])
+            .arg(csr)
+            .arg("-CA")
+            .arg(&self.ca_cert)
+            .arg("-CAkey")
+            .arg(&self.ca_key)
+            .args(["-set_serial", serial, "-extfile"])
+            .arg(ext)
+            .arg("-out")
+            .arg(out));
     }
 
     /// The CA certificate's PEM bytes.

@@ -129,8 +129,13 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
     // Dropped with this task: every connection stops with the forwarder.
     let mut connections = JoinSet::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of descriptors, say: wait instead of spinning.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         while connections.try_join_next().is_some() {}
         let state = state.clone();

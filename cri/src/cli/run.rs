@@ -12,7 +12,7 @@ use clap::Args;
 use frakti_cri::sandbox::vmm::ANNOTATION_KERNEL;
 use frakti_proto::containers::v1 as admin;
 use k8s_cri::v1 as cri;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::attach::{self, Ended};
 use super::terminal::{self, RawMode};
@@ -171,11 +171,14 @@ async fn create_and_run(
         println!("{id}");
         return Ok(Outcome::Detached);
     }
+    // Listening before the container starts: a Ctrl-C right after its
+    // first output must reach it, not kill us (and leave a --rm pod).
+    let signals = listen_for_signals();
     if args.tty {
-        return run_with_terminal(clients, args, &id).await;
+        return run_with_terminal(clients, args, &id, signals).await;
     }
     start(clients, &id).await?;
-    run_piped(clients, args, &id).await
+    run_piped(clients, args, &id, signals).await
 }
 
 async fn start(clients: &mut Clients, id: &str) -> anyhow::Result<()> {
@@ -196,6 +199,7 @@ async fn run_with_terminal(
     clients: &mut Clients,
     args: &RunArgs,
     id: &str,
+    signals: Vec<(Signal, i32)>,
 ) -> anyhow::Result<Outcome> {
     let request = cri::AttachRequest {
         container_id: id.to_string(),
@@ -207,7 +211,7 @@ async fn run_with_terminal(
     let ws = attach_to(clients, request).await?;
     start(clients, id).await?;
     // Raw mode makes no SIGINT of Ctrl-C; SIGTERM and SIGHUP still come.
-    let signals = tokio::spawn(forward_signals(clients.clone(), id.to_string()));
+    let signals = tokio::spawn(forward_signals(clients.clone(), id.to_string(), signals));
     let raw = if args.interactive {
         Some(RawMode::enter()?)
     } else {
@@ -245,7 +249,12 @@ async fn attach_to(
 /// Without a terminal: its stdout and stderr from its log (complete and
 /// separate), our stdin attached with `-i`, our signals forwarded (a
 /// second Ctrl-C kills it).
-async fn run_piped(clients: &mut Clients, args: &RunArgs, id: &str) -> anyhow::Result<Outcome> {
+async fn run_piped(
+    clients: &mut Clients,
+    args: &RunArgs,
+    id: &str,
+    signals: Vec<(Signal, i32)>,
+) -> anyhow::Result<Outcome> {
     let status = status_of(clients, id).await?;
     let stdin_task = if args.interactive {
         let request = cri::AttachRequest {
@@ -262,7 +271,7 @@ async fn run_piped(clients: &mut Clients, args: &RunArgs, id: &str) -> anyhow::R
     } else {
         None
     };
-    let signals = tokio::spawn(forward_signals(clients.clone(), id.to_string()));
+    let signals = tokio::spawn(forward_signals(clients.clone(), id.to_string(), signals));
     let options = logs::Options {
         follow: true,
         ..Default::default()
@@ -286,20 +295,25 @@ async fn run_piped(clients: &mut Clients, args: &RunArgs, id: &str) -> anyhow::R
     Ok(Outcome::Exited(wait_exit(clients, id).await?))
 }
 
-/// SIGINT, SIGTERM, SIGHUP and SIGQUIT go to the container; the second
-/// SIGINT stops it (SIGKILL at once), as an impatient user means.
-async fn forward_signals(mut clients: Clients, id: String) {
-    let kinds = [
+/// Our handlers for SIGINT, SIGTERM, SIGHUP and SIGQUIT, installed now
+/// (from then on these signals no longer end the process).
+fn listen_for_signals() -> Vec<(Signal, i32)> {
+    [
         (SignalKind::interrupt(), libc::SIGINT),
         (SignalKind::terminate(), libc::SIGTERM),
         (SignalKind::hangup(), libc::SIGHUP),
         (SignalKind::quit(), libc::SIGQUIT),
-    ];
+    ]
+    .into_iter()
+    .filter_map(|(kind, number)| signal(kind).ok().map(|stream| (stream, number)))
+    .collect()
+}
+
+/// The signals of [`listen_for_signals`] go to the container; the second
+/// SIGINT stops it (SIGKILL at once), as an impatient user means.
+async fn forward_signals(mut clients: Clients, id: String, signals: Vec<(Signal, i32)>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<i32>(8);
-    for (kind, number) in kinds {
-        let Ok(mut stream) = signal(kind) else {
-            continue;
-        };
+    for (mut stream, number) in signals {
         let tx = tx.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {

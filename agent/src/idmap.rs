@@ -18,16 +18,12 @@ use nix::errno::Errno;
 use oci_spec::runtime::{Linux, LinuxIdMapping};
 use serde::{Deserialize, Serialize};
 
+/// A mapping or mount option the kernel would refuse (the syscall
+/// wrappers below return their `Errno` as it is).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
     Invalid(String),
-    #[error("{what}")]
-    Sys {
-        what: String,
-        #[source]
-        source: Errno,
-    },
 }
 
 /// A user namespace's uid and gid mappings.

@@ -102,10 +102,8 @@ pub enum Error {
 
 impl From<crate::idmap::Error> for Error {
     fn from(e: crate::idmap::Error) -> Self {
-        match e {
-            crate::idmap::Error::Invalid(message) => Error::Invalid(message),
-            other => Error::Setup(frakti_proto::error_chain(&other)),
-        }
+        let crate::idmap::Error::Invalid(message) = e;
+        Error::Invalid(message)
     }
 }
 

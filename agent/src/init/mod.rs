@@ -160,10 +160,8 @@ pub enum Error {
 
 impl From<idmap::Error> for Error {
     fn from(e: idmap::Error) -> Self {
-        match e {
-            idmap::Error::Invalid(message) => Error::Invalid(message),
-            idmap::Error::Sys { what, source } => Error::Sys { what, source },
-        }
+        let idmap::Error::Invalid(message) = e;
+        Error::Invalid(message)
     }
 }
 
